@@ -1,0 +1,305 @@
+"""The plan: for every output tensor of every target rank, its name, shape and where its values come from.
+
+Plans are frozen dataclasses built from metadata only (no tensor data), so they can be printed,
+compared and unit-tested without a disk; `convert_pt2ckpt.py` executes them. The naming rules and the
+extra scalars follow FORMATS.md section 6.
+
+    >>> topo = Topology(tp_size=1, pp_size=2, dp_size=1, cp_size=1, vpp_size=1, num_layers=4, stage_list=(2, 2))
+    >>> ms_param_name("module.language_model.encoder.layers.1.self_attention.dense.weight", topo.layer_map(1, 0))
+    'language_model.encoder.layers.3.attention.out_proj.weight'
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence, Union
+
+from convert_errors import ConvertInputError
+from megatron_reader import RankFolder
+from param_map_utils import BucketCounts, BufferLayout
+
+RENAMES = {
+    "self_attention": "attention",
+    "query_key_value": "qkv_proj",
+    "dense": "out_proj",
+    "dense_h_to_4h": "mapping",
+    "dense_4h_to_h": "projection",
+}
+LR_DECAY_STYLES = ["constant", "WSD", "linear", "cosine", "inverse-square-root"]
+WD_INCR_STYLES = ["constant", "linear", "cosine"]
+SCHEDULER_FLOAT64 = {"max_lr", "min_lr", "start_wd", "end_wd"}
+SCHEDULER_INT64 = {"lr_warmup_steps", "num_steps", "lr_decay_steps", "wd_incr_steps"}
+OPTIMIZER_STATES = ("param", "exp_avg", "exp_avg_sq")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """The parallel layout of the source run and of the MindSpore target ranks."""
+
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    cp_size: int
+    vpp_size: int
+    num_layers: int
+    stage_list: tuple[int, ...]
+
+    def layers_in_chunk(self, pp: int) -> int:
+        if self.vpp_size > 1:
+            return self.num_layers // (self.pp_size * self.vpp_size)
+        return self.stage_list[pp]
+
+    def global_layer(self, pp: int, chunk: int, local: int) -> int:
+        """Local layer `local` of chunk `chunk` on stage `pp` -> its layer number in the whole model.
+        With virtual pipelines Megatron deals layers round-robin: chunk v of stage p holds layers
+        v*(L/V) + p*(L/(P*V)) + i."""
+        if self.vpp_size > 1:
+            per_chunk = self.num_layers // (self.pp_size * self.vpp_size)
+            return chunk * (self.num_layers // self.vpp_size) + pp * per_chunk + local
+        return sum(self.stage_list[:pp]) + local
+
+    def layer_map(self, pp: int, chunk: int) -> Callable[[int], int]:
+        return lambda local: self.global_layer(pp, chunk, local)
+
+    def ms_rank(self, tp: int, pp: int, dp: int = 0, cp: int = 0) -> int:
+        """MindSpore rank number for initialisation order tp-cp-ep-dp-pp."""
+        return ((pp * self.dp_size + dp) * self.cp_size + cp) * self.tp_size + tp
+
+    def target_ranks(self, tp: int, pp: int, all_dp_cp: bool) -> list[int]:
+        if not all_dp_cp:
+            return [self.ms_rank(tp, pp)]
+        return [self.ms_rank(tp, pp, dp, cp) for dp in range(self.dp_size) for cp in range(self.cp_size)]
+
+
+@dataclass(frozen=True)
+class BucketSlice:
+    """Elements [start, end) of bucket `bucket` of optimizer state `state` in grad buffer `gbuf_idx`."""
+
+    gbuf_idx: int
+    dtype_key: tuple[str, str]
+    state: str
+    bucket: int
+    start: int
+    end: int
+
+
+@dataclass(frozen=True)
+class ModelTensor:
+    """A tensor of model_optim_rng.pt (`chunk_key` is 'model' or 'modelN'), cast to fp32."""
+
+    chunk_key: str
+    key: str
+
+
+@dataclass(frozen=True)
+class Scalar:
+    value: Union[int, float]
+
+
+Source = Union[BucketSlice, ModelTensor, Scalar]
+
+
+@dataclass(frozen=True)
+class PlannedTensor:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    source: Source
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    """What planning needs from one rank folder: metadata only, no tensor data."""
+
+    folder: RankFolder
+    iteration: int
+    args: Any
+    chunk_keys: tuple[str, ...]
+    # per chunk: (state key, shape, dtype string) of every tensor, in saved order
+    chunk_tensors: tuple[tuple[tuple[str, tuple[int, ...], str], ...], ...]
+    param_groups: tuple[dict, ...]
+    scheduler: dict
+    counts: tuple[BucketCounts, ...] = ()
+    states: tuple[str, ...] = ()
+
+    def tensors_by_key(self, chunk: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        return {key: (shape, dtype) for key, shape, dtype in self.chunk_tensors[chunk]}
+
+
+@dataclass(frozen=True)
+class RankPlan:
+    """Everything one worker does for one source folder."""
+
+    folder: RankFolder
+    fmt: str
+    outputs: tuple[Path, ...]  # outputs[0] is written, the others are copies of it
+    meta_file: Path
+    tensors: tuple[PlannedTensor, ...]
+    reads_distrib: bool
+    param_name_list: tuple[tuple[str, ...], ...] | None = None
+    layouts: tuple[BufferLayout, ...] = field(default=(), compare=False)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(math.prod(t.shape) * _itemsize(t.dtype) for t in self.tensors)
+
+    def describe(self) -> str:
+        """The plan as text, one tensor a line (printed with --debug)."""
+        lines = [f"plan for {self.folder.path} -> {', '.join(map(str, self.outputs))}"]
+        for t in self.tensors:
+            lines.append(f"  {t.name} {list(t.shape)} {t.dtype} <- {_source_text(t.source)}")
+        return "\n".join(lines)
+
+
+def _itemsize(dtype: str) -> int:
+    return {"float32": 4, "float64": 8, "int64": 8, "int32": 4, "float16": 2}[dtype]
+
+
+def _source_text(source: Source) -> str:
+    if isinstance(source, BucketSlice):
+        return (f"distrib_optim[{source.gbuf_idx}][{source.dtype_key}][{source.state}][{source.bucket}]"
+                f"[{source.start}:{source.end}]")
+    if isinstance(source, ModelTensor):
+        return f"model_optim_rng[{source.chunk_key}][{source.key}]"
+    return repr(source.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def ms_param_name(source_name: str, layer_map: Callable[[int], int], state: str = "param") -> str:
+    """MindSpore name of a Megatron parameter: drop `module` components, rename the legacy module names,
+    make the number after `layers` global, and prefix optimizer moments with their state name."""
+    parts = [p for p in source_name.split(".") if p != "module"]
+    out = []
+    for i, part in enumerate(parts):
+        if i > 0 and parts[i - 1] == "layers" and part.isdigit():
+            out.append(str(layer_map(int(part))))
+        else:
+            out.append(RENAMES.get(part, part))
+    name = ".".join(out)
+    return name if state == "param" else f"{state}.{name}"
+
+
+def local_layer_numbers(keys: Sequence[str]) -> set[int]:
+    numbers = set()
+    for key in keys:
+        parts = key.split(".")
+        for before, part in zip(parts, parts[1:]):
+            if before == "layers" and part.isdigit():
+                numbers.add(int(part))
+    return numbers
+
+
+def check_layer_counts(info: RankInfo, topo: Topology) -> None:
+    """Each chunk must hold exactly the layers the numbering assumes, or global names would be wrong."""
+    expected = topo.layers_in_chunk(info.folder.pp)
+    for chunk, tensors in enumerate(info.chunk_tensors):
+        found = local_layer_numbers([key for key, _, _ in tensors])
+        if found != set(range(expected)):
+            flag = "--vpp-size/--num-layers" if topo.vpp_size > 1 else "--stage-list/--num-layers"
+            raise ConvertInputError(
+                f"{info.folder.model_file}: model chunk {chunk} holds layers {_ranges(found)}",
+                expected=f"{expected} layers (0..{expected - 1}) from {flag} "
+                         f"(num_layers {topo.num_layers}, pp {topo.pp_size}, vpp {topo.vpp_size}"
+                         + (f", stage_list {list(topo.stage_list)})" if topo.vpp_size == 1 else ")"),
+                found=f"{len(found)} layers",
+                fix=f"set {flag} to the training run's values")
+
+
+def _ranges(numbers: set[int]) -> str:
+    if not numbers:
+        return "none"
+    return f"{min(numbers)}..{max(numbers)}" if numbers == set(range(min(numbers), max(numbers) + 1)) \
+        else str(sorted(numbers))
+
+
+# ---------------------------------------------------------------------------------------------
+# Extra scalars
+
+
+def optimizer_scalars(iteration: int, param_groups: Sequence[dict], scheduler: dict,
+                      model_file: Path) -> list[PlannedTensor]:
+    """step_num, epoch_num, the optimizer's param-group numbers and the LR scheduler's state."""
+    out = [PlannedTensor("step_num", (), "int64", Scalar(int(iteration))),
+           PlannedTensor("epoch_num", (), "int64", Scalar(0))]
+    group_entries: dict[str, PlannedTensor] = {}
+    for i, group in enumerate(param_groups):
+        for key, value in group.items():
+            if key == "params" or not _is_number(value):
+                continue
+            if key == "step":
+                # one step counter for all groups, as MindSpore's optimizer keeps it
+                group_entries["state_step"] = PlannedTensor("state_step", (1,), "float32", Scalar(float(value)))
+                continue
+            name = f"learning_rate_group_{i}" if key == "lr" else f"{key}_group_{i}"
+            group_entries[name] = PlannedTensor(name, (), "float32", Scalar(float(value)))
+    out.extend(group_entries.values())
+    for key, value in scheduler.items():
+        if key in ("lr_decay_style", "wd_incr_style"):
+            styles = LR_DECAY_STYLES if key == "lr_decay_style" else WD_INCR_STYLES
+            if value not in styles:
+                raise ConvertInputError(f"{model_file}: opt_param_scheduler {key} is {value!r}",
+                                        expected=f"one of {styles}", found=repr(value),
+                                        fix="this style has no MindSpore equivalent; convert with a supported one")
+            out.append(PlannedTensor(key, (), "int64", Scalar(styles.index(value))))
+        elif key in SCHEDULER_FLOAT64 and _is_number(value):
+            out.append(PlannedTensor(key, (), "float64", Scalar(float(value))))
+        elif key in SCHEDULER_INT64 and _is_number(value):
+            out.append(PlannedTensor(key, (), "int64", Scalar(int(value))))
+        elif _is_number(value):
+            out.append(PlannedTensor(key, (), "float32", Scalar(float(value))))
+    return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float))  # bool included: MindSpore keeps flags as 0.0/1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans
+
+
+def plan_optimizer_tensors(info: RankInfo, layouts: Sequence[BufferLayout], topo: Topology,
+                           states: Sequence[str]) -> list[PlannedTensor]:
+    """fp32 master weights and Adam moments of every parameter, sliced out of their buckets."""
+    missing = [s for s in states if s not in info.states]
+    if missing:
+        raise ConvertInputError(f"{info.folder.distrib_file}: no optimizer state {missing}",
+                                expected=f"--dist-opt-content from {list(info.states)}", found=str(missing),
+                                fix="pass --dist-opt-content with states the file holds")
+    out = []
+    for gbuf, layout in enumerate(layouts):
+        count = info.counts[gbuf]
+        layer_map = topo.layer_map(info.folder.pp, layout.chunk)
+        for span in layout.params:
+            base = count.bucket_start(span.bucket)
+            for state in states:
+                source = BucketSlice(gbuf, count.dtype_key, state, span.bucket, span.start - base, span.end - base)
+                out.append(PlannedTensor(ms_param_name(span.name, layer_map, state), span.shape, "float32", source))
+    return out
+
+
+def plan_model_tensors(info: RankInfo, topo: Topology) -> tuple[list[PlannedTensor], tuple[tuple[str, ...], ...]]:
+    """--convert-param-only: every tensor of model_optim_rng.pt, cast to fp32, plus the per-chunk
+    list of source names (reversed, as the documented tool records them for the way back)."""
+    out, name_lists = [], []
+    for chunk, (chunk_key, tensors) in enumerate(zip(info.chunk_keys, info.chunk_tensors)):
+        layer_map = topo.layer_map(info.folder.pp, chunk)
+        for key, shape, _ in tensors:
+            out.append(PlannedTensor(ms_param_name(key, layer_map), shape, "float32", ModelTensor(chunk_key, key)))
+        name_lists.append(tuple(f"{chunk_key}.{key}" for key, _, _ in reversed(tensors)))
+    return out, tuple(name_lists)
+
+
+def check_unique_names(tensors: Sequence[PlannedTensor], where: Path) -> None:
+    seen: set[str] = set()
+    for t in tensors:
+        if t.name in seen:
+            raise ConvertInputError(f"{where}: two tensors would both be named {t.name}",
+                                    expected="unique MindSpore names", found="a duplicate",
+                                    fix="check --num-layers/--stage-list/--vpp-size")
+        seen.add(t.name)

@@ -1,0 +1,21 @@
+"""The one error type for bad input.
+
+Every problem a user can fix (a wrong flag, a missing or damaged file, a param_map that does not fit
+the checkpoint) is raised as `ConvertInputError`. Its message names the file or flag, what was
+expected and what was found, and how to fix it, because users read it in a log of an unattended run.
+"""
+
+
+class ConvertInputError(Exception):
+    """Bad input: the message says which file or flag, expected vs found, and the fix."""
+
+    def __init__(self, what: str, expected: str = "", found: str = "", fix: str = ""):
+        parts = [what]
+        if expected:
+            parts.append(f"expected {expected}")
+        if found:
+            parts.append(f"found {found}")
+        message = "; ".join(parts)
+        if fix:
+            message += f" -> {fix}"
+        super().__init__(message)
