@@ -140,6 +140,9 @@ class RankPlan:
     reads_distrib: bool
     param_name_list: tuple[tuple[str, ...], ...] | None = None
     layouts: tuple[BufferLayout, ...] = field(default=(), compare=False)
+    # identifies the source files and the plan, so a re-run can tell its own finished work apart
+    fingerprint: str = field(default="", compare=False)
+    manifest_file: Path | None = None
 
     @property
     def total_bytes(self) -> int:

@@ -10,6 +10,7 @@ streaming its tensors straight from the mmap'd .pt files into the output file; t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import logging
@@ -328,10 +329,11 @@ def plan_rank(info: RankInfo, topo: Topology, options: Options, layouts: Sequenc
         tensors, name_lists = plan_optimizer_tensors(info, layouts, topo, options.dist_opt_content), None
     tensors = tensors + optimizer_scalars(info.iteration, info.param_groups, info.scheduler, info.folder.model_file)
     check_unique_names(tensors, info.folder.path)
-    meta = options.ms_path / PT_META / f"args_tp{info.folder.tp:02}_pp{info.folder.pp:03}.pt"
+    stem = f"tp{info.folder.tp:02}_pp{info.folder.pp:03}"
     return RankPlan(folder=info.folder, fmt=options.fmt, outputs=output_paths(options, topo, info.folder),
-                    meta_file=meta, tensors=tuple(tensors), reads_distrib=not options.convert_param_only,
-                    param_name_list=name_lists, layouts=tuple(layouts))
+                    meta_file=options.ms_path / PT_META / f"args_{stem}.pt", tensors=tuple(tensors),
+                    reads_distrib=not options.convert_param_only, param_name_list=name_lists,
+                    layouts=tuple(layouts), manifest_file=options.ms_path / PT_META / f"manifest_{stem}.json")
 
 
 @dataclass
@@ -358,8 +360,61 @@ def prepare(options: Options) -> Job:
     plans = []
     for info in infos:
         layouts = rank_layouts(info, options, map_files) if need_distrib else []
-        plans.append(plan_rank(info, topo, options, layouts))
+        plan = plan_rank(info, topo, options, layouts)
+        plans.append(dataclasses.replace(plan, fingerprint=plan_fingerprint(plan)))
     return Job(plans, topo, iteration_dir, map_files, infos[0].args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming: which ranks a previous run already finished
+
+
+def plan_fingerprint(plan: RankPlan) -> str:
+    """Hash of the plan and of the source files' identity (path, size, mtime): equal fingerprints mean
+    an existing output was written by this same conversion."""
+    sources = [plan.folder.model_file] + ([plan.folder.distrib_file] if plan.reads_distrib else [])
+    sources += [Path(layout.source) for layout in plan.layouts if Path(layout.source).is_file()]
+    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
+    text = repr((plan, stats, [(layout.source, layout.params) for layout in plan.layouts]))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_manifest(plan: RankPlan) -> dict:
+    try:
+        return json.loads(plan.manifest_file.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def write_manifest(plan: RankPlan, state: str, files: dict[str, int] | None = None) -> None:
+    plan.manifest_file.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(plan.manifest_file)
+    partial.write_text(json.dumps({"fingerprint": plan.fingerprint, "state": state, "source": str(plan.folder.path),
+                                   "files": files or {}}, indent=1))
+    os.replace(partial, plan.manifest_file)
+
+
+def rank_status(plan: RankPlan) -> str:
+    """'done' (complete output of this conversion), 'todo', or 'foreign' (outputs exist that this
+    conversion did not write, which must not be silently mixed with new ones)."""
+    manifest = read_manifest(plan)
+    if manifest.get("fingerprint") == plan.fingerprint:
+        files = manifest.get("files", {})
+        complete = manifest.get("state") == "complete" and all(
+            Path(f).is_file() and Path(f).stat().st_size == size for f, size in files.items())
+        return "done" if complete else "todo"
+    return "foreign" if any(p.exists() for p in (*plan.outputs, plan.meta_file)) else "todo"
+
+
+def check_no_foreign_outputs(plans: Sequence[RankPlan]) -> None:
+    foreign = [p for p in plans if rank_status(p) == "foreign"]
+    if foreign:
+        existing = [str(o) for p in foreign for o in (*p.outputs, p.meta_file) if o.exists()]
+        raise ConvertInputError(
+            f"--ms-path {foreign[0].outputs[0].parent.parent}: {len(existing)} output files already exist that "
+            f"this conversion did not write (another source, other flags, or changed inputs), e.g. {existing[0]}",
+            expected="an empty --ms-path or outputs of this same conversion", found=f"{len(foreign)} ranks' outputs",
+            fix="pass --overwrite to replace them, or choose another --ms-path")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,9 +464,15 @@ class SourceTensors:
         return self.array(self._by_name[entry.name])
 
 
-def execute_plan(plan: RankPlan, options: Options) -> RankResult:
-    """Write one rank's output, its copies and its pt_meta args file."""
+def execute_plan(plan: RankPlan, options: Options, write: bool = True) -> RankResult:
+    """Write one rank's output, its copies and its pt_meta args file (or, with write=False, only
+    verify a complete output an earlier run left)."""
     sources = SourceTensors(plan)
+    if not write:
+        result = RankResult(plan.folder.name, "skipped")
+        result.verified_tensors, result.verified_files = verify_outputs(plan, sources)
+        return result
+    write_manifest(plan, "writing")
     entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
     fetch = sources.fetch
     if options.debug and sys.stderr.isatty():
@@ -422,6 +483,7 @@ def execute_plan(plan: RankPlan, options: Options) -> RankResult:
     for copy in plan.outputs[1:]:
         written += copy_file_atomically(primary, copy)
     write_meta_file(plan, sources.model_sd)
+    write_manifest(plan, "complete", {str(p): p.stat().st_size for p in (*plan.outputs, plan.meta_file)})
     result = RankResult(plan.folder.name, "converted", bytes_written=written, tensors=len(entries))
     if options.verify:
         result.verified_tensors, result.verified_files = verify_outputs(plan, sources)
@@ -501,26 +563,33 @@ def verify_outputs(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
 # Running the plans
 
 
-def run_plans(plans: Sequence[RankPlan], options: Options, on_done: Callable[[RankPlan, RankResult], None]) -> None:
-    """Execute every plan, at most --process-limit at a time, each in its own forked worker so that a
-    crash, a signal or --process_timeout stops that rank only and is reported with its folder."""
+@dataclass(frozen=True)
+class Task:
+    plan: RankPlan
+    write: bool  # False: the output is complete from an earlier run and is only verified
+
+
+def run_tasks(tasks: Sequence[Task], options: Options, on_done: Callable[[RankPlan, RankResult], None]) -> None:
+    """Execute every task, at most --process-limit at a time, each in its own forked worker so that a
+    crash, a signal or --process_timeout stops that rank only and is reported with its folder.
+    Forking after the parent imported torch makes a worker's start-up cost nothing."""
     if options.multiprocess_off:
-        for plan in plans:
-            on_done(plan, _execute_reporting_errors(plan, options))
+        for task in tasks:
+            on_done(task.plan, _execute_reporting_errors(task, options))
         return
     context = multiprocessing.get_context("fork")
-    pending = deque(plans)
+    pending = deque(tasks)
     running: dict[Any, tuple[RankPlan, Any, Any, float]] = {}
     try:
         while pending or running:
             while pending and len(running) < options.process_limit:
-                plan = pending.popleft()
+                task = pending.popleft()
                 receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_worker_main, args=(plan, options, sender),
-                                          name=f"convert-{plan.folder.name}", daemon=True)
+                process = context.Process(target=_worker_main, args=(task, options, sender),
+                                          name=f"convert-{task.plan.folder.name}", daemon=True)
                 process.start()
                 sender.close()
-                running[process.sentinel] = (plan, process, receiver, time.monotonic())
+                running[process.sentinel] = (task.plan, process, receiver, time.monotonic())
             deadline = min(start for _, _, _, start in running.values()) + options.process_timeout
             ready = multiprocessing.connection.wait(list(running), timeout=max(0.0, deadline - time.monotonic()))
             for sentinel in ready:
@@ -543,17 +612,19 @@ def run_plans(plans: Sequence[RankPlan], options: Options, on_done: Callable[[Ra
             remove_partials(plan)
 
 
-def _worker_main(plan: RankPlan, options: Options, sender) -> None:
+def _worker_main(task: Task, options: Options, sender) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    result = _execute_reporting_errors(plan, options)
+    result = _execute_reporting_errors(task, options)
     sender.send(result)
     sender.close()
 
 
-def _execute_reporting_errors(plan: RankPlan, options: Options) -> RankResult:
+def _execute_reporting_errors(task: Task, options: Options) -> RankResult:
+    plan = task.plan
     try:
-        return execute_plan(plan, options)
+        return execute_plan(plan, options, write=task.write)
     except ConvertInputError as err:
+        remove_partials(plan)
         return RankResult(plan.folder.name, "failed", str(err))
     except KeyboardInterrupt:
         remove_partials(plan)
@@ -578,7 +649,7 @@ def _collect(plan: RankPlan, process, receiver) -> RankResult:
 
 
 def remove_partials(plan: RankPlan) -> None:
-    for path in (*plan.outputs, plan.meta_file):
+    for path in (*plan.outputs, plan.meta_file, plan.manifest_file):
         partial_path(path).unlink(missing_ok=True)
 
 
@@ -641,16 +712,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         options = options_from_args(ns)
         log.info("converting %s -> %s", options.megatron_path, options.ms_path)
         job = prepare(options)
+        statuses = {plan.folder: ("todo" if options.overwrite else rank_status(plan)) for plan in job.plans}
+        if not options.overwrite:
+            check_no_foreign_outputs(job.plans)
+        if not options.convert_param_only:
+            write_param_map_copies(job, options)
+            if options.save_param_map:
+                save_param_maps(job, options)
     except ConvertInputError as err:
         log.error("%s", err)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        log.error("cannot write under --ms-path %s: %s -> check the path, its permissions and free space",
+                  ns.ms_path, err)
         return EXIT_BAD_INPUT
     if options.debug:
         for plan in job.plans:
             log.debug("%s", plan.describe())
-    if not options.convert_param_only:
-        write_param_map_copies(job, options)
-        if options.save_param_map:
-            save_param_maps(job, options)
     results: list[RankResult] = []
     progress = _progress_bar(len(job.plans))
 
@@ -660,22 +738,35 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress.update(1)
         if result.status == "failed":
             log.error("failed to convert '%s': %s", plan.folder.path, result.message)
+        elif result.status == "skipped":
+            log.info("convert '%s' to '%s' successfully (complete from an earlier run of this command; skipped).",
+                     plan.folder.path, plan.outputs[0])
         else:
             log.info("convert '%s' to '%s' successfully.", plan.folder.path, plan.outputs[0])
 
+    tasks = []
+    for plan in job.plans:
+        if statuses[plan.folder] != "done":
+            tasks.append(Task(plan, write=True))
+        elif options.verify:
+            tasks.append(Task(plan, write=False))
+        else:
+            on_done(plan, RankResult(plan.folder.name, "skipped"))
     try:
-        run_plans(job.plans, options, on_done)
+        run_tasks(tasks, options, on_done)
     except KeyboardInterrupt:
         log.error("interrupted (Ctrl-C): stopped the workers and removed their partial files; "
-                  "re-run the same command to finish")
+                  "re-run the same command to finish the remaining ranks")
         _summary(results, len(job.plans), started)
         return EXIT_INTERRUPTED
     finally:
         if progress is not None:
             progress.close()
     if options.verify:
-        log.info("verified %d tensors in %d files", sum(r.verified_tensors for r in results),
-                 sum(r.verified_files for r in results))
+        failed_verify = [r for r in results if r.status == "failed"]
+        log.info("verified %d tensors in %d files%s", sum(r.verified_tensors for r in results),
+                 sum(r.verified_files for r in results),
+                 f"; {len(failed_verify)} ranks failed" if failed_verify else "")
     _summary(results, len(job.plans), started)
     return EXIT_OK if all(r.status != "failed" for r in results) else EXIT_FAILED
 
@@ -694,5 +785,10 @@ def _summary(results: Sequence[RankResult], total: int, started: float) -> None:
              time.monotonic() - started, sum(r.bytes_written for r in results))
 
 
-if __name__ == "__main__":
+def cli() -> None:
+    """Entry point of the installed `convert_pt2ckpt` command."""
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,175 @@
+"""The test oracle: what the MindSpore files must contain, computed from a checkpoint's own record.
+
+A record is the `expected.json` + `expected.pt` pair that Megatron's sample and our fixture generator
+write beside a checkpoint (names, global layers, shapes and the full tensors they stored). Names and
+rank numbers follow FORMATS.md section 6, re-implemented here on purpose: the converter's own naming
+code is what is under test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+CLI = REPO / "convert_pt2ckpt.py"
+SAMPLE = REPO / "tests" / "data" / "megatron_sample"
+
+_RENAMES = {"self_attention": "attention", "query_key_value": "qkv_proj", "dense": "out_proj",
+            "dense_h_to_4h": "mapping", "dense_4h_to_h": "projection"}
+_LR_STYLES = ["constant", "WSD", "linear", "cosine", "inverse-square-root"]
+_WD_STYLES = ["constant", "linear", "cosine"]
+
+
+@dataclass
+class Record:
+    meta: dict
+    params: list[dict]
+    tensors: dict[str, torch.Tensor]
+
+
+def load_record(root: Path) -> Record:
+    raw = json.loads((Path(root) / "expected.json").read_text())
+    tensors = torch.load(Path(root) / "expected.pt", weights_only=True)
+    return Record(raw["meta"], raw["params"], tensors)
+
+
+def ms_name(dotted: str) -> str:
+    return ".".join(_RENAMES.get(p, p) for p in dotted.split(".") if p != "module")
+
+
+def state_key(entry: dict) -> str:
+    """The param's key inside model_optim_rng.pt (the sample's record predates this field)."""
+    if "state_dict_key" in entry:
+        return entry["state_dict_key"]
+    key = entry["name"][len("module."):] if entry["name"].startswith("module.") else entry["name"]
+    return "word_embeddings_for_head.weight" if key == "word_embeddings.weight" else key
+
+
+def with_global_layer(dotted: str, entry: dict) -> str:
+    if entry.get("global_layer") is None:
+        return dotted
+    parts = dotted.split(".")
+    for i in range(1, len(parts)):
+        if parts[i - 1] == "layers" and parts[i].isdigit():
+            parts[i] = str(entry["global_layer"])
+            break
+    return ".".join(parts)
+
+
+def ms_rank(tp: int, pp: int, tp_size: int, dp_size: int, cp_size: int, dp: int = 0, cp: int = 0) -> int:
+    return pp * dp_size * cp_size * tp_size + dp * cp_size * tp_size + cp * tp_size + tp
+
+
+def expected_tensors(record: Record, *, tp_size: int, dp_size: int = 1, cp_size: int = 1,
+                     states=("param", "exp_avg", "exp_avg_sq"), param_only: bool = False) -> dict[int, dict]:
+    """rank -> {MindSpore name: fp32 array} for the dp=cp=0 ranks (tensors only, no scalars)."""
+    out: dict[int, dict] = {}
+    for entry in record.params:
+        rank = ms_rank(entry["tp"], entry["pp"], tp_size, dp_size, cp_size)
+        tensors = out.setdefault(rank, {})
+        key = f"{entry['key']}::"
+        if param_only:
+            name = ms_name(with_global_layer(state_key(entry), entry))
+            tensors[name] = record.tensors[key + "model_bf16"].float().numpy()
+            continue
+        if not entry.get("requires_grad", True):
+            continue
+        name = ms_name(entry["name_global_layer"])
+        for state in states:
+            full = name if state == "param" else f"{state}.{name}"
+            tensors[full] = record.tensors[key + state].float().numpy()
+    return out
+
+
+def load_trusted(path: Path):
+    """torch.load of our own test data with full unpickling; a throw-away `megatron.core.enums`
+    stands in for Megatron, independently of the converter's allow-list."""
+    import enum
+    import types
+
+    class ModelType(enum.Enum):
+        encoder_or_decoder = 1
+        encoder_and_decoder = 2
+        retro_encoder = 3
+        retro_decoder = 4
+
+    saved = {n: sys.modules.get(n) for n in ("megatron", "megatron.core", "megatron.core.enums")}
+    try:
+        for name in saved:
+            sys.modules[name] = types.ModuleType(name)
+        sys.modules["megatron.core.enums"].ModelType = ModelType
+        return torch.load(path, weights_only=False)
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+def expected_scalars(model_file: Path) -> dict[str, np.ndarray]:
+    """The extra scalars FORMATS.md section 6 lists, from the rank's own model_optim_rng.pt."""
+    sd = load_trusted(model_file)
+    out = {"step_num": np.array(sd["iteration"], np.int64), "epoch_num": np.array(0, np.int64)}
+    for i, group in enumerate(sd["optimizer"]["optimizer"]["param_groups"]):
+        for k, v in group.items():
+            if not isinstance(v, (int, float)) or k == "params":
+                continue
+            if k == "step":
+                out["state_step"] = np.array([v], np.float32)
+            else:
+                out["learning_rate_group_%d" % i if k == "lr" else f"{k}_group_{i}"] = np.array(v, np.float32)
+    for k, v in sd["opt_param_scheduler"].items():
+        if k == "lr_decay_style":
+            out[k] = np.array(_LR_STYLES.index(v), np.int64)
+        elif k == "wd_incr_style":
+            out[k] = np.array(_WD_STYLES.index(v), np.int64)
+        elif k in ("max_lr", "min_lr", "start_wd", "end_wd"):
+            out[k] = np.array(v, np.float64)
+        elif k in ("lr_warmup_steps", "num_steps", "lr_decay_steps", "wd_incr_steps"):
+            out[k] = np.array(v, np.int64)
+        elif isinstance(v, (int, float)):
+            out[k] = np.array(v, np.float32)
+    return out
+
+
+def run_cli(*args, env_extra=None, timeout=600, preexec_fn=None) -> subprocess.CompletedProcess:
+    """Run the converter as users do: a subprocess with its log on stdout."""
+    env = {**os.environ, **(env_extra or {})}
+    return subprocess.run([sys.executable, str(CLI), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env, preexec_fn=preexec_fn)
+
+
+def load_ms(path: Path, fmt: str = "ckpt") -> dict[str, np.ndarray]:
+    import mindspore as ms
+    return {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path), format=fmt).items()}
+
+
+def assert_rank_files_match(ms_path: Path, expected: dict[int, dict], *, fmt: str = "ckpt",
+                            prefix: str = "network", scalars: dict[int, dict] | None = None) -> int:
+    """Every expected tensor equal element by element (bitwise), no tensor missing or extra.
+    Returns the number of tensors compared."""
+    compared = 0
+    for rank, tensors in sorted(expected.items()):
+        loaded = load_ms(Path(ms_path) / f"rank_{rank}" / f"{prefix}.{fmt}", fmt)
+        want_names = set(tensors) | set((scalars or {}).get(rank, {}))
+        if scalars is not None:
+            assert set(loaded) == want_names, (rank, sorted(set(loaded) ^ want_names)[:10])
+        else:
+            missing = set(tensors) - set(loaded)
+            assert not missing, (rank, sorted(missing)[:10])
+        for name, want in {**tensors, **(scalars or {}).get(rank, {})}.items():
+            got = loaded[name]
+            assert got.dtype == want.dtype and got.shape == want.shape, (rank, name, got.dtype, got.shape,
+                                                                         want.dtype, want.shape)
+            assert got.tobytes() == np.ascontiguousarray(want).tobytes(), (rank, name)
+            compared += 1
+    return compared
