@@ -637,7 +637,10 @@ def _execute_reporting_errors(task: Task, options: Options) -> RankResult:
 
 
 def _collect(plan: RankPlan, process, receiver) -> RankResult:
-    result = receiver.recv() if receiver.poll() else None
+    try:
+        result = receiver.recv() if receiver.poll() else None
+    except EOFError:  # the worker died before sending its result
+        result = None
     process.join()
     if result is not None:
         return result
