@@ -1,0 +1,184 @@
+"""End to end over many parallel layouts written by our fixture generator: each converted with the
+param_map and without it (layout inferred from the checkpoint), every output loaded with
+mindspore.load_checkpoint and compared element by element with the fixture's own record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.expected_outputs import (assert_rank_files_match, expected_scalars, expected_tensors, load_record,
+                                    ms_rank, run_cli)
+from tests.megatron_fixture import FixtureSpec, write_fixture
+
+SMALL = dict(hidden=24, ffn=52, heads=2, vocab=61)
+LAYOUTS = {
+    "tp1_pp1_dp1": FixtureSpec(num_layers=2, **SMALL),
+    "tp2_pp2_dp2_small_buckets_padded": FixtureSpec(tp=2, pp=2, dp=2, num_layers=4, hidden=20, ffn=38, heads=2,
+                                                    vocab=97, overlap_grad_reduce=True, bucket_size=300),
+    "pp4_vpp2_dp2_buckets_in_chunk0": FixtureSpec(pp=4, vpp=2, dp=2, num_layers=8, overlap_grad_reduce=True,
+                                                  bucket_size=500, **SMALL),
+    "fp16_tp2_dp3": FixtureSpec(tp=2, dp=3, num_layers=2, dtype="fp16", overlap_grad_reduce=True,
+                                bucket_size=400, **SMALL),
+    "fp32_pp2": FixtureSpec(pp=2, num_layers=2, dtype="fp32", **SMALL),
+    "mcore_tp2_pp2_tied": FixtureSpec(tp=2, pp=2, dp=2, num_layers=4, model="mcore", overlap_grad_reduce=True,
+                                      bucket_size=700, **SMALL),
+    "mcore_pp3_vpp2_untied": FixtureSpec(pp=3, vpp=2, dp=2, num_layers=6, model="mcore", untie_embeddings=True,
+                                         **SMALL),
+    "mixed_dtype_two_buffers": FixtureSpec(pp=2, dp=2, num_layers=2, mixed_dtype=True, overlap_grad_reduce=True,
+                                           bucket_size=300, **SMALL),
+    "mcore_cp2_release": FixtureSpec(tp=2, dp=2, cp=2, num_layers=2, model="mcore", release=True, **SMALL),
+    "uneven_stage_list": FixtureSpec(pp=2, dp=2, num_layers=5, stage_list=(3, 2), **SMALL),
+    "sidecar_map": FixtureSpec(tp=2, pp=2, dp=2, num_layers=2, param_map="with_sidecar",
+                               overlap_grad_reduce=True, bucket_size=200, **SMALL),
+}
+
+
+def size_flags(spec: FixtureSpec) -> list:
+    flags = ["--tp-size", spec.tp, "--pp-size", spec.pp, "--dp-size", spec.dp, "--cp-size", spec.cp,
+             "--vpp-size", spec.vpp]
+    if spec.stage_list:
+        flags += ["--stage-list", *spec.stage_list]
+    return flags
+
+
+def scalars_per_rank(fixture, spec: FixtureSpec) -> dict[int, dict]:
+    out = {}
+    for folder in sorted(fixture.megatron_path.iterdir()):
+        parts = folder.name.split("_")
+        tp, pp = int(parts[2]), int(parts[3]) if len(parts) > 3 else 0
+        out[ms_rank(tp, pp, spec.tp, spec.dp, spec.cp)] = expected_scalars(folder / "model_optim_rng.pt")
+    return out
+
+
+@pytest.fixture(scope="module", params=sorted(LAYOUTS))
+def converted(request, tmp_path_factory):
+    """A fixture checkpoint converted twice: with its param_map and with the layout inferred."""
+    spec = LAYOUTS[request.param]
+    root = tmp_path_factory.mktemp(request.param)
+    fixture = write_fixture(root / "save", spec)
+    by_map = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", root / "by_map",
+                     "--param-map-path", fixture.param_map_dir, *size_flags(spec))
+    inferred = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", root / "inferred",
+                       *size_flags(spec), "--save-param-map", root / "saved_map")
+    return spec, fixture, root, by_map, inferred
+
+
+def test_every_tensor_equals_the_record(converted):
+    spec, fixture, root, by_map, _ = converted
+    assert by_map.returncode == 0, by_map.stdout + by_map.stderr
+    assert "WARNING" not in by_map.stdout, by_map.stdout
+    record = load_record(fixture.root)
+    expected = expected_tensors(record, tp_size=spec.tp, dp_size=spec.dp, cp_size=spec.cp)
+    assert len(expected) == spec.tp * spec.pp
+    compared = assert_rank_files_match(root / "by_map", expected, scalars=scalars_per_rank(fixture, spec))
+    assert compared > 3 * len(record.params)
+    successes = [line for line in by_map.stdout.splitlines() if "successfully" in line]
+    assert len(successes) == spec.tp * spec.pp
+
+
+def test_inferred_layout_gives_identical_files(converted):
+    spec, _, root, _, inferred = converted
+    assert inferred.returncode == 0, inferred.stdout + inferred.stderr
+    files = sorted(p.relative_to(root / "by_map") for p in (root / "by_map").glob("rank_*/*"))
+    assert files and files == sorted(p.relative_to(root / "inferred") for p in (root / "inferred").glob("rank_*/*"))
+    for rel in files:
+        assert (root / "by_map" / rel).read_bytes() == (root / "inferred" / rel).read_bytes(), rel
+
+
+def test_saved_param_map_equals_the_fixtures(converted):
+    _, fixture, root, _, _ = converted
+    theirs = sorted(p.name for p in fixture.param_map_dir.glob("param_map_buffer*[0-9].json"))
+    assert sorted(p.name for p in (root / "saved_map").iterdir()) == theirs
+    for name in theirs:
+        mine = json.loads((root / "saved_map" / name).read_text())
+        want = json.loads((fixture.param_map_dir / name).read_text())
+        assert list(mine.items()) == list(want.items()), name
+
+
+@pytest.fixture(scope="module")
+def vpp_fixture(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vpp")
+    return write_fixture(root / "save", LAYOUTS["pp4_vpp2_dp2_buckets_in_chunk0"])
+
+
+@pytest.mark.parametrize("layout", ["pp4_vpp2_dp2_buckets_in_chunk0", "mcore_tp2_pp2_tied"])
+def test_convert_param_only(layout, tmp_path):
+    spec = LAYOUTS[layout]
+    fixture = write_fixture(tmp_path / "save", spec)
+    proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "out", *size_flags(spec),
+                   "--convert-param-only")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = expected_tensors(load_record(fixture.root), tp_size=spec.tp, dp_size=spec.dp, param_only=True)
+    assert_rank_files_match(tmp_path / "out", expected, scalars=scalars_per_rank(fixture, spec))
+
+
+def test_safetensors_with_vpp(vpp_fixture, tmp_path):
+    spec = vpp_fixture.spec
+    proc = run_cli("--megatron-path", vpp_fixture.megatron_path, "--ms-path", tmp_path, *size_flags(spec),
+                   "--format", "safetensors", "--dist-opt-content", "param", "exp_avg_sq")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = expected_tensors(load_record(vpp_fixture.root), tp_size=spec.tp, dp_size=spec.dp,
+                                states=("param", "exp_avg_sq"))
+    assert_rank_files_match(tmp_path, expected, fmt="safetensors", scalars=scalars_per_rank(vpp_fixture, spec))
+
+
+def test_generate_all_dp_cp_with_cp2(tmp_path):
+    spec = LAYOUTS["mcore_cp2_release"]
+    fixture = write_fixture(tmp_path / "save", spec)
+    proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "out", *size_flags(spec),
+                   "--generate-all-dp-cp")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = sorted(int(p.name[5:]) for p in (tmp_path / "out").glob("rank_*"))
+    assert ranks == list(range(spec.tp * spec.dp * spec.cp))
+    expected = expected_tensors(load_record(fixture.root), tp_size=spec.tp, dp_size=spec.dp, cp_size=spec.cp)
+    for tp in range(spec.tp):
+        primary = (tmp_path / "out" / f"rank_{ms_rank(tp, 0, spec.tp, spec.dp, spec.cp)}" / "network.ckpt")
+        for dp in range(spec.dp):
+            for cp in range(spec.cp):
+                rank = ms_rank(tp, 0, spec.tp, spec.dp, spec.cp, dp, cp)
+                assert (tmp_path / "out" / f"rank_{rank}" / "network.ckpt").read_bytes() == primary.read_bytes()
+    assert_rank_files_match(tmp_path / "out", expected)
+
+
+def test_frozen_parameter_cannot_be_inferred_but_converts_with_its_map(tmp_path):
+    spec = FixtureSpec(pp=2, dp=2, num_layers=2, frozen=("layers.0.input_norm",), **SMALL)
+    fixture = write_fixture(tmp_path / "save", spec)
+    inferred = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "a", *size_flags(spec))
+    assert inferred.returncode == 2
+    [error] = [line for line in inferred.stdout.splitlines() if " ERROR " in line]
+    assert "mp_rank_00_000" in error and "bucket" in error and "elements" in error and "--param-map-path" in error
+    assert not list((tmp_path / "a").glob("rank_*"))
+    with_map = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "b", *size_flags(spec),
+                       "--param-map-path", fixture.param_map_dir)
+    assert with_map.returncode == 0, with_map.stdout
+    assert "in no grad buffer (frozen?)" in with_map.stdout
+    expected = expected_tensors(load_record(fixture.root), tp_size=spec.tp, dp_size=spec.dp)
+    assert_rank_files_match(tmp_path / "b", expected, scalars=scalars_per_rank(fixture, spec))
+
+
+def test_uneven_stages_need_the_stage_list(tmp_path):
+    spec = LAYOUTS["uneven_stage_list"]
+    fixture = write_fixture(tmp_path / "save", spec)
+    proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "out",
+                   "--pp-size", 2, "--dp-size", 2)
+    assert proc.returncode == 2
+    [error] = [line for line in proc.stdout.splitlines() if " ERROR " in line]
+    assert "--num-layers 5 is not divisible by --pp-size 2" in error and "--stage-list" in error
+
+
+def test_stale_map_from_a_reused_save_folder_is_refused(tmp_path):
+    """The documented patch numbers chunks by counting files, so a second run into the same --save
+    shifts them: here a map of another model sits under the chunk name this checkpoint needs."""
+    fixture = write_fixture(tmp_path / "save", LAYOUTS["tp1_pp1_dp1"])
+    other = write_fixture(tmp_path / "other", FixtureSpec(num_layers=2, hidden=32, ffn=52, heads=2, vocab=61))
+    for path in other.param_map_dir.glob("*.json"):
+        (fixture.param_map_dir / path.name).write_text(path.read_text())
+    proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "out",
+                   "--param-map-path", fixture.param_map_dir)
+    assert proc.returncode == 2
+    [error] = [line for line in proc.stdout.splitlines() if " ERROR " in line]
+    assert "param_map_buffer0_dp0tp0pp0vpp0.json" in error and "--param-map-path" in error
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("rank_*"))
