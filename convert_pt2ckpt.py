@@ -430,6 +430,7 @@ class RankResult:
     tensors: int = 0
     verified_tensors: int = 0
     verified_files: int = 0
+    peak_anon_bytes: int = 0
 
 
 class SourceTensors:
@@ -466,28 +467,60 @@ class SourceTensors:
 
 def execute_plan(plan: RankPlan, options: Options, write: bool = True) -> RankResult:
     """Write one rank's output, its copies and its pt_meta args file (or, with write=False, only
-    verify a complete output an earlier run left)."""
+    verify a complete output an earlier run left). An output that fails --verify is removed, so no
+    final path ever holds a file that is not complete and correct."""
     sources = SourceTensors(plan)
-    if not write:
-        result = RankResult(plan.folder.name, "skipped")
-        result.verified_tensors, result.verified_files = verify_outputs(plan, sources)
-        return result
-    write_manifest(plan, "writing")
-    entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
-    fetch = sources.fetch
-    if options.debug and sys.stderr.isatty():
-        fetch = _with_tensor_progress(fetch, len(entries), plan.folder.name)
-    primary = plan.outputs[0]
-    primary.parent.mkdir(parents=True, exist_ok=True)
-    written = write_mindspore_file(primary, entries, fetch, plan.fmt)
-    for copy in plan.outputs[1:]:
-        written += copy_file_atomically(primary, copy)
-    write_meta_file(plan, sources.model_sd)
-    write_manifest(plan, "complete", {str(p): p.stat().st_size for p in (*plan.outputs, plan.meta_file)})
-    result = RankResult(plan.folder.name, "converted", bytes_written=written, tensors=len(entries))
+    result = RankResult(plan.folder.name, "skipped")
+    if write:
+        write_manifest(plan, "writing")
+        entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
+        fetch = _measuring_memory(sources.fetch, result)
+        if options.debug and sys.stderr.isatty():
+            fetch = _with_tensor_progress(fetch, len(entries), plan.folder.name)
+        plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
+        result.bytes_written = write_mindspore_file(plan.outputs[0], entries, fetch, plan.fmt)
+        for copy in plan.outputs[1:]:
+            result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
+        write_meta_file(plan, sources.model_sd)
+        result.status, result.tensors = "converted", len(entries)
     if options.verify:
-        result.verified_tensors, result.verified_files = verify_outputs(plan, sources)
+        try:
+            result.verified_tensors, result.verified_files = verify_outputs(plan, sources)
+        except VerificationError:
+            for path in plan.outputs:
+                path.unlink(missing_ok=True)
+            write_manifest(plan, "writing")  # our own unfinished work: a re-run redoes it
+            raise
+    if write:
+        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in (*plan.outputs, plan.meta_file)})
+    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
+              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
     return result
+
+
+class VerificationError(RuntimeError):
+    """An output read back with mindspore.load_checkpoint differs from its source."""
+
+
+def anon_memory_bytes() -> int:
+    """This process's resident anonymous memory (RssAnon): copies we made, not mmap'd input pages."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _measuring_memory(fetch, result: RankResult):
+    """Sample RssAnon as each tensor is handed out, when the previous one is gone and this one exists."""
+    def measured_fetch(entry):
+        array = fetch(entry)
+        result.peak_anon_bytes = max(result.peak_anon_bytes, anon_memory_bytes())
+        return array
+    return measured_fetch
 
 
 def _with_tensor_progress(fetch, total: int, label: str):
@@ -555,7 +588,8 @@ def verify_outputs(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
         if copy.read_bytes() != primary_bytes:
             problems.append(f"{copy}: differs from {plan.outputs[0]}")
     if problems:
-        raise RuntimeError(f"verification of {plan.outputs[0]} failed: " + "; ".join(problems[:10]))
+        raise VerificationError(f"verification of {plan.outputs[0]} failed (output removed): "
+                                + "; ".join(problems[:10]))
     return len([t for t in plan.tensors if math.prod(t.shape)]), len(plan.outputs)
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.expected_outputs import (SAMPLE, assert_rank_files_match, expected_scalars, expected_tensors,
+from tests.expected_outputs import (SAMPLE, VPP_SAMPLE, assert_rank_files_match, expected_scalars, expected_tensors,
                                     load_record, load_trusted, ms_rank, run_cli)
 
 FLAGS = ["--megatron-path", SAMPLE / "iter_0000010", "--tp-size", 2, "--pp-size", 2, "--dp-size", 2,
@@ -133,3 +133,35 @@ def test_generate_all_dp_cp_with_cp2(record, tmp_path):
                     rank = ms_rank(tp, pp, 2, 2, 2, dp, cp)
                     assert (tmp_path / f"rank_{rank}" / "network.ckpt").read_bytes() == primary, rank
     assert len([line for line in proc.stdout.splitlines() if "successfully" in line]) == 4
+
+
+# --- the real virtual-pipeline checkpoint (pp 4, vpp 2, dp 2) written by Megatron with our patch -------
+
+VPP_FLAGS = ["--megatron-path", VPP_SAMPLE / "iter_0000002", "--tp-size", 1, "--pp-size", 4, "--dp-size", 2,
+             "--vpp-size", 2, "--num-layers", 8]
+
+
+def vpp_scalars():
+    return {pp * 2: expected_scalars(VPP_SAMPLE / f"iter_0000002/mp_rank_00_{pp:03d}/model_optim_rng.pt")
+            for pp in range(4)}
+
+
+@pytest.mark.parametrize("with_map", [True, False], ids=["param_map_with_sidecars", "inferred"])
+def test_real_vpp_checkpoint_converts_exactly(with_map, tmp_path):
+    flags = ["--param-map-path", VPP_SAMPLE / "param_map"] if with_map else []
+    proc = run_cli(*VPP_FLAGS, "--ms-path", tmp_path, *flags)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "WARNING" not in proc.stdout
+    record = load_record(VPP_SAMPLE)
+    expected = expected_tensors(record, tp_size=1, dp_size=2)
+    assert sorted(expected) == [0, 2, 4, 6]
+    compared = assert_rank_files_match(tmp_path, expected, scalars=vpp_scalars())
+    assert compared >= 101 * 3
+    assert len([line for line in proc.stdout.splitlines() if "successfully" in line]) == 4
+
+
+def test_real_vpp_checkpoint_param_only(tmp_path):
+    proc = run_cli(*VPP_FLAGS, "--ms-path", tmp_path, "--convert-param-only")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    expected = expected_tensors(load_record(VPP_SAMPLE), tp_size=1, dp_size=2, param_only=True)
+    assert_rank_files_match(tmp_path, expected, scalars=vpp_scalars())

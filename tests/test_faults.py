@@ -304,5 +304,9 @@ def test_verify_reports_counts_and_catches_a_damaged_output(ckpt, tmp_path):
     again = convert(ckpt, out, "--verify")
     assert again.returncode == 1, again.stdout
     [line] = error_lines(again)
-    assert "rank_5/network.ckpt" in line and "differs" in line
+    assert "rank_5/network.ckpt" in line and "differs" in line and "mp_rank_01_001" in line
     assert success_count(again) == 3
+    assert not target.exists()  # a file known to be wrong does not stay at a final path
+    repaired = convert(ckpt, out, "--verify")
+    assert repaired.returncode == 0 and "summary: 1 converted, 3 skipped, 0 failed" in repaired.stdout
+    assert "verified 450 tensors in 4 files" in repaired.stdout
