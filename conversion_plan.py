@@ -31,7 +31,6 @@ LR_DECAY_STYLES = ["constant", "WSD", "linear", "cosine", "inverse-square-root"]
 WD_INCR_STYLES = ["constant", "linear", "cosine"]
 SCHEDULER_FLOAT64 = {"max_lr", "min_lr", "start_wd", "end_wd"}
 SCHEDULER_INT64 = {"lr_warmup_steps", "num_steps", "lr_decay_steps", "wd_incr_steps"}
-OPTIMIZER_STATES = ("param", "exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True)

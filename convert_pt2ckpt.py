@@ -23,7 +23,7 @@ import signal
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 
 import megatron_reader as reader
-from conversion_plan import (OPTIMIZER_STATES, BucketSlice, ModelTensor, PlannedTensor, RankInfo, RankPlan,
-                             Scalar, Topology, check_layer_counts, check_unique_names, optimizer_scalars,
+from conversion_plan import (BucketSlice, ModelTensor, PlannedTensor, RankInfo, RankPlan, Topology,
+                             check_layer_counts, check_unique_names, optimizer_scalars,
                              plan_model_tensors, plan_optimizer_tensors)
 from convert_errors import ConvertInputError
 from ms_writer import TensorEntry, partial_path, write_mindspore_file
@@ -199,7 +199,7 @@ def read_rank_info(folder: reader.RankFolder, need_distrib: bool) -> RankInfo:
     if not need_distrib:
         return info
     counts, states = read_bucket_counts(reader.load_pt(folder.distrib_file), folder.distrib_file)
-    return RankInfo(**{**info.__dict__, "counts": counts, "states": states})
+    return dataclasses.replace(info, counts=counts, states=states)
 
 
 def read_bucket_counts(distrib: Any, path: Path) -> tuple[tuple[BucketCounts, ...], tuple[str, ...]]:

@@ -336,7 +336,7 @@ def infer_layouts(chunk_params: Sequence[Sequence[tuple[str, tuple[int, ...], st
                 raise ConvertInputError(
                     f"{source}: model chunk {chunk} needs grad buffer {gbuf} ({dtype_key})",
                     expected=f"at most {len(counts)} buffers as recorded in distrib_optim.pt",
-                    found=f"more parameter dtypes than buffers",
+                    found="more parameter dtypes than buffers",
                     fix="pass --param-map-path with the map recorded by the patched trainer")
             count = counts[gbuf]
             if count.dtype_key != dtype_key:

@@ -114,29 +114,10 @@ def expected_tensors(record: Record, *, tp_size: int, dp_size: int = 1, cp_size:
 
 
 def load_trusted(path: Path):
-    """torch.load of our own test data with full unpickling; a throw-away `megatron.core.enums`
-    stands in for Megatron, independently of the converter's allow-list."""
-    import enum
-    import types
-
-    class ModelType(enum.Enum):
-        encoder_or_decoder = 1
-        encoder_and_decoder = 2
-        retro_encoder = 3
-        retro_decoder = 4
-
-    saved = {n: sys.modules.get(n) for n in ("megatron", "megatron.core", "megatron.core.enums")}
-    try:
-        for name in saved:
-            sys.modules[name] = types.ModuleType(name)
-        sys.modules["megatron.core.enums"].ModelType = ModelType
-        return torch.load(path, weights_only=False)
-    finally:
-        for name, module in saved.items():
-            if module is None:
-                sys.modules.pop(name, None)
-            else:
-                sys.modules[name] = module
+    """torch.load of test data with the fixture generator's own allow-list, independent of the
+    converter's."""
+    from tests.megatron_fixture import load_megatron_file
+    return load_megatron_file(path)
 
 
 def expected_scalars(model_file: Path) -> dict[str, np.ndarray]:

@@ -5,7 +5,6 @@ mindspore.load_checkpoint and compared element by element with the fixture's own
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 

@@ -4,10 +4,8 @@ subprocess, every output loaded with mindspore.load_checkpoint and compared with
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
 
 from tests.expected_outputs import (SAMPLE, VPP_SAMPLE, assert_rank_files_match, expected_scalars, expected_tensors,
                                     load_record, load_trusted, ms_rank, run_cli)

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import argparse
-import enum
 import json
 import math
 from pathlib import Path
@@ -19,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.megatron_fixture import FixtureSpec, write_fixture
+from tests.megatron_fixture import FixtureSpec, load_megatron_file, write_fixture
 
 SAMPLE = Path(__file__).parent / "data" / "megatron_sample"
 SAMPLE_SPEC = FixtureSpec(tp=2, pp=2, dp=2, num_layers=4, hidden=40, heads=4, ffn=130, vocab=97,
@@ -45,23 +43,8 @@ ARGS_COMPARED = (
 # A tiny independent reader
 
 
-class _ModelType(enum.Enum):
-    encoder_or_decoder = 1
-    encoder_and_decoder = 2
-    retro_encoder = 3
-    retro_decoder = 4
-
-
-_ModelType.__module__ = "megatron.core.enums"
-_ModelType.__qualname__ = "ModelType"
-_ModelType.__name__ = "ModelType"
-_ALLOW = [argparse.Namespace, np._core.multiarray._reconstruct, np.ndarray, np.dtype,
-          np.dtypes.UInt32DType, _ModelType]
-
-
 def _load(path: Path):
-    with torch.serialization.safe_globals(_ALLOW):
-        return torch.load(path, weights_only=True, map_location="cpu")
+    return load_megatron_file(path)
 
 
 def _flatten(d: dict, prefix: str = "") -> list[tuple[str, object]]:

@@ -5,7 +5,6 @@ change in either side's format shows up as a failure with the first differing of
 """
 
 import gc
-import os
 import stat
 import subprocess
 import sys
