@@ -2,43 +2,33 @@
 
 The story of a conversion, top to bottom: `main` parses the flags; `prepare` finds the rank folders,
 reads their metadata and the bucket layouts, and builds one `RankPlan` per folder (checking
-everything before any output is opened); `run_plans` executes the plans in worker processes, each
-streaming its tensors straight from the mmap'd .pt files into the output file; the log gets one
-`... successfully.` line per source folder and a summary. See README.md for every flag.
+everything before any output is opened); `run_tasks` (plan_runner.py) executes the plans in worker
+processes, each streaming its tensors straight from the mmap'd .pt files into the output file; the
+log gets one `... successfully.` line per source folder and a summary. See README.md for every flag.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
 import logging
-import math
-import multiprocessing
-import multiprocessing.connection
 import os
-import shutil
-import signal
 import sys
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import numpy as np
-import torch
+from typing import Any, Sequence
 
 import megatron_reader as reader
-from conversion_plan import (BucketSlice, ModelTensor, PlannedTensor, RankInfo, RankPlan, Topology,
-                             check_layer_counts, check_unique_names, optimizer_scalars,
-                             plan_model_tensors, plan_optimizer_tensors)
+from conversion_plan import (RankInfo, RankPlan, Topology, check_layer_counts, check_unique_names,
+                             optimizer_scalars, plan_model_tensors, plan_optimizer_tensors)
 from convert_errors import ConvertInputError
-from ms_writer import TensorEntry, partial_path, write_mindspore_file
+from ms_writer import partial_path
 from param_map_utils import (BucketCounts, BufferLayout, check_layouts, infer_layouts, layout_differences,
                              list_param_map_files, param_map_file_name, param_map_json, read_rank_layouts,
                              state_key_for)
+from plan_runner import (RankResult, RunSettings, Task, check_no_foreign_outputs, copy_file_atomically,
+                         plan_fingerprint, rank_status, run_tasks)
 
 log = logging.getLogger("convert_pt2ckpt")
 
@@ -366,331 +356,6 @@ def prepare(options: Options) -> Job:
 
 
 # ---------------------------------------------------------------------------------------------
-# Resuming: which ranks a previous run already finished
-
-
-def plan_fingerprint(plan: RankPlan) -> str:
-    """Hash of the plan and of the source files' identity (path, size, mtime): equal fingerprints mean
-    an existing output was written by this same conversion."""
-    sources = [plan.folder.model_file] + ([plan.folder.distrib_file] if plan.reads_distrib else [])
-    sources += [Path(layout.source) for layout in plan.layouts if Path(layout.source).is_file()]
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
-    text = repr((plan, stats, [(layout.source, layout.params) for layout in plan.layouts]))
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def read_manifest(plan: RankPlan) -> dict:
-    try:
-        return json.loads(plan.manifest_file.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_manifest(plan: RankPlan, state: str, files: dict[str, int] | None = None) -> None:
-    plan.manifest_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(plan.manifest_file)
-    partial.write_text(json.dumps({"fingerprint": plan.fingerprint, "state": state, "source": str(plan.folder.path),
-                                   "files": files or {}}, indent=1))
-    os.replace(partial, plan.manifest_file)
-
-
-def rank_status(plan: RankPlan) -> str:
-    """'done' (complete output of this conversion), 'todo', or 'foreign' (outputs exist that this
-    conversion did not write, which must not be silently mixed with new ones)."""
-    manifest = read_manifest(plan)
-    if manifest.get("fingerprint") == plan.fingerprint:
-        files = manifest.get("files", {})
-        complete = manifest.get("state") == "complete" and all(
-            Path(f).is_file() and Path(f).stat().st_size == size for f, size in files.items())
-        return "done" if complete else "todo"
-    return "foreign" if any(p.exists() for p in (*plan.outputs, plan.meta_file)) else "todo"
-
-
-def check_no_foreign_outputs(plans: Sequence[RankPlan]) -> None:
-    foreign = [p for p in plans if rank_status(p) == "foreign"]
-    if foreign:
-        existing = [str(o) for p in foreign for o in (*p.outputs, p.meta_file) if o.exists()]
-        raise ConvertInputError(
-            f"--ms-path {foreign[0].outputs[0].parent.parent}: {len(existing)} output files already exist that "
-            f"this conversion did not write (another source, other flags, or changed inputs), e.g. {existing[0]}",
-            expected="an empty --ms-path or outputs of this same conversion", found=f"{len(foreign)} ranks' outputs",
-            fix="pass --overwrite to replace them, or choose another --ms-path")
-
-
-# ---------------------------------------------------------------------------------------------
-# Executing a plan (worker process)
-
-
-@dataclass
-class RankResult:
-    folder: str
-    status: str  # "converted", "skipped" or "failed"
-    message: str = ""
-    bytes_written: int = 0
-    tensors: int = 0
-    verified_tensors: int = 0
-    verified_files: int = 0
-    peak_anon_bytes: int = 0
-
-
-class SourceTensors:
-    """Hands out the data of planned tensors as numpy views of the mmap'd source files."""
-
-    def __init__(self, plan: RankPlan):
-        self.model_sd = reader.load_pt(plan.folder.model_file)
-        self.distrib = reader.load_pt(plan.folder.distrib_file) if plan.reads_distrib else None
-        self._by_name = {t.name: t for t in plan.tensors}
-        self._flat: dict[str, dict[str, torch.Tensor]] = {}
-
-    def planned(self, name: str) -> PlannedTensor:
-        return self._by_name[name]
-
-    def array(self, planned: PlannedTensor) -> np.ndarray:
-        source = planned.source
-        if isinstance(source, BucketSlice):
-            key = tuple(getattr(torch, s.split(".", 1)[1]) for s in source.dtype_key)
-            bucket = self.distrib[source.gbuf_idx][key][source.state][source.bucket]
-            tensor = bucket[source.start:source.end].view(planned.shape)
-        elif isinstance(source, ModelTensor):
-            if source.chunk_key not in self._flat:
-                self._flat[source.chunk_key] = reader.model_tensors(self.model_sd[source.chunk_key])
-            tensor = self._flat[source.chunk_key][source.key]
-        else:
-            return np.array(source.value, dtype=planned.dtype).reshape(planned.shape)
-        if tensor.dtype != torch.float32:
-            tensor = tensor.to(torch.float32)
-        return tensor.numpy()
-
-    def fetch(self, entry: TensorEntry) -> np.ndarray:
-        return self.array(self._by_name[entry.name])
-
-
-def execute_plan(plan: RankPlan, options: Options, write: bool = True) -> RankResult:
-    """Write one rank's output, its copies and its pt_meta args file (or, with write=False, only
-    verify a complete output an earlier run left). An output that fails --verify is removed, so no
-    final path ever holds a file that is not complete and correct."""
-    sources = SourceTensors(plan)
-    result = RankResult(plan.folder.name, "skipped")
-    if write:
-        write_manifest(plan, "writing")
-        entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
-        fetch = _measuring_memory(sources.fetch, result)
-        if options.debug and sys.stderr.isatty():
-            fetch = _with_tensor_progress(fetch, len(entries), plan.folder.name)
-        plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
-        result.bytes_written = write_mindspore_file(plan.outputs[0], entries, fetch, plan.fmt)
-        for copy in plan.outputs[1:]:
-            result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
-        write_meta_file(plan, sources.model_sd)
-        result.status, result.tensors = "converted", len(entries)
-    if options.verify:
-        try:
-            result.verified_tensors, result.verified_files = verify_outputs(plan, sources)
-        except VerificationError:
-            for path in plan.outputs:
-                path.unlink(missing_ok=True)
-            write_manifest(plan, "writing")  # our own unfinished work: a re-run redoes it
-            raise
-    if write:
-        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in (*plan.outputs, plan.meta_file)})
-    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
-              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
-    return result
-
-
-class VerificationError(RuntimeError):
-    """An output read back with mindspore.load_checkpoint differs from its source."""
-
-
-def anon_memory_bytes() -> int:
-    """This process's resident anonymous memory (RssAnon): copies we made, not mmap'd input pages."""
-    try:
-        with open("/proc/self/status") as status:
-            for line in status:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _measuring_memory(fetch, result: RankResult):
-    """Sample RssAnon as each tensor is handed out, when the previous one is gone and this one exists."""
-    def measured_fetch(entry):
-        array = fetch(entry)
-        result.peak_anon_bytes = max(result.peak_anon_bytes, anon_memory_bytes())
-        return array
-    return measured_fetch
-
-
-def _with_tensor_progress(fetch, total: int, label: str):
-    from tqdm import tqdm
-    bar = tqdm(total=total, desc=label, unit="tensor", leave=False)
-
-    def counting_fetch(entry):
-        bar.update(1)
-        return fetch(entry)
-    return counting_fetch
-
-
-def copy_file_atomically(source: Path, target: Path) -> int:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(target)
-    try:
-        shutil.copyfile(source, partial)
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.chmod(target, 0o400)
-    return target.stat().st_size
-
-
-def write_meta_file(plan: RankPlan, model_sd: dict) -> None:
-    """pt_meta/args_tpTT_ppPPP.pt: what the way back (MindSpore -> Megatron) needs besides the tensors."""
-    keys = ("args", "checkpoint_version", "iteration", "optimizer", "opt_param_scheduler", "rng_state",
-            "num_floating_point_operations_so_far")
-    meta = {key: model_sd.get(key) for key in keys}
-    if plan.param_name_list is not None:
-        meta["param_name_list"] = [list(names) for names in plan.param_name_list]
-    plan.meta_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(plan.meta_file)
-    try:
-        with reader.megatron_enum_importable():
-            torch.save(meta, partial)
-        os.replace(partial, plan.meta_file)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-
-
-def verify_outputs(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
-    """Re-open the written file with MindSpore's own loader and compare every tensor bit for bit."""
-    import mindspore as ms  # only here: importing it costs seconds
-
-    loaded = ms.load_checkpoint(str(plan.outputs[0]), format=plan.fmt)
-    problems = []
-    for planned in plan.tensors:
-        if math.prod(planned.shape) == 0:
-            continue  # MindSpore writes no record for an empty tensor
-        got = loaded.get(planned.name)
-        want = sources.array(planned)
-        if got is None:
-            problems.append(f"{planned.name}: missing")
-            continue
-        got = got.asnumpy()
-        if got.shape != want.shape or got.dtype != want.dtype or got.tobytes() != np.ascontiguousarray(want).tobytes():
-            problems.append(f"{planned.name}: differs")
-    extra = set(loaded) - {t.name for t in plan.tensors}
-    problems += [f"{name}: not planned" for name in sorted(extra)]
-    primary_bytes = plan.outputs[0].read_bytes() if len(plan.outputs) > 1 else b""
-    for copy in plan.outputs[1:]:
-        if copy.read_bytes() != primary_bytes:
-            problems.append(f"{copy}: differs from {plan.outputs[0]}")
-    if problems:
-        raise VerificationError(f"verification of {plan.outputs[0]} failed (output removed): "
-                                + "; ".join(problems[:10]))
-    return len([t for t in plan.tensors if math.prod(t.shape)]), len(plan.outputs)
-
-
-# ---------------------------------------------------------------------------------------------
-# Running the plans
-
-
-@dataclass(frozen=True)
-class Task:
-    plan: RankPlan
-    write: bool  # False: the output is complete from an earlier run and is only verified
-
-
-def run_tasks(tasks: Sequence[Task], options: Options, on_done: Callable[[RankPlan, RankResult], None]) -> None:
-    """Execute every task, at most --process-limit at a time, each in its own forked worker so that a
-    crash, a signal or --process_timeout stops that rank only and is reported with its folder.
-    Forking after the parent imported torch makes a worker's start-up cost nothing."""
-    if options.multiprocess_off:
-        for task in tasks:
-            on_done(task.plan, _execute_reporting_errors(task, options))
-        return
-    context = multiprocessing.get_context("fork")
-    pending = deque(tasks)
-    running: dict[Any, tuple[RankPlan, Any, Any, float]] = {}
-    try:
-        while pending or running:
-            while pending and len(running) < options.process_limit:
-                task = pending.popleft()
-                receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_worker_main, args=(task, options, sender),
-                                          name=f"convert-{task.plan.folder.name}", daemon=True)
-                process.start()
-                sender.close()
-                running[process.sentinel] = (task.plan, process, receiver, time.monotonic())
-            deadline = min(start for _, _, _, start in running.values()) + options.process_timeout
-            ready = multiprocessing.connection.wait(list(running), timeout=max(0.0, deadline - time.monotonic()))
-            for sentinel in ready:
-                plan, process, receiver, _ = running.pop(sentinel)
-                on_done(plan, _collect(plan, process, receiver))
-            now = time.monotonic()
-            for sentinel, (plan, process, receiver, start) in list(running.items()):
-                if now - start >= options.process_timeout:
-                    process.kill()
-                    process.join()
-                    del running[sentinel]
-                    remove_partials(plan)
-                    on_done(plan, RankResult(plan.folder.name, "failed",
-                                             f"timed out after --process_timeout {options.process_timeout} s; "
-                                             "the worker was killed"))
-    finally:
-        for plan, process, _, _ in running.values():
-            process.kill()
-            process.join()
-            remove_partials(plan)
-
-
-def _worker_main(task: Task, options: Options, sender) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    result = _execute_reporting_errors(task, options)
-    sender.send(result)
-    sender.close()
-
-
-def _execute_reporting_errors(task: Task, options: Options) -> RankResult:
-    plan = task.plan
-    try:
-        return execute_plan(plan, options, write=task.write)
-    except ConvertInputError as err:
-        remove_partials(plan)
-        return RankResult(plan.folder.name, "failed", str(err))
-    except KeyboardInterrupt:
-        remove_partials(plan)
-        raise
-    except Exception as err:  # the worker reports every failure with its folder instead of dying silently
-        remove_partials(plan)
-        if options.debug:
-            log.exception("worker for %s failed", plan.folder.path)
-        return RankResult(plan.folder.name, "failed", f"{type(err).__name__}: {err}")
-
-
-def _collect(plan: RankPlan, process, receiver) -> RankResult:
-    try:
-        result = receiver.recv() if receiver.poll() else None
-    except EOFError:  # the worker died before sending its result
-        result = None
-    process.join()
-    if result is not None:
-        return result
-    remove_partials(plan)
-    code = process.exitcode
-    cause = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
-    return RankResult(plan.folder.name, "failed", f"worker {cause} before finishing "
-                                                  "(out of memory? see the system log)")
-
-
-def remove_partials(plan: RankPlan) -> None:
-    for path in (*plan.outputs, plan.meta_file, plan.manifest_file):
-        partial_path(path).unlink(missing_ok=True)
-
-
-# ---------------------------------------------------------------------------------------------
 # Output-side bookkeeping (parent process)
 
 
@@ -731,6 +396,11 @@ def save_param_maps(job: Job, options: Options) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # main
+
+
+def run_settings(options: Options) -> RunSettings:
+    return RunSettings(verify=options.verify, debug=options.debug, multiprocess_off=options.multiprocess_off,
+                       process_limit=options.process_limit, process_timeout=options.process_timeout)
 
 
 def configure_logging(debug: bool) -> None:
@@ -790,7 +460,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             on_done(plan, RankResult(plan.folder.name, "skipped"))
     try:
-        run_tasks(tasks, options, on_done)
+        run_tasks(tasks, run_settings(options), on_done)
     except KeyboardInterrupt:
         log.error("interrupted (Ctrl-C): stopped the workers and removed their partial files; "
                   "re-run the same command to finish the remaining ranks")

@@ -206,6 +206,16 @@ def start_cli(ckpt: Path, out: Path, *extra) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
+def assert_outputs_complete_and_correct(out: Path, clean_outputs: dict) -> int:
+    """Whatever sits at a final output path equals the clean run's file. (A worker frozen by the test
+    may already have renamed its finished output, so how many exist is not fixed.)"""
+    files = list(out.glob("rank_*/network.ckpt"))
+    for path in files:
+        assert path.read_bytes() == clean_outputs[int(path.parent.name[5:])], path
+    assert leftovers(out) == []
+    return len(files)
+
+
 def stop_first_worker(proc: subprocess.Popen, deadline_s: float = 60) -> psutil.Process:
     """Freeze the first worker the CLI forks (SIGSTOP), so the test controls what happens to it."""
     parent = psutil.Process(proc.pid)
@@ -233,12 +243,10 @@ def test_worker_killed_by_a_signal(ckpt, tmp_path, clean_outputs):
     assert "killed by signal SIGKILL" in error and "mp_rank_" in error
     assert sum("successfully" in line for line in log.splitlines()) == 3
     assert "summary: 3 converted, 0 skipped, 1 failed" in log
-    assert len(output_files(out)) == 3 and leftovers(out) == []
-    for path in out.glob("rank_*/network.ckpt"):
-        assert path.read_bytes() == clean_outputs[int(path.parent.name[5:])]
+    assert assert_outputs_complete_and_correct(out, clean_outputs) >= 3
 
 
-def test_worker_past_process_timeout_is_stopped(ckpt, tmp_path):
+def test_worker_past_process_timeout_is_stopped(ckpt, tmp_path, clean_outputs):
     out = tmp_path / "out"
     proc = start_cli(ckpt, out, "--process-limit", 1, "--process_timeout", 2)
     worker = stop_first_worker(proc)
@@ -247,7 +255,7 @@ def test_worker_past_process_timeout_is_stopped(ckpt, tmp_path):
     [error] = [line for line in log.splitlines() if " ERROR " in line]
     assert "timed out after --process_timeout 2 s" in error
     assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
-    assert len(output_files(out)) == 3 and leftovers(out) == []
+    assert assert_outputs_complete_and_correct(out, clean_outputs) >= 3
 
 
 def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(ckpt, tmp_path, clean_outputs):
@@ -258,7 +266,7 @@ def test_ctrl_c_stops_cleanly_and_a_rerun_finishes(ckpt, tmp_path, clean_outputs
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, log
     assert "interrupted" in log and sum("successfully" in line for line in log.splitlines()) == 0
-    assert output_files(out) == [] and leftovers(out) == []
+    assert assert_outputs_complete_and_correct(out, clean_outputs) <= 1
     assert not [p for p in psutil.process_iter(["cmdline"]) if str(out) in " ".join(p.info["cmdline"] or [])]
     again = convert(ckpt, out)
     assert again.returncode == 0 and success_count(again) == 4
