@@ -277,8 +277,7 @@ def infer_rank_layouts(info: RankInfo) -> list[BufferLayout]:
     args = info.args
     wrapped = bool(getattr(args, "fp16", False) or getattr(args, "bf16", False))
     grad_in_fp32 = bool(getattr(args, "accumulate_allreduce_grads_in_fp32", False))
-    chunk_params = [[(k, s, d) for k, s, d in tensors] for tensors in info.chunk_tensors]
-    return infer_layouts(chunk_params, info.counts, grad_in_fp32=grad_in_fp32, wrapped=wrapped,
+    return infer_layouts(info.chunk_tensors, info.counts, grad_in_fp32=grad_in_fp32, wrapped=wrapped,
                          source=f"layout inferred from {info.folder.model_file}")
 
 
@@ -295,6 +294,8 @@ def rank_layouts(info: RankInfo, options: Options, map_files) -> list[BufferLayo
             differences = [f"the layout could not be inferred to cross-check the map ({err})"]
         for line in differences[:10]:
             log.warning("param_map differs from the checkpoint's own layout: %s", line)
+        if len(differences) > 10:
+            log.warning("param_map differs from the checkpoint's own layout in %d more places", len(differences) - 10)
     check_layouts(layouts, info.counts, [info.tensors_by_key(c) for c in range(len(info.chunk_keys))],
                   str(info.folder.distrib_file))
     mapped = {state_key_for(p.name) for layout in layouts for p in layout.params}

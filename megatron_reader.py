@@ -252,5 +252,7 @@ def flatten_state_dict(state: dict, prefix: str = "") -> Iterator[tuple[str, Any
 
 
 def model_tensors(chunk_sd: dict) -> dict[str, torch.Tensor]:
-    """The tensors of one chunk's state dict by dotted key; `_extra_state` and other non-tensors are skipped."""
-    return {name: value for name, value in flatten_state_dict(chunk_sd) if isinstance(value, torch.Tensor)}
+    """The parameters of one chunk's state dict by dotted key. Non-tensors are skipped, and so is every
+    `_extra_state`: Transformer Engine versions store it as a uint8 tensor, which is no parameter."""
+    return {name: value for name, value in flatten_state_dict(chunk_sd)
+            if isinstance(value, torch.Tensor) and not name.endswith("_extra_state")}

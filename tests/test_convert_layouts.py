@@ -181,3 +181,29 @@ def test_stale_map_from_a_reused_save_folder_is_refused(tmp_path):
     [error] = [line for line in proc.stdout.splitlines() if " ERROR " in line]
     assert "param_map_buffer0_dp0tp0pp0vpp0.json" in error and "--param-map-path" in error
     assert not (tmp_path / "out").exists() or not list((tmp_path / "out").glob("rank_*"))
+
+
+def test_transformer_engine_extra_state_tensors_are_not_parameters(tmp_path):
+    """Newer Transformer Engine saves `_extra_state` as a uint8 tensor; it must neither break the
+    layout inference nor appear in a --convert-param-only output."""
+    import torch
+
+    from tests.megatron_fixture import _megatron_enums_module, load_megatron_file
+
+    spec = LAYOUTS["mcore_tp2_pp2_tied"]
+    fixture = write_fixture(tmp_path / "save", spec)
+    for model_file in fixture.megatron_path.glob("*/model_optim_rng.pt"):
+        sd = load_megatron_file(model_file)
+        extra = [k for k in sd["model"] if k.endswith("_extra_state")]
+        assert extra
+        for key in extra:
+            sd["model"][key] = torch.arange(7, dtype=torch.uint8)
+        with _megatron_enums_module():
+            torch.save(sd, model_file)
+    record = load_record(fixture.root)
+    for extra_flags, param_only in (([], False), (["--convert-param-only"], True)):
+        out = tmp_path / ("param_only" if param_only else "optimizer")
+        proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", out, *size_flags(spec), *extra_flags)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        expected = expected_tensors(record, tp_size=spec.tp, dp_size=spec.dp, param_only=param_only)
+        assert_rank_files_match(out, expected, scalars=scalars_per_rank(fixture, spec))
