@@ -10,6 +10,7 @@ log gets one `... successfully.` line per source folder and a summary. See READM
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 import os
@@ -40,9 +41,19 @@ PT_META = "pt_meta"
 # Flags
 
 
+class _ShowDefaults(argparse.HelpFormatter):
+    """-h shows each flag's default where it has one, so users can compare with the documented table."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert_pt2ckpt.py", description="Pt-to-ckpt conversion Arguments",
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, formatter_class=_ShowDefaults)
     group = parser.add_argument_group(title="File Path/Location")
     group.add_argument("--megatron-path", type=str, required=True, help="Path to megatron pt files.")
     group.add_argument("--ms-path", type=str, required=True, help="Path for saving Mindspore Ckpt.")
@@ -438,52 +449,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         for plan in job.plans:
             log.debug("%s", plan.describe())
     results: list[RankResult] = []
-    progress = _progress_bar(len(job.plans))
+    with progress_reporting(len(job.plans)) as advance:
+        def on_done(plan: RankPlan, result: RankResult) -> None:
+            results.append(result)
+            advance()
+            report(plan, result)
 
-    def on_done(plan: RankPlan, result: RankResult) -> None:
-        results.append(result)
-        if progress is not None:
-            progress.update(1)
-        if result.status == "failed":
-            log.error("failed to convert '%s': %s", plan.folder.path, result.message)
-        elif result.status == "skipped":
-            log.info("convert '%s' to '%s' successfully (complete from an earlier run of this command; skipped).",
-                     plan.folder.path, plan.outputs[0])
-        else:
-            log.info("convert '%s' to '%s' successfully.", plan.folder.path, plan.outputs[0])
-
-    tasks = []
-    for plan in job.plans:
-        if statuses[plan.folder] != "done":
-            tasks.append(Task(plan, write=True))
-        elif options.verify:
-            tasks.append(Task(plan, write=False))
-        else:
-            on_done(plan, RankResult(plan.folder.name, "skipped"))
-    try:
-        run_tasks(tasks, run_settings(options), on_done)
-    except KeyboardInterrupt:
-        log.error("interrupted (Ctrl-C): stopped the workers and removed their partial files; "
-                  "re-run the same command to finish the remaining ranks")
-        _summary(results, len(job.plans), started)
-        return EXIT_INTERRUPTED
-    finally:
-        if progress is not None:
-            progress.close()
+        tasks = []
+        for plan in job.plans:
+            if statuses[plan.folder] != "done":
+                tasks.append(Task(plan, write=True))
+            elif options.verify:  # a complete output from an earlier run is verified, not rewritten
+                tasks.append(Task(plan, write=False))
+            else:
+                on_done(plan, RankResult(plan.folder.name, "skipped"))
+        try:
+            run_tasks(tasks, run_settings(options), on_done)
+        except KeyboardInterrupt:
+            log.error("interrupted (Ctrl-C): stopped the workers and removed their partial files; "
+                      "re-run the same command to finish the remaining ranks")
+            _summary(results, len(job.plans), started)
+            return EXIT_INTERRUPTED
     if options.verify:
-        failed_verify = [r for r in results if r.status == "failed"]
-        log.info("verified %d tensors in %d files%s", sum(r.verified_tensors for r in results),
-                 sum(r.verified_files for r in results),
-                 f"; {len(failed_verify)} ranks failed" if failed_verify else "")
+        log.info("verified %d tensors in %d files", sum(r.verified_tensors for r in results),
+                 sum(r.verified_files for r in results))
     _summary(results, len(job.plans), started)
     return EXIT_OK if all(r.status != "failed" for r in results) else EXIT_FAILED
 
 
-def _progress_bar(total: int):
+def report(plan: RankPlan, result: RankResult) -> None:
+    """The line users grep: `successfully` once per source folder whose files are complete."""
+    if result.status == "failed":
+        log.error("failed to convert '%s': %s", plan.folder.path, result.message)
+    elif result.status == "skipped":
+        log.info("convert '%s' to '%s' successfully (complete from an earlier run of this command; skipped).",
+                 plan.folder.path, plan.outputs[0])
+    else:
+        log.info("convert '%s' to '%s' successfully.", plan.folder.path, plan.outputs[0])
+
+
+@contextlib.contextmanager
+def progress_reporting(total: int):
+    """A tqdm bar over ranks on a terminal, with log lines printed above it; nothing otherwise."""
     if not sys.stderr.isatty():
-        return None
+        yield lambda: None
+        return
     from tqdm import tqdm
-    return tqdm(total=total, unit="rank", desc="converting")
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with tqdm(total=total, unit="rank", desc="converting") as bar, logging_redirect_tqdm(loggers=[log]):
+        yield lambda: bar.update(1)
 
 
 def _summary(results: Sequence[RankResult], total: int, started: float) -> None:

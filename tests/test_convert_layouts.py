@@ -207,3 +207,34 @@ def test_transformer_engine_extra_state_tensors_are_not_parameters(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         expected = expected_tensors(record, tp_size=spec.tp, dp_size=spec.dp, param_only=param_only)
         assert_rank_files_match(out, expected, scalars=scalars_per_rank(fixture, spec))
+
+
+def test_sidecar_from_another_run_is_refused(tmp_path):
+    spec = LAYOUTS["sidecar_map"]
+    fixture = write_fixture(tmp_path / "save", spec)
+    sidecar = fixture.param_map_dir / "param_map_buffer0_dp0tp1pp0vpp0.meta.json"
+    meta = json.loads(sidecar.read_text())
+    meta["buckets"][0]["numel_unpadded"] -= 2  # recorded by a run with another model
+    sidecar.write_text(json.dumps(meta))
+    proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "out", *size_flags(spec),
+                   "--param-map-path", fixture.param_map_dir)
+    assert proc.returncode == 2
+    [error] = [line for line in proc.stdout.splitlines() if " ERROR " in line]
+    assert str(sidecar) in error and "bucket layout differs" in error
+
+
+def test_map_that_disagrees_with_the_checkpoint_layout_is_reported(tmp_path):
+    """Two same-shaped parameters swapped in the map pass every structural check, but differ from the
+    layout the checkpoint implies: the user is warned, naming both parameters."""
+    spec = LAYOUTS["tp1_pp1_dp1"]
+    fixture = write_fixture(tmp_path / "save", spec)
+    path = fixture.param_map_dir / "param_map_buffer0_dp0tp0pp0vpp0.json"
+    layout = json.loads(path.read_text())
+    a, b = "module.language_model.encoder.layers.0.input_norm.weight", \
+        "module.language_model.encoder.layers.1.input_norm.weight"
+    layout[a][2:], layout[b][2:] = layout[b][2:], layout[a][2:]
+    path.write_text(json.dumps(layout))
+    proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "out", *size_flags(spec),
+                   "--param-map-path", fixture.param_map_dir)
+    warnings = [line for line in proc.stdout.splitlines() if "WARNING param_map differs" in line]
+    assert len(warnings) == 2 and a in warnings[0] + warnings[1] and b in warnings[0] + warnings[1]
