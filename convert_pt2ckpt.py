@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+
 import megatron_reader as reader
 from conversion_plan import (RankInfo, RankPlan, Topology, check_layer_counts, check_unique_names,
                              optimizer_scalars, plan_model_tensors, plan_optimizer_tensors)
@@ -189,8 +191,10 @@ def read_rank_info(folder: reader.RankFolder, need_distrib: bool) -> RankInfo:
         for ck in chunk_keys)
     optimizer = model_sd.get("optimizer") or {}
     inner = optimizer.get("optimizer", {}) if isinstance(optimizer, dict) else {}
-    param_groups = tuple(dict(g) for g in inner.get("param_groups", ())) if isinstance(inner, dict) else ()
+    param_groups = tuple(_plain_numbers(g) for g in inner.get("param_groups", ())) if isinstance(inner, dict) else ()
     iteration = model_sd.get("iteration")
+    if iteration is None and folder.path.parent.name == "release":
+        iteration = 0  # as Megatron does when it loads a release checkpoint without one
     if not isinstance(iteration, int):
         raise ConvertInputError(f"{folder.model_file}: no iteration number", expected="an int 'iteration' entry",
                                 found=repr(iteration)[:40], fix="check --megatron-path")
@@ -201,6 +205,12 @@ def read_rank_info(folder: reader.RankFolder, need_distrib: bool) -> RankInfo:
         return info
     counts, states = read_bucket_counts(reader.load_pt(folder.distrib_file), folder.distrib_file)
     return dataclasses.replace(info, counts=counts, states=states)
+
+
+def _plain_numbers(group: dict) -> dict:
+    """Optimizer values saved as one-element tensors (capturable optimizers) become plain numbers."""
+    return {key: value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            for key, value in group.items()}
 
 
 def read_bucket_counts(distrib: Any, path: Path) -> tuple[tuple[BucketCounts, ...], tuple[str, ...]]:

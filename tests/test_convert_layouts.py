@@ -238,3 +238,30 @@ def test_map_that_disagrees_with_the_checkpoint_layout_is_reported(tmp_path):
                    "--param-map-path", fixture.param_map_dir)
     warnings = [line for line in proc.stdout.splitlines() if "WARNING param_map differs" in line]
     assert len(warnings) == 2 and a in warnings[0] + warnings[1] and b in warnings[0] + warnings[1]
+
+
+def test_release_checkpoint_without_iteration_and_tensor_valued_optimizer_numbers(tmp_path):
+    """Conversion tools write release/ checkpoints without 'iteration' (Megatron then starts at 0), and
+    capturable optimizers keep lr and step as one-element tensors: both still convert."""
+    import torch
+
+    from tests.megatron_fixture import _megatron_enums_module, load_megatron_file
+
+    spec = FixtureSpec(pp=2, num_layers=2, release=True, **SMALL)
+    fixture = write_fixture(tmp_path / "save", spec)
+    for model_file in fixture.megatron_path.glob("*/model_optim_rng.pt"):
+        sd = load_megatron_file(model_file)
+        del sd["iteration"]
+        for group in sd["optimizer"]["optimizer"]["param_groups"]:
+            group["lr"], group["step"] = torch.tensor(group["lr"]), torch.tensor([group["step"]])
+        with _megatron_enums_module():
+            torch.save(sd, model_file)
+    proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "out", *size_flags(spec))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    from tests.expected_outputs import load_ms
+    loaded = load_ms(tmp_path / "out" / "rank_1" / "network.ckpt")
+    assert loaded["step_num"] == 0 and loaded["learning_rate_group_0"].dtype.name == "float32"
+    sd = load_megatron_file(fixture.megatron_path / "mp_rank_00_001" / "model_optim_rng.pt")
+    groups = sd["optimizer"]["optimizer"]["param_groups"]
+    assert loaded["learning_rate_group_1"] == groups[1]["lr"].float().item()
+    assert loaded["state_step"].tolist() == [float(groups[-1]["step"].item())]
