@@ -55,8 +55,7 @@ def plan_fingerprint(plan: RankPlan) -> str:
     sources = [plan.folder.model_file] + ([plan.folder.distrib_file] if plan.reads_distrib else [])
     sources += [Path(layout.source) for layout in plan.layouts if Path(layout.source).is_file()]
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
-    text = repr((plan, stats, [(layout.source, layout.params) for layout in plan.layouts]))
-    return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(repr((plan, stats)).encode()).hexdigest()  # the repr includes the layouts
 
 
 def read_manifest(plan: RankPlan) -> dict:
@@ -121,9 +120,6 @@ class SourceTensors:
         self.distrib = reader.load_pt(plan.folder.distrib_file) if plan.reads_distrib else None
         self._by_name = {t.name: t for t in plan.tensors}
         self._flat: dict[str, dict[str, torch.Tensor]] = {}
-
-    def planned(self, name: str) -> PlannedTensor:
-        return self._by_name[name]
 
     def array(self, planned: PlannedTensor) -> np.ndarray:
         source = planned.source
