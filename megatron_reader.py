@@ -164,11 +164,15 @@ def resolve_iteration_dir(megatron_path: Path) -> Path:
         sub = "release" if text == "release" else (f"iter_{int(text):07d}" if text.isdigit() else None)
         if sub and (megatron_path / sub).is_dir():
             return megatron_path / sub
+    names = sorted(p.name for p in megatron_path.iterdir())
+    distributed_format = ".metadata" in names or "common.pt" in names
     raise ConvertInputError(
         f"--megatron-path {megatron_path}: no mp_rank_* folders in it",
         expected="the iter_XXXXXXX or release folder that holds mp_rank_TT[_PPP] folders",
-        found=", ".join(sorted(p.name for p in megatron_path.iterdir())[:8]) or "an empty folder",
-        fix="point --megatron-path at the iteration folder",
+        found=(", ".join(names[:8]) or "an empty folder")
+        + (" (a torch_dist/zarr distributed checkpoint)" if distributed_format else ""),
+        fix="save the checkpoint in Megatron's torch format (without --use-dist-ckpt) and convert that"
+        if distributed_format else "point --megatron-path at the iteration folder",
     )
 
 

@@ -115,6 +115,16 @@ def test_pickle_that_would_run_code_is_refused(ckpt, tmp_path):
     assert not marker.exists()
 
 
+def test_distributed_checkpoint_format_is_named(tmp_path):
+    folder = tmp_path / "save" / "iter_0000005"
+    folder.mkdir(parents=True)
+    (folder / "common.pt").write_bytes(b"")
+    (folder / ".metadata").write_bytes(b"")
+    out = tmp_path / "out"
+    proc = run_cli("--megatron-path", folder, "--ms-path", out)
+    assert_refused_before_work(proc, out, str(folder), "torch_dist", "without --use-dist-ckpt")
+
+
 def test_missing_rank_folder(ckpt, tmp_path):
     shutil.rmtree(ckpt / "iter_0000010/mp_rank_01_000")
     out = tmp_path / "out"
