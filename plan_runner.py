@@ -7,6 +7,7 @@ re-run resumes instead of starting over.
 
 from __future__ import annotations
 
+import filecmp
 import hashlib
 import json
 import logging
@@ -259,9 +260,8 @@ def verify_outputs(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
             problems.append(f"{planned.name}: differs")
     extra = set(loaded) - {t.name for t in plan.tensors}
     problems += [f"{name}: not planned" for name in sorted(extra)]
-    primary_bytes = plan.outputs[0].read_bytes() if len(plan.outputs) > 1 else b""
     for copy in plan.outputs[1:]:
-        if copy.read_bytes() != primary_bytes:
+        if not filecmp.cmp(plan.outputs[0], copy, shallow=False):  # compares in chunks, not whole files
             problems.append(f"{copy}: differs from {plan.outputs[0]}")
     if problems:
         raise VerificationError(f"verification of {plan.outputs[0]} failed (output removed): "

@@ -327,3 +327,18 @@ def test_verify_reports_counts_and_catches_a_damaged_output(ckpt, tmp_path):
     repaired = convert(ckpt, out, "--verify")
     assert repaired.returncode == 0 and "summary: 1 converted, 3 skipped, 0 failed" in repaired.stdout
     assert "verified 450 tensors in 4 files" in repaired.stdout
+
+
+def test_verify_catches_a_damaged_dp_copy(ckpt, tmp_path):
+    out = tmp_path / "out"
+    assert convert(ckpt, out, "--generate-all-dp-cp").returncode == 0
+    copy = out / "rank_2/network.ckpt"  # the dp 1 copy of tp 0, pp 0 (rank_0)
+    data = bytearray(copy.read_bytes())
+    data[-3] ^= 0x01
+    copy.chmod(0o600)
+    copy.write_bytes(bytes(data))
+    again = convert(ckpt, out, "--generate-all-dp-cp", "--verify")
+    assert again.returncode == 1
+    [line] = error_lines(again)
+    assert "rank_2/network.ckpt: differs from" in line and "rank_0/network.ckpt" in line
+    assert "verified" in again.stdout and success_count(again) == 3
