@@ -71,7 +71,18 @@ def write_manifest(plan: RankPlan, state: str, files: dict[str, int] | None = No
     partial = partial_path(plan.manifest_file)
     partial.write_text(json.dumps({"fingerprint": plan.fingerprint, "state": state, "source": str(plan.folder.path),
                                    "files": files or {}}, indent=1))
+    fsync_file(partial)
     os.replace(partial, plan.manifest_file)
+
+
+def fsync_file(path: Path) -> None:
+    """Flush a finished file to disk before it is renamed into place, as ms_writer does for outputs:
+    a rename that survives a crash must not point at data that did not."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def rank_status(plan: RankPlan) -> str:
@@ -215,6 +226,7 @@ def copy_file_atomically(source: Path, target: Path) -> int:
     partial = partial_path(target)
     try:
         shutil.copyfile(source, partial)
+        fsync_file(partial)
         os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
@@ -235,6 +247,7 @@ def write_meta_file(plan: RankPlan, model_sd: dict) -> None:
     try:
         with reader.megatron_enum_importable():
             torch.save(meta, partial)
+        fsync_file(partial)
         os.replace(partial, plan.meta_file)
     except BaseException:
         partial.unlink(missing_ok=True)
