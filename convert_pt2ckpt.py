@@ -351,8 +351,6 @@ def plan_rank(info: RankInfo, topo: Topology, options: Options, layouts: Sequenc
 @dataclass
 class Job:
     plans: list[RankPlan]
-    topology: Topology
-    iteration_dir: Path
     param_map_files: dict | None
     first_args: Any
 
@@ -374,7 +372,7 @@ def prepare(options: Options) -> Job:
         layouts = rank_layouts(info, options, map_files) if need_distrib else []
         plan = plan_rank(info, topo, options, layouts)
         plans.append(dataclasses.replace(plan, fingerprint=plan_fingerprint(plan)))
-    return Job(plans, topo, iteration_dir, map_files, infos[0].args)
+    return Job(plans, map_files, infos[0].args)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -387,8 +385,7 @@ def write_param_map_copies(job: Job, options: Options) -> None:
     meta_dir.mkdir(parents=True, exist_ok=True)
     if job.param_map_files is not None:
         for path in sorted(options.param_map_path.glob("param_map_buffer*.json")):
-            copy_file_atomically(path, meta_dir / path.name)
-            os.chmod(meta_dir / path.name, 0o644)
+            copy_file_atomically(path, meta_dir / path.name, mode=0o644)
     else:
         write_layout_files(job, meta_dir, dp_ranks=[0])
 
@@ -443,7 +440,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = prepare(options)
         statuses = {plan.folder: ("todo" if options.overwrite else rank_status(plan)) for plan in job.plans}
         if not options.overwrite:
-            check_no_foreign_outputs(job.plans)
+            check_no_foreign_outputs(job.plans, statuses)
         if not options.convert_param_only:
             write_param_map_copies(job, options)
             if options.save_param_map:

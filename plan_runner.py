@@ -97,8 +97,9 @@ def rank_status(plan: RankPlan) -> str:
     return "foreign" if any(p.exists() for p in (*plan.outputs, plan.meta_file)) else "todo"
 
 
-def check_no_foreign_outputs(plans: Sequence[RankPlan]) -> None:
-    foreign = [p for p in plans if rank_status(p) == "foreign"]
+def check_no_foreign_outputs(plans: Sequence[RankPlan], statuses: dict) -> None:
+    """Stop when any plan's status (from rank_status, by folder) is 'foreign'."""
+    foreign = [p for p in plans if statuses[p.folder] == "foreign"]
     if foreign:
         existing = [str(o) for p in foreign for o in (*p.outputs, p.meta_file) if o.exists()]
         raise ConvertInputError(
@@ -221,7 +222,8 @@ def _with_tensor_progress(fetch, total: int, label: str):
     return counting_fetch
 
 
-def copy_file_atomically(source: Path, target: Path) -> int:
+def copy_file_atomically(source: Path, target: Path, mode: int = 0o400) -> int:
+    """Copy under a temporary name, flush, rename; outputs end read-only like MindSpore's own files."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = partial_path(target)
     try:
@@ -231,7 +233,7 @@ def copy_file_atomically(source: Path, target: Path) -> int:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    os.chmod(target, 0o400)
+    os.chmod(target, mode)
     return target.stat().st_size
 
 
