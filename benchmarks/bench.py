@@ -178,7 +178,7 @@ def open_fixture(size: str, root: Path) -> Fixture:
 def largest_output_tensor_bytes(fixture: Fixture) -> int:
     """fp32 bytes of the biggest parameter: the most the writer may hold at once. Read in a subprocess so
     that this process never imports torch (its memory would compete with the page cache)."""
-    code = ("import sys, megatron_reader as r\n"
+    code = ("import sys\nfrom megatron_ms_convert.megatron import checkpoint as r\n"
             "best = 0\n"
             "for path in sys.argv[1:]:\n"
             "    sd = r.load_pt(path)\n"

@@ -71,7 +71,7 @@ def test_pt_meta_holds_args_and_layout(inferred_run):
     assert [n for n in names if n.startswith("args_")] == ["args_tp00_pp000.pt", "args_tp00_pp001.pt",
                                                           "args_tp01_pp000.pt", "args_tp01_pp001.pt"]
     assert len([n for n in names if n.startswith("param_map_buffer")]) == 4
-    from megatron_reader import load_pt
+    from megatron_ms_convert.megatron.checkpoint import load_pt
     args = load_pt(meta / "args_tp01_pp001.pt")
     source = load_trusted(SAMPLE / "iter_0000010/mp_rank_01_001/model_optim_rng.pt")
     assert args["iteration"] == 10 and args["checkpoint_version"] == source["checkpoint_version"]

@@ -1,4 +1,4 @@
-"""ms_writer must write exactly the bytes mindspore.save_checkpoint writes, without holding all tensors.
+"""The MindSpore writer must write exactly the bytes mindspore.save_checkpoint writes, without holding all tensors.
 
 Every equality test compares real file bytes against a file produced by mindspore itself, so a
 change in either side's format shows up as a failure with the first differing offset.
@@ -16,7 +16,8 @@ import mindspore as ms
 import numpy as np
 import pytest
 
-from ms_writer import TensorEntry, partial_path, write_mindspore_file
+from megatron_ms_convert.atomic import partial_path
+from megatron_ms_convert.mindspore.writer import TensorEntry, write_mindspore_file
 
 ROOT = Path(__file__).resolve().parent.parent
 FORMATS = ["ckpt", "safetensors"]
@@ -204,7 +205,7 @@ def test_write_error_removes_partial(tmp_path):
     script = textwrap.dedent(f"""
         import resource, signal, sys, numpy as np
         sys.path.insert(0, {str(ROOT)!r})
-        from ms_writer import TensorEntry, write_mindspore_file
+        from megatron_ms_convert.mindspore.writer import TensorEntry, write_mindspore_file
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
         a = np.zeros(1 << 18, np.float32)
@@ -259,11 +260,11 @@ def test_bad_arguments():
 
 
 def test_dtype_names_match_mindspore():
-    from ms_writer import _DTYPES
+    from megatron_ms_convert.mindspore.format import DTYPES as _DTYPES
     for np_name, (ms_name, _, _) in _DTYPES.items():
         assert str(ms.Tensor(np.zeros(1, np_name)).dtype) == ms_name
 
 
 def test_module_does_not_import_mindspore():
-    code = "import sys, ms_writer; sys.exit(int(any(m in sys.modules for m in ('mindspore', 'torch'))))"
+    code = "import sys, megatron_ms_convert.mindspore.writer; sys.exit(int(any(m in sys.modules for m in ('mindspore', 'torch'))))"
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from conversion_plan import Topology, ms_param_name, optimizer_scalars
-from convert_errors import ConvertInputError
+from megatron_ms_convert.naming import ms_param_name
+from megatron_ms_convert.plan import optimizer_scalars
+from megatron_ms_convert.topology import Topology
+from megatron_ms_convert.errors import ConvertInputError
 from param_map_utils import (BucketCounts, BufferLayout, ParamSpan, check_layouts, infer_layouts,
                              layout_differences, list_param_map_files, read_rank_layouts)
 

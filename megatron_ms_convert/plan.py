@@ -1,12 +1,7 @@
 """The plan: for every output tensor of every target rank, its name, shape and where its values come from.
 
 Plans are frozen dataclasses built from metadata only (no tensor data), so they can be printed,
-compared and unit-tested without a disk; `convert_pt2ckpt.py` executes them. The naming rules and the
-extra scalars follow FORMATS.md section 6.
-
-    >>> topo = Topology(tp_size=1, pp_size=2, dp_size=1, cp_size=1, vpp_size=1, num_layers=4, stage_list=(2, 2))
-    >>> ms_param_name("module.language_model.encoder.layers.1.self_attention.dense.weight", topo.layer_map(1, 0))
-    'language_model.encoder.layers.3.attention.out_proj.weight'
+compared and unit-tested without a disk; the runner executes them.
 """
 
 from __future__ import annotations
@@ -14,62 +9,17 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence, Union
+from typing import Any, Sequence, Union
 
-from convert_errors import ConvertInputError
-from megatron_reader import RankFolder
-from param_map_utils import BucketCounts, BufferLayout
+from .errors import ConvertInputError
+from .megatron.layout import BucketCounts, BufferLayout
+from .naming import local_layer_numbers, ms_param_name
+from .topology import RankFolder, Topology
 
-RENAMES = {
-    "self_attention": "attention",
-    "query_key_value": "qkv_proj",
-    "dense": "out_proj",
-    "dense_h_to_4h": "mapping",
-    "dense_4h_to_h": "projection",
-}
 LR_DECAY_STYLES = ["constant", "WSD", "linear", "cosine", "inverse-square-root"]
 WD_INCR_STYLES = ["constant", "linear", "cosine"]
 SCHEDULER_FLOAT64 = {"max_lr", "min_lr", "start_wd", "end_wd"}
 SCHEDULER_INT64 = {"lr_warmup_steps", "num_steps", "lr_decay_steps", "wd_incr_steps"}
-
-
-@dataclass(frozen=True)
-class Topology:
-    """The parallel layout of the source run and of the MindSpore target ranks."""
-
-    tp_size: int
-    pp_size: int
-    dp_size: int
-    cp_size: int
-    vpp_size: int
-    num_layers: int
-    stage_list: tuple[int, ...]
-
-    def layers_in_chunk(self, pp: int) -> int:
-        if self.vpp_size > 1:
-            return self.num_layers // (self.pp_size * self.vpp_size)
-        return self.stage_list[pp]
-
-    def global_layer(self, pp: int, chunk: int, local: int) -> int:
-        """Local layer `local` of chunk `chunk` on stage `pp` -> its layer number in the whole model.
-        With virtual pipelines Megatron deals layers round-robin: chunk v of stage p holds layers
-        v*(L/V) + p*(L/(P*V)) + i."""
-        if self.vpp_size > 1:
-            per_chunk = self.num_layers // (self.pp_size * self.vpp_size)
-            return chunk * (self.num_layers // self.vpp_size) + pp * per_chunk + local
-        return sum(self.stage_list[:pp]) + local
-
-    def layer_map(self, pp: int, chunk: int) -> Callable[[int], int]:
-        return lambda local: self.global_layer(pp, chunk, local)
-
-    def ms_rank(self, tp: int, pp: int, dp: int = 0, cp: int = 0) -> int:
-        """MindSpore rank number for initialisation order tp-cp-ep-dp-pp."""
-        return ((pp * self.dp_size + dp) * self.cp_size + cp) * self.tp_size + tp
-
-    def target_ranks(self, tp: int, pp: int, all_dp_cp: bool) -> list[int]:
-        if not all_dp_cp:
-            return [self.ms_rank(tp, pp)]
-        return [self.ms_rank(tp, pp, dp, cp) for dp in range(self.dp_size) for cp in range(self.cp_size)]
 
 
 @dataclass(frozen=True)
@@ -170,30 +120,6 @@ def _source_text(source: Source) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # Names
-
-
-def ms_param_name(source_name: str, layer_map: Callable[[int], int], state: str = "param") -> str:
-    """MindSpore name of a Megatron parameter: drop `module` components, rename the legacy module names,
-    make the number after `layers` global, and prefix optimizer moments with their state name."""
-    parts = [p for p in source_name.split(".") if p != "module"]
-    out = []
-    for i, part in enumerate(parts):
-        if i > 0 and parts[i - 1] == "layers" and part.isdigit():
-            out.append(str(layer_map(int(part))))
-        else:
-            out.append(RENAMES.get(part, part))
-    name = ".".join(out)
-    return name if state == "param" else f"{state}.{name}"
-
-
-def local_layer_numbers(keys: Sequence[str]) -> set[int]:
-    numbers = set()
-    for key in keys:
-        parts = key.split(".")
-        for before, part in zip(parts, parts[1:]):
-            if before == "layers" and part.isdigit():
-                numbers.add(int(part))
-    return numbers
 
 
 def check_layer_counts(info: RankInfo, topo: Topology) -> None:

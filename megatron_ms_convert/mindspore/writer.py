@@ -9,7 +9,7 @@ Only numpy and the standard library are imported, because importing mindspore co
 Example (runs as a doctest)::
 
     >>> import numpy as np, tempfile, os
-    >>> from ms_writer import TensorEntry, write_mindspore_file
+    >>> from megatron_ms_convert.mindspore.writer import TensorEntry, write_mindspore_file
     >>> data = {"w": np.ones((2, 3), np.float32), "step_num": np.array(5, np.int64)}
     >>> entries = [TensorEntry(n, a.shape, a.dtype.name) for n, a in data.items()]
     >>> out = os.path.join(tempfile.mkdtemp(), "rank_0.ckpt")
@@ -18,47 +18,23 @@ Example (runs as a doctest)::
     >>> os.path.getsize(out)
     77
 
-Format facts the code relies on (all checked against mindspore 2.10 / safetensors 0.8):
-
-* ``.ckpt``: a concatenation of serialized ``Checkpoint`` messages, one per tensor, in the order
-  given. A Parameter's raw bytes are cut into 512 MiB byte chunks (not along axis 0), every chunk
-  in its own message with the same tag and the full dims; ``load_checkpoint`` joins consecutive
-  messages with the same tag. A tensor with zero elements produces no message at all (so
-  ``load_checkpoint`` does not return it). A 0-d tensor has no dims field.
-* ``.safetensors``: the standard format; ``save_checkpoint`` passes metadata ``{"format": "ms"}``
-  (none at all when there are no tensors). The Rust library orders both header and data by dtype
-  (descending enum order: I64, F64, F32, I32, F16, U8, BOOL) and then by name.
+The format facts it relies on are in :mod:`megatron_ms_convert.mindspore.format`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import stat
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 
-__all__ = ["TensorEntry", "write_mindspore_file", "partial_path"]
+from ..atomic import atomic_target
+from .format import (CKPT_CHUNK_BYTES, DTYPES, FORMATS, ITEMSIZE, KEY_CHECKPOINT_VALUE, KEY_TENSOR_CONTENT,
+                     KEY_TENSOR_DIMS, KEY_TENSOR_TYPE, KEY_VALUE_TAG, KEY_VALUE_TENSOR, varint)
 
-# numpy dtype name -> (MindSpore tensor_type string, safetensors dtype, safetensors sort rank).
-# The rank is the position in safetensors' Rust `Dtype` enum; data is sorted by it descending.
-_DTYPES = {
-    "bool": ("Bool", "BOOL", 0),
-    "uint8": ("UInt8", "U8", 4),
-    "float16": ("Float16", "F16", 11),
-    "int32": ("Int32", "I32", 13),
-    "float32": ("Float32", "F32", 15),
-    "float64": ("Float64", "F64", 17),
-    "int64": ("Int64", "I64", 18),
-}
-
-# save_checkpoint cuts a Parameter's bytes into chunks of 1024 * SLICE_SIZE (SLICE_SIZE = 512 * 1024),
-# because a single protobuf message must stay under 2 GiB.
-_CKPT_CHUNK = 1024 * 512 * 1024
-
+__all__ = ["TensorEntry", "write_mindspore_file"]
 
 @dataclass(frozen=True)
 class TensorEntry:
@@ -80,23 +56,13 @@ class TensorEntry:
         if any(d < 0 for d in shape):
             raise ValueError(f"tensor {self.name!r}: negative dimension in shape {shape}")
         object.__setattr__(self, "shape", shape)
-        if self.dtype not in _DTYPES:
+        if self.dtype not in DTYPES:
             raise ValueError(f"tensor {self.name!r}: unsupported dtype {self.dtype!r} "
-                             f"(supported: {', '.join(_DTYPES)})")
+                             f"(supported: {', '.join(DTYPES)})")
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
-
-
-def partial_path(path) -> Path:
-    """The temporary name used while writing `path`: same folder, name + '.partial'.
-
-    >>> partial_path("/x/rank_0/net.ckpt")
-    PosixPath('/x/rank_0/net.ckpt.partial')
-    """
-    path = Path(path)
-    return path.with_name(path.name + ".partial")
+        return int(np.prod(self.shape, dtype=np.int64)) * ITEMSIZE[self.dtype]
 
 
 def write_mindspore_file(path, entries: Iterable[TensorEntry], fetch: Callable[[TensorEntry], np.ndarray],
@@ -116,7 +82,7 @@ def write_mindspore_file(path, entries: Iterable[TensorEntry], fetch: Callable[[
     >>> write_mindspore_file(p, [TensorEntry("a", a.shape, "float16")], lambda e: a, "safetensors")
     108
     """
-    if fmt not in ("ckpt", "safetensors"):
+    if fmt not in FORMATS:
         raise ValueError(f"fmt must be 'ckpt' or 'safetensors', got {fmt!r}")
     entries = list(entries)
     seen = set()
@@ -127,52 +93,15 @@ def write_mindspore_file(path, entries: Iterable[TensorEntry], fetch: Callable[[
             raise ValueError(f"duplicate tensor name {e.name!r}")
         seen.add(e.name)
 
-    path = Path(path)
-    tmp = partial_path(path)
-    # A stale partial from a killed run may be read-only; unlinking works regardless of its mode.
-    _unlink_quietly(tmp)
-    try:
-        with open(tmp, "wb") as f:
+    with atomic_target(path, mode=stat.S_IRUSR, durable=durable) as partial:
+        with open(partial, "wb") as f:
             if fmt == "ckpt":
                 for e in entries:
                     _write_ckpt_tensor(f, e, fetch)
             else:
                 _write_safetensors(f, entries, fetch)
             written = f.tell()
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        # os.replace swaps the directory entry, so a read-only file at `path` is no obstacle and
-        # readers see either the old or the complete new file, never a half-written one.
-        os.replace(tmp, path)
-    except BaseException:
-        _unlink_quietly(tmp)
-        raise
-    os.chmod(path, stat.S_IRUSR)
-    if durable:
-        _fsync_dir(path.parent)
     return written
-
-
-def _unlink_quietly(p: Path) -> None:
-    try:
-        os.unlink(p)
-    except FileNotFoundError:
-        pass
-
-
-def _fsync_dir(d: Path) -> None:
-    # Makes the rename itself survive a crash; some filesystems refuse fsync on directories.
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fetch_checked(entry: TensorEntry, fetch) -> np.ndarray:
@@ -197,42 +126,30 @@ def _byte_view(arr: np.ndarray) -> memoryview:
 
 # ---------------------------------------------------------------- ckpt (hand-encoded protobuf)
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
 def _ckpt_prefix(tag: bytes, dims: bytes, type_field: bytes, content_len: int) -> bytes:
     """Everything of one Checkpoint message that precedes tensor_content's bytes.
 
     tensor_content is the last field at every nesting level, so the message is exactly
     prefix + content and the content can be written straight from the array's buffer.
     """
-    tensor_len = len(dims) + len(type_field) + 1 + len(_varint(content_len)) + content_len
-    tensor_head = dims + type_field + b"\x1a" + _varint(content_len)  # field 3, length-delimited
-    value_head = b"\x0a" + _varint(len(tag)) + tag + b"\x12" + _varint(tensor_len)  # tag=1, tensor=2
+    tensor_len = len(dims) + len(type_field) + 1 + len(varint(content_len)) + content_len
+    tensor_head = dims + type_field + bytes([KEY_TENSOR_CONTENT]) + varint(content_len)
+    value_head = bytes([KEY_VALUE_TAG]) + varint(len(tag)) + tag + bytes([KEY_VALUE_TENSOR]) + varint(tensor_len)
     value_len = len(value_head) + tensor_len
-    return b"\x0a" + _varint(value_len) + value_head + tensor_head  # Checkpoint.value = 1
+    return bytes([KEY_CHECKPOINT_VALUE]) + varint(value_len) + value_head + tensor_head
 
 
 def _write_ckpt_tensor(f, entry: TensorEntry, fetch) -> None:
     arr = _fetch_checked(entry, fetch)
     tag = entry.name.encode("utf-8")
     # proto2 repeated int64 without [packed=true]: one (key 0x08, varint) pair per dimension.
-    dims = b"".join(b"\x08" + _varint(d) for d in entry.shape)
-    ms_type = _DTYPES[entry.dtype][0].encode("ascii")
-    type_field = b"\x12" + _varint(len(ms_type)) + ms_type
+    dims = b"".join(bytes([KEY_TENSOR_DIMS]) + varint(d) for d in entry.shape)
+    ms_type = DTYPES[entry.dtype][0].encode("ascii")
+    type_field = bytes([KEY_TENSOR_TYPE]) + varint(len(ms_type)) + ms_type
     data = _byte_view(arr)
     # Same loop shape as save_checkpoint, so a zero-element tensor writes no message at all.
-    for start in range(0, len(data), _CKPT_CHUNK):
-        chunk = data[start:start + _CKPT_CHUNK]
+    for start in range(0, len(data), CKPT_CHUNK_BYTES):
+        chunk = data[start:start + CKPT_CHUNK_BYTES]
         f.write(_ckpt_prefix(tag, dims, type_field, len(chunk)))
         f.write(chunk)
 
@@ -242,7 +159,7 @@ def _write_ckpt_tensor(f, entry: TensorEntry, fetch) -> None:
 def _safetensors_order(entries: list[TensorEntry]) -> list[TensorEntry]:
     # Rust sorts by `right.dtype().cmp(&left.dtype()).then(lname.cmp(rname))`; Python str order equals
     # Rust's UTF-8 byte order, so a (−rank, name) key reproduces it.
-    return sorted(entries, key=lambda e: (-_DTYPES[e.dtype][2], e.name))
+    return sorted(entries, key=lambda e: (-DTYPES[e.dtype][2], e.name))
 
 
 def _safetensors_header(ordered: list[TensorEntry]) -> bytes:
@@ -253,7 +170,7 @@ def _safetensors_header(ordered: list[TensorEntry]) -> bytes:
     offset = 0
     for e in ordered:
         end = offset + e.nbytes
-        header[e.name] = {"dtype": _DTYPES[e.dtype][1], "shape": list(e.shape), "data_offsets": [offset, end]}
+        header[e.name] = {"dtype": DTYPES[e.dtype][1], "shape": list(e.shape), "data_offsets": [offset, end]}
         offset = end
     # serde_json: compact, raw UTF-8, escapes only '"', '\\' and control characters — the same as
     # json.dumps with ensure_ascii=False and no spaces.

@@ -14,8 +14,6 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.connection
-import os
-import shutil
 import signal
 import sys
 import time
@@ -27,10 +25,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-import megatron_reader as reader
-from conversion_plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan
-from convert_errors import ConvertInputError
-from ms_writer import TensorEntry, partial_path, write_mindspore_file
+from .atomic import atomic_target, copy_file_atomically, partial_path, write_text_atomically
+from .errors import ConvertInputError
+from .megatron import checkpoint as reader
+from .mindspore.writer import TensorEntry, write_mindspore_file
+from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan
 
 log = logging.getLogger("convert_pt2ckpt")
 
@@ -67,22 +66,9 @@ def read_manifest(plan: RankPlan) -> dict:
 
 
 def write_manifest(plan: RankPlan, state: str, files: dict[str, int] | None = None) -> None:
-    plan.manifest_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(plan.manifest_file)
-    partial.write_text(json.dumps({"fingerprint": plan.fingerprint, "state": state, "source": str(plan.folder.path),
-                                   "files": files or {}}, indent=1))
-    fsync_file(partial)
-    os.replace(partial, plan.manifest_file)
-
-
-def fsync_file(path: Path) -> None:
-    """Flush a finished file to disk before it is renamed into place, as ms_writer does for outputs:
-    a rename that survives a crash must not point at data that did not."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_text_atomically(plan.manifest_file, json.dumps(
+        {"fingerprint": plan.fingerprint, "state": state, "source": str(plan.folder.path), "files": files or {}},
+        indent=1))
 
 
 def rank_status(plan: RankPlan) -> str:
@@ -130,15 +116,15 @@ class SourceTensors:
 
     def __init__(self, plan: RankPlan):
         self.model_sd = reader.load_pt(plan.folder.model_file)
-        self.distrib = reader.load_pt(plan.folder.distrib_file) if plan.reads_distrib else None
+        self.buffers = (reader.decode_distrib_optim(reader.load_pt(plan.folder.distrib_file), plan.folder.distrib_file)
+                        if plan.reads_distrib else None)
         self._by_name = {t.name: t for t in plan.tensors}
         self._flat: dict[str, dict[str, torch.Tensor]] = {}
 
     def array(self, planned: PlannedTensor) -> np.ndarray:
         source = planned.source
         if isinstance(source, BucketSlice):
-            key = tuple(getattr(torch, s.split(".", 1)[1]) for s in source.dtype_key)
-            bucket = self.distrib[source.gbuf_idx][key][source.state][source.bucket]
+            bucket = self.buffers[source.gbuf_idx].states[source.state][source.bucket]
             tensor = bucket[source.start:source.end].view(planned.shape)
         elif isinstance(source, ModelTensor):
             if source.chunk_key not in self._flat:
@@ -222,21 +208,6 @@ def _with_tensor_progress(fetch, total: int, label: str):
     return counting_fetch
 
 
-def copy_file_atomically(source: Path, target: Path, mode: int = 0o400) -> int:
-    """Copy under a temporary name, flush, rename; outputs end read-only like MindSpore's own files."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(target)
-    try:
-        shutil.copyfile(source, partial)
-        fsync_file(partial)
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    os.chmod(target, mode)
-    return target.stat().st_size
-
-
 def write_meta_file(plan: RankPlan, model_sd: dict) -> None:
     """pt_meta/args_tpTT_ppPPP.pt: what the way back (MindSpore -> Megatron) needs besides the tensors."""
     keys = ("args", "checkpoint_version", "iteration", "optimizer", "opt_param_scheduler", "rng_state",
@@ -244,16 +215,8 @@ def write_meta_file(plan: RankPlan, model_sd: dict) -> None:
     meta = {key: model_sd.get(key) for key in keys}
     if plan.param_name_list is not None:
         meta["param_name_list"] = [list(names) for names in plan.param_name_list]
-    plan.meta_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(plan.meta_file)
-    try:
-        with reader.megatron_enum_importable():
-            torch.save(meta, partial)
-        fsync_file(partial)
-        os.replace(partial, plan.meta_file)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with atomic_target(plan.meta_file) as partial, reader.megatron_enum_importable():
+        torch.save(meta, partial)
 
 
 def verify_outputs(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:

@@ -1,8 +1,9 @@
 """Reading a Megatron-LM core_r0.6.0 checkpoint without Megatron and without running its pickles.
 
-Three things live here: finding the `mp_rank_*` folders (FORMATS.md section 1), loading a `.pt` file
-with `torch.load(weights_only=True)` and an allow-list of exactly the globals Megatron pickles
-(section 7), and flattening the model state dicts (section 2). Nothing here writes.
+What lives here: finding the `mp_rank_*` folders of an iteration, loading a `.pt` file with
+`torch.load(weights_only=True)` and an allow-list of exactly the globals Megatron pickles, flattening
+the model state dicts (nested for legacy models, flat for Megatron-core ones), and decoding
+`distrib_optim.pt` (the distributed optimizer's bucketed parameter state). Nothing here writes.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ import contextlib
 import enum
 import io
 import pickle
-import re
 import sys
 import types
 import zipfile
@@ -23,13 +23,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from convert_errors import ConvertInputError
+from ..errors import ConvertInputError
+from ..topology import RankFolder, folder_name, parse_folder_name
 
-MODEL_FILE = "model_optim_rng.pt"
-DISTRIB_FILE = "distrib_optim.pt"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
-
-_RANK_FOLDER = re.compile(r"^mp_rank_(\d{2})(?:_(\d{3}))?(?:_(\d{3}))?$")
 
 
 class ModelType(enum.Enum):
@@ -128,27 +125,6 @@ def megatron_enum_importable() -> Iterator[None]:
                 sys.modules[name] = module
 
 
-@dataclass(frozen=True, order=True)
-class RankFolder:
-    """One `mp_rank_TT[_PPP]` folder: the model files of one (tensor, pipeline) rank."""
-
-    pp: int
-    tp: int
-    path: Path
-
-    @property
-    def name(self) -> str:
-        return self.path.name
-
-    @property
-    def model_file(self) -> Path:
-        return self.path / MODEL_FILE
-
-    @property
-    def distrib_file(self) -> Path:
-        return self.path / DISTRIB_FILE
-
-
 def resolve_iteration_dir(megatron_path: Path) -> Path:
     """--megatron-path should be `iter_XXXXXXX/` or `release/`; a `--save` root is accepted too and
     resolved through its latest_checkpointed_iteration.txt, as Megatron itself does."""
@@ -176,32 +152,11 @@ def resolve_iteration_dir(megatron_path: Path) -> Path:
     )
 
 
-def parse_rank_folder_name(name: str, pp_size: int) -> tuple[int, int] | None:
-    """(tp, pp) of an `mp_rank_*` folder name, None when the name is not one; expert-parallel names
-    are refused because their optimizer state is a ChainedOptimizer list this tool does not convert."""
-    match = _RANK_FOLDER.match(name)
-    if not match:
-        return None
-    tp, second, third = match.group(1), match.group(2), match.group(3)
-    if third is not None or (second is not None and pp_size == 1):
-        raise ConvertInputError(
-            f"folder {name}: looks like an expert-parallel (MoE) rank or a pipeline rank",
-            expected="mp_rank_TT for --pp-size 1" if pp_size == 1 else "mp_rank_TT_PPP",
-            found=name,
-            fix="set --pp-size to the training run's pipeline size (expert parallelism is not supported)",
-        )
-    if second is None and pp_size > 1:
-        raise ConvertInputError(f"folder {name}: has no pipeline rank",
-                                expected=f"mp_rank_TT_PPP folders for --pp-size {pp_size}", found=name,
-                                fix="set --pp-size 1 or check --megatron-path")
-    return int(tp), int(second or 0)
-
-
 def find_rank_folders(iteration_dir: Path, tp_size: int, pp_size: int) -> list[RankFolder]:
     """Every (tp, pp) folder, checked against --tp-size/--pp-size before any work starts."""
     found: dict[tuple[int, int], Path] = {}
     for entry in sorted(iteration_dir.iterdir()):
-        ranks = parse_rank_folder_name(entry.name, pp_size)
+        ranks = parse_folder_name(entry.name, pp_size)
         if ranks is None:
             continue
         if not entry.is_dir():
@@ -212,7 +167,7 @@ def find_rank_folders(iteration_dir: Path, tp_size: int, pp_size: int) -> list[R
     extra = sorted(found.keys() - expected)
     if missing or extra:
         def names(ranks):
-            return ", ".join(_folder_name(t, p, pp_size) for t, p in ranks)
+            return ", ".join(folder_name(t, p, pp_size) for t, p in ranks)
         found_text = f"{len(found)} folders"
         if missing:
             found_text += f"; missing {names(missing)}"
@@ -225,10 +180,6 @@ def find_rank_folders(iteration_dir: Path, tp_size: int, pp_size: int) -> list[R
             fix="set --tp-size/--pp-size to the training run's sizes, or restore the missing folders",
         )
     return sorted(RankFolder(pp=p, tp=t, path=path) for (t, p), path in found.items())
-
-
-def _folder_name(tp: int, pp: int, pp_size: int) -> str:
-    return f"mp_rank_{tp:02d}" if pp_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
 
 
 def model_chunk_keys(model_sd: dict, model_file: Path) -> list[str]:
@@ -260,3 +211,73 @@ def model_tensors(chunk_sd: dict) -> dict[str, torch.Tensor]:
     `_extra_state`: Transformer Engine versions store it as a uint8 tensor, which is no parameter."""
     return {name: value for name, value in flatten_state_dict(chunk_sd)
             if isinstance(value, torch.Tensor) and not name.endswith("_extra_state")}
+
+
+# ---------------------------------------------------------------------------------------------
+# distrib_optim.pt
+
+
+@dataclass(frozen=True)
+class DistribBuffer:
+    """One grad buffer of distrib_optim.pt: its dtype key, bucket sizes and per-state bucket tensors."""
+
+    gbuf_idx: int
+    dtype_key: tuple[torch.dtype, torch.dtype]
+    padded: tuple[int, ...]
+    unpadded: tuple[int, ...]
+    states: dict  # state name ('param', 'exp_avg', ...) -> list of 1-D fp32 tensors, one per bucket
+
+    @property
+    def dtype_names(self) -> tuple[str, str]:
+        """The dtype key as text ('torch.bfloat16', 'torch.float32'), as param_map files spell dtypes."""
+        return str(self.dtype_key[0]), str(self.dtype_key[1])
+
+
+def decode_distrib_optim(distrib: Any, path: Path) -> list[DistribBuffer]:
+    """The grad buffers of a loaded distrib_optim.pt, checked for internal consistency: one dtype key
+    per buffer, as many unpadded as padded bucket sizes, and every state's bucket tensors of the
+    recorded sizes. The tensors stay views of the (mmap'd) file."""
+    if isinstance(distrib, list):
+        raise ConvertInputError(f"{path}: holds a list of optimizer states (ChainedOptimizer, MoE)",
+                                expected="one DistributedOptimizer state dict", found="a list",
+                                fix="expert-parallel (MoE) checkpoints are not supported")
+    if not isinstance(distrib, dict) or "per_bucket_numel" not in distrib:
+        raise ConvertInputError(f"{path}: not a distributed-optimizer parameter state",
+                                expected="per_bucket_numel, per_bucket_numel_unpadded and grad buffers 0, 1, ...",
+                                found=f"keys {sorted(map(str, distrib))[:6]}" if isinstance(distrib, dict)
+                                else type(distrib).__name__, fix="check --megatron-path")
+    padded_all, unpadded_all = distrib["per_bucket_numel"], distrib.get("per_bucket_numel_unpadded")
+    if unpadded_all is None:
+        raise ConvertInputError(f"{path}: no per_bucket_numel_unpadded",
+                                expected="a file saved by Megatron-LM core_r0.6.0", fix="check the Megatron version")
+    if len(padded_all) != len(unpadded_all):
+        raise ConvertInputError(f"{path}: per_bucket_numel and per_bucket_numel_unpadded disagree",
+                                expected=f"{len(padded_all)} grad buffers in both",
+                                found=f"{len(padded_all)} and {len(unpadded_all)}",
+                                fix="re-copy the file from the training run (damaged?)")
+    return [_decode_buffer(distrib, gbuf, padded, unpadded, path)
+            for gbuf, (padded, unpadded) in enumerate(zip(padded_all, unpadded_all))]
+
+
+def _decode_buffer(distrib: dict, gbuf: int, padded: dict, unpadded: dict, path: Path) -> DistribBuffer:
+    if len(padded) != 1:
+        raise ConvertInputError(f"{path}: grad buffer {gbuf} has {len(padded)} dtype keys {list(padded)}",
+                                expected="one (param dtype, grad dtype) key per grad buffer, as core_r0.6.0 saves",
+                                found=str(list(padded)), fix="convert a checkpoint saved by Megatron-LM core_r0.6.0")
+    [(key, sizes)] = padded.items()
+    unpadded_sizes = unpadded.get(key) if isinstance(unpadded, dict) else None
+    if unpadded_sizes is None or len(unpadded_sizes) != len(sizes):
+        raise ConvertInputError(f"{path}: grad buffer {gbuf} {key}: per_bucket_numel_unpadded",
+                                expected=f"{len(sizes)} bucket sizes under the same key as per_bucket_numel",
+                                found=repr(unpadded_sizes)[:80], fix="re-copy the file from the training run (damaged?)")
+    buffer = distrib.get(gbuf, {}).get(key) if isinstance(distrib.get(gbuf), dict) else None
+    if buffer is None:
+        raise ConvertInputError(f"{path}: grad buffer {gbuf} {key} has no state",
+                                expected="an entry per grad buffer", fix="re-copy the file from the training run")
+    for state, tensors in buffer.items():
+        lengths = [t.numel() for t in tensors]
+        if lengths != list(sizes):
+            raise ConvertInputError(f"{path}: grad buffer {gbuf} state {state!r} bucket sizes {lengths}",
+                                    expected=f"per_bucket_numel {list(sizes)}", found=str(lengths),
+                                    fix="re-copy the file from the training run (damaged?)")
+    return DistribBuffer(gbuf, tuple(key), tuple(sizes), tuple(unpadded_sizes), dict(buffer))

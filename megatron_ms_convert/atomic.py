@@ -1,0 +1,100 @@
+"""The one way a file is put in place: write it under a temporary name, flush it to disk, rename it
+over the target, flush the folder. Readers (and a re-run after a crash) see either no file or the
+complete file, never a half-written one; a failure leaves nothing behind but what was there before.
+
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "a.txt"
+    >>> write_text_atomically(target, "hello")
+    5
+    >>> target.read_text(), partial_path(target).exists()
+    ('hello', False)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path) -> Path:
+    """The temporary name used while writing `path`: same folder, name + '.partial'.
+
+    >>> partial_path("/x/rank_0/net.ckpt")
+    PosixPath('/x/rank_0/net.ckpt.partial')
+    """
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+@contextlib.contextmanager
+def atomic_target(path, *, mode: int | None = None, durable: bool = True) -> Iterator[Path]:
+    """Yield the partial path to write `path` through; on a clean exit flush it, rename it into place,
+    set `mode` and flush the folder. On any exception (Ctrl-C included) the partial file is removed and
+    an existing file at `path` stays as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = partial_path(path)
+    _unlink_quietly(partial)  # a stale partial of a killed run may be read-only; unlinking still works
+    try:
+        yield partial
+        if durable:
+            fsync_path(partial)
+        # os.replace swaps the directory entry, so even a read-only file at `path` is no obstacle.
+        os.replace(partial, path)
+    except BaseException:
+        _unlink_quietly(partial)
+        raise
+    if mode is not None:
+        os.chmod(path, mode)
+    if durable:
+        fsync_dir(path.parent)
+
+
+def write_text_atomically(path, text: str, *, mode: int | None = None) -> int:
+    """Put `text` at `path` atomically; returns the bytes written."""
+    data = text.encode("utf-8")
+    with atomic_target(path, mode=mode) as partial:
+        partial.write_bytes(data)
+    return len(data)
+
+
+def copy_file_atomically(source, target, *, mode: int | None = 0o400) -> int:
+    """Copy `source` to `target` atomically (outputs end read-only, like MindSpore's own files)."""
+    with atomic_target(target, mode=mode) as partial:
+        shutil.copyfile(source, partial)
+    return Path(target).stat().st_size
+
+
+def fsync_path(path) -> None:
+    """Flush a finished file to disk: a rename that survives a crash must not point at lost data."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(folder) -> None:
+    """Make a rename itself durable; some filesystems refuse fsync on folders, which is harmless."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass

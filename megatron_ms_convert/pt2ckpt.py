@@ -1,0 +1,494 @@
+"""Convert a Megatron-LM core_r0.6.0 distributed-optimizer checkpoint into MindSpore checkpoints.
+
+The story of a conversion, top to bottom: `main` parses the flags; `prepare` finds the rank folders,
+reads their metadata and the bucket layouts, and builds one `RankPlan` per folder (checking
+everything before any output is opened); `run_tasks` (the runner) executes the plans in worker
+processes, each streaming its tensors straight from the mmap'd .pt files into the output file; the
+log gets one `... successfully.` line per source folder and a summary. `convert_pt2ckpt.py -h` lists every flag.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .atomic import copy_file_atomically, write_text_atomically
+from .errors import ConvertInputError
+from .megatron import checkpoint as reader
+from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, infer_layouts, layout_differences,
+                              list_param_map_files, param_map_file_name, param_map_json, read_rank_layouts,
+                              state_key_for)
+from .plan import (RankInfo, RankPlan, check_layer_counts, check_unique_names, optimizer_scalars,
+                   plan_model_tensors, plan_optimizer_tensors)
+from .runner import (RankResult, RunSettings, Task, check_no_foreign_outputs, plan_fingerprint, rank_status,
+                     run_tasks)
+from .topology import RankFolder, Topology
+
+log = logging.getLogger("convert_pt2ckpt")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+PT_META = "pt_meta"
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+
+
+class _ShowDefaults(argparse.HelpFormatter):
+    """-h shows each flag's default where it has one, so users can compare with the documented table."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert_pt2ckpt.py", description="Pt-to-ckpt conversion Arguments",
+                                     allow_abbrev=False, formatter_class=_ShowDefaults)
+    group = parser.add_argument_group(title="File Path/Location")
+    group.add_argument("--megatron-path", type=str, required=True, help="Path to megatron pt files.")
+    group.add_argument("--ms-path", type=str, required=True, help="Path for saving Mindspore Ckpt.")
+    group.add_argument("--param-map-path", type=str, default=None,
+                       help="Path to param_map files. Without it the bucket layout is inferred from the "
+                            "checkpoint and verified against distrib_optim.pt.")
+
+    group = parser.add_argument_group(title="distributed")
+    group.add_argument("--pp-size", type=int, default=1, help="Degree of pipeline model parallelism.")
+    group.add_argument("--tp-size", type=int, default=1, help="Degree of tensor model parallelism.")
+    group.add_argument("--dp-size", type=int, default=1, help="Degree of data model parallelism.")
+    group.add_argument("--cp-size", type=int, default=1, help="Degree of context model parallelism.")
+    group.add_argument("--parallel-init-order", type=str, default="tp-cp-ep-dp-pp",
+                       help="expected parallel initialized order, only support tp-cp-ep-dp-pp now")
+    group.add_argument("--vpp-size", type=int, default=1,
+                       help="euqals to virtual_pipeline_model_parallel_size, "
+                            "vpp_size * num_layers_per_virtual_pipeline_stage == num_layers // pp_size")
+    group.add_argument("--stage-list", type=int, default=None, nargs="+",
+                       help="Number of layers per pipeline stage")
+    group.add_argument("--num-layers", type=int, default=None,
+                       help="Number of layers in Megatron models (default: from the checkpoint's args)")
+
+    group = parser.add_argument_group(title="Advanced feature")
+    group.add_argument("--generate-all-dp-cp", action="store_true", default=False,
+                       help="Whether generate all dp ckpt, or just dp-cp-0.")
+    group.add_argument("--convert-param-only", action="store_true", default=False,
+                       help="Convert `model_optim_rng.pt`, which only contains bf16 model parameter without "
+                            "optimizer; If you want to convert model with optimizer、optimizer scheduler and "
+                            "other args, please do NOT use this argument.")
+    group.add_argument("--file-prefix", type=str, default="network", help="Mindspore checkpoint filename")
+    group.add_argument("--format", type=str, default="ckpt", choices=["ckpt", "safetensors"],
+                       help="Mindspore checkpoint file format")
+    group.add_argument("--dist-opt-content", type=str, default=["param", "exp_avg", "exp_avg_sq"], nargs="+",
+                       help="Torch distributed file content. i.e exp_avg in Adam optimizer")
+    group.add_argument("--debug", action="store_true", default=False, help="print debug info")
+    group.add_argument("--multiprocess-off", action="store_true", default=False,
+                       help="Turn off multiprocess.")
+    group.add_argument("--process-limit", type=int, default=4, help="Max num of processes.")
+    group.add_argument("--process_timeout", "--process-timeout", dest="process_timeout", type=int,
+                       default=3600, help="Timeout for each process.")
+
+    group = parser.add_argument_group(title="Safety (not in the documented tool)")
+    group.add_argument("--verify", action="store_true", default=False,
+                       help="re-open every output with mindspore.load_checkpoint and compare each tensor "
+                            "with its source, element by element")
+    group.add_argument("--overwrite", action="store_true", default=False,
+                       help="redo every rank even if a complete output from this source exists, and replace "
+                            "outputs written from another source")
+    group.add_argument("--save-param-map", type=str, default=None, metavar="DIR",
+                       help="write the bucket layout used (inferred or given) as param_map JSON files to DIR")
+    return parser
+
+
+@dataclass(frozen=True)
+class Options:
+    """The flags, checked for consistency among themselves (no files looked at yet)."""
+
+    megatron_path: Path
+    ms_path: Path
+    param_map_path: Path | None
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    cp_size: int
+    vpp_size: int
+    stage_list: tuple[int, ...] | None
+    num_layers: int | None
+    generate_all_dp_cp: bool
+    convert_param_only: bool
+    file_prefix: str
+    fmt: str
+    dist_opt_content: tuple[str, ...]
+    debug: bool
+    multiprocess_off: bool
+    process_limit: int
+    process_timeout: int
+    verify: bool
+    overwrite: bool
+    save_param_map: Path | None
+
+
+def options_from_args(ns: argparse.Namespace) -> Options:
+    for flag in ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout"):
+        if getattr(ns, flag) < 1:
+            raise ConvertInputError(f"--{flag.replace('_', '-')} {getattr(ns, flag)}", expected="a whole number >= 1",
+                                    fix=f"pass --{flag.replace('_', '-')} 1 or more")
+    if ns.parallel_init_order != "tp-cp-ep-dp-pp":
+        raise ConvertInputError(f"--parallel-init-order {ns.parallel_init_order}", expected="tp-cp-ep-dp-pp",
+                                fix="drop --parallel-init-order; only tp-cp-ep-dp-pp is supported")
+    if ns.stage_list is not None:
+        if ns.vpp_size > 1:
+            raise ConvertInputError("--stage-list with --vpp-size > 1",
+                                    expected="uneven stages only without virtual pipelines",
+                                    fix="drop --stage-list (vpp layers are dealt round-robin) or --vpp-size")
+        if len(ns.stage_list) != ns.pp_size or min(ns.stage_list) < 1:
+            raise ConvertInputError(f"--stage-list {' '.join(map(str, ns.stage_list))}",
+                                    expected=f"{ns.pp_size} positive layer counts (one per pipeline stage)",
+                                    found=f"{len(ns.stage_list)} numbers", fix="give one count per stage")
+    if len(set(ns.dist_opt_content)) != len(ns.dist_opt_content):
+        raise ConvertInputError(f"--dist-opt-content {' '.join(ns.dist_opt_content)}", expected="no repeats",
+                                fix="name each state once")
+    return Options(
+        megatron_path=Path(ns.megatron_path), ms_path=Path(ns.ms_path),
+        param_map_path=Path(ns.param_map_path) if ns.param_map_path else None,
+        tp_size=ns.tp_size, pp_size=ns.pp_size, dp_size=ns.dp_size, cp_size=ns.cp_size, vpp_size=ns.vpp_size,
+        stage_list=tuple(ns.stage_list) if ns.stage_list else None, num_layers=ns.num_layers,
+        generate_all_dp_cp=ns.generate_all_dp_cp, convert_param_only=ns.convert_param_only,
+        file_prefix=ns.file_prefix, fmt=ns.format, dist_opt_content=tuple(ns.dist_opt_content),
+        debug=ns.debug, multiprocess_off=ns.multiprocess_off, process_limit=ns.process_limit,
+        process_timeout=ns.process_timeout, verify=ns.verify, overwrite=ns.overwrite,
+        save_param_map=Path(ns.save_param_map) if ns.save_param_map else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading metadata (parent process)
+
+
+def read_rank_info(folder: RankFolder, need_distrib: bool) -> RankInfo:
+    """Metadata of one rank folder; the .pt files are mmap'd, so no tensor data is read."""
+    if need_distrib and not folder.distrib_file.is_file():
+        raise ConvertInputError(f"{folder.distrib_file}: file is missing",
+                                expected="distrib_optim.pt in every mp_rank folder (distributed optimizer)",
+                                fix="copy it from the training run, or pass --convert-param-only to convert "
+                                    "the model weights alone")
+    model_sd = reader.load_pt(folder.model_file)
+    if not isinstance(model_sd, dict):
+        raise ConvertInputError(f"{folder.model_file}: expected a dict", found=type(model_sd).__name__,
+                                fix="check --megatron-path")
+    chunk_keys = reader.model_chunk_keys(model_sd, folder.model_file)
+    chunk_tensors = tuple(
+        tuple((key, tuple(t.shape), str(t.dtype)) for key, t in reader.model_tensors(model_sd[ck]).items())
+        for ck in chunk_keys)
+    optimizer = model_sd.get("optimizer") or {}
+    inner = optimizer.get("optimizer", {}) if isinstance(optimizer, dict) else {}
+    param_groups = tuple(_plain_numbers(g) for g in inner.get("param_groups", ())) if isinstance(inner, dict) else ()
+    iteration = model_sd.get("iteration")
+    if iteration is None and folder.path.parent.name == "release":
+        iteration = 0  # as Megatron does when it loads a release checkpoint without one
+    if not isinstance(iteration, int):
+        raise ConvertInputError(f"{folder.model_file}: no iteration number", expected="an int 'iteration' entry",
+                                found=repr(iteration)[:40], fix="check --megatron-path")
+    info = RankInfo(folder=folder, iteration=iteration, args=model_sd.get("args"), chunk_keys=tuple(chunk_keys),
+                    chunk_tensors=chunk_tensors, param_groups=param_groups,
+                    scheduler=dict(model_sd.get("opt_param_scheduler") or {}))
+    if not need_distrib:
+        return info
+    counts, states = read_bucket_counts(reader.load_pt(folder.distrib_file), folder.distrib_file)
+    return dataclasses.replace(info, counts=counts, states=states)
+
+
+def _plain_numbers(group: dict) -> dict:
+    """Optimizer values saved as one-element tensors (capturable optimizers) become plain numbers."""
+    return {key: value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
+            for key, value in group.items()}
+
+
+def read_bucket_counts(distrib: Any, path: Path) -> tuple[tuple[BucketCounts, ...], tuple[str, ...]]:
+    """Bucket sizes per grad buffer and the optimizer states every buffer holds."""
+    buffers = reader.decode_distrib_optim(distrib, path)
+    counts = tuple(BucketCounts(b.gbuf_idx, b.dtype_names, b.padded, b.unpadded) for b in buffers)
+    states = [s for s in (buffers[0].states if buffers else ()) if all(s in b.states for b in buffers)]
+    return counts, tuple(states)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+def resolve_topology(options: Options, first: RankInfo) -> Topology:
+    """Check the flags against the args stored in the checkpoint and fill in what the flags leave open."""
+    args = first.args
+    stored = {
+        "--tp-size": (options.tp_size, getattr(args, "tensor_model_parallel_size", None)),
+        "--pp-size": (options.pp_size, getattr(args, "pipeline_model_parallel_size", None)),
+        "--vpp-size": (options.vpp_size, getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
+                       if args is not None else None),
+        "--num-layers": (options.num_layers, getattr(args, "num_layers", None)),
+    }
+    for flag, (given, saved) in stored.items():
+        if given is not None and saved is not None and given != saved:
+            raise ConvertInputError(f"{flag} {given} contradicts {first.folder.model_file}",
+                                    expected=f"{flag} {saved} (the training run's value)", found=str(given),
+                                    fix=f"pass {flag} {saved}")
+    if len(first.chunk_keys) != options.vpp_size:
+        raise ConvertInputError(f"--vpp-size {options.vpp_size} contradicts {first.folder.model_file}",
+                                expected=f"{options.vpp_size} model chunks", found=f"{len(first.chunk_keys)}",
+                                fix=f"pass --vpp-size {len(first.chunk_keys)}")
+    num_layers = options.num_layers or getattr(args, "num_layers", None)
+    if not num_layers:
+        raise ConvertInputError(f"{first.folder.model_file}: no num_layers in its args",
+                                fix="pass --num-layers")
+    stage_list = options.stage_list
+    if stage_list is None:
+        if num_layers % (options.pp_size * options.vpp_size):
+            raise ConvertInputError(
+                f"--num-layers {num_layers} is not divisible by --pp-size {options.pp_size}"
+                + (f" x --vpp-size {options.vpp_size}" if options.vpp_size > 1 else ""),
+                expected="equal pipeline stages", fix="pass --stage-list for uneven stages or check --num-layers")
+        stage_list = (num_layers // options.pp_size,) * options.pp_size
+    elif sum(stage_list) != num_layers:
+        raise ConvertInputError(f"--stage-list {' '.join(map(str, stage_list))} sums to {sum(stage_list)}",
+                                expected=f"--num-layers {num_layers}", fix="make the stage counts add up")
+    saved_dp = getattr(args, "data_parallel_size", None)
+    if saved_dp is not None and saved_dp != options.dp_size:
+        log.info("note: --dp-size %d differs from the training run's data_parallel_size %d; MindSpore rank "
+                 "numbers follow --dp-size", options.dp_size, saved_dp)
+    return Topology(options.tp_size, options.pp_size, options.dp_size, options.cp_size, options.vpp_size,
+                    num_layers, tuple(stage_list))
+
+
+def infer_rank_layouts(info: RankInfo) -> list[BufferLayout]:
+    args = info.args
+    wrapped = bool(getattr(args, "fp16", False) or getattr(args, "bf16", False))
+    grad_in_fp32 = bool(getattr(args, "accumulate_allreduce_grads_in_fp32", False))
+    return infer_layouts(info.chunk_tensors, info.counts, grad_in_fp32=grad_in_fp32, wrapped=wrapped,
+                         source=f"layout inferred from {info.folder.model_file}")
+
+
+def rank_layouts(info: RankInfo, options: Options, map_files) -> list[BufferLayout]:
+    """The param_map layouts when given (cross-checked against the inferred layout), else the inferred."""
+    if map_files is None:
+        layouts = infer_rank_layouts(info)
+    else:
+        layouts = read_rank_layouts(map_files, info.folder.tp, info.folder.pp, len(info.chunk_keys),
+                                    options.param_map_path)
+        try:
+            differences = layout_differences(layouts, infer_rank_layouts(info))
+        except ConvertInputError as err:
+            differences = [f"the layout could not be inferred to cross-check the map ({err})"]
+        for line in differences[:10]:
+            log.warning("param_map differs from the checkpoint's own layout: %s", line)
+        if len(differences) > 10:
+            log.warning("param_map differs from the checkpoint's own layout in %d more places", len(differences) - 10)
+    check_layouts(layouts, info.counts, [info.tensors_by_key(c) for c in range(len(info.chunk_keys))],
+                  str(info.folder.distrib_file))
+    mapped = {state_key_for(p.name) for layout in layouts for p in layout.params}
+    unmapped = [key for tensors in info.chunk_tensors for key, _, _ in tensors if key not in mapped]
+    if unmapped:
+        log.warning("%s: %d model tensors are in no grad buffer (frozen?) and get no optimizer state in the "
+                    "output: %s", info.folder.model_file, len(unmapped), ", ".join(unmapped[:5]))
+    return layouts
+
+
+def output_paths(options: Options, topo: Topology, folder: RankFolder) -> tuple[Path, ...]:
+    filename = f"{options.file_prefix}.{options.fmt}"
+    return tuple(options.ms_path / f"rank_{rank}" / filename
+                 for rank in topo.target_ranks(folder.tp, folder.pp, options.generate_all_dp_cp))
+
+
+def plan_rank(info: RankInfo, topo: Topology, options: Options, layouts: Sequence[BufferLayout]) -> RankPlan:
+    check_layer_counts(info, topo)
+    if options.convert_param_only:
+        tensors, name_lists = plan_model_tensors(info, topo)
+    else:
+        tensors, name_lists = plan_optimizer_tensors(info, layouts, topo, options.dist_opt_content), None
+    tensors = tensors + optimizer_scalars(info.iteration, info.param_groups, info.scheduler, info.folder.model_file)
+    check_unique_names(tensors, info.folder.path)
+    stem = f"tp{info.folder.tp:02}_pp{info.folder.pp:03}"
+    return RankPlan(folder=info.folder, fmt=options.fmt, outputs=output_paths(options, topo, info.folder),
+                    meta_file=options.ms_path / PT_META / f"args_{stem}.pt", tensors=tuple(tensors),
+                    reads_distrib=not options.convert_param_only, param_name_list=name_lists,
+                    layouts=tuple(layouts), manifest_file=options.ms_path / PT_META / f"manifest_{stem}.json")
+
+
+@dataclass
+class Job:
+    plans: list[RankPlan]
+    param_map_files: dict | None
+    first_args: Any
+
+
+def prepare(options: Options) -> Job:
+    """Discover -> read metadata -> layouts -> plans. Raises ConvertInputError before any output exists."""
+    iteration_dir = reader.resolve_iteration_dir(options.megatron_path)
+    folders = reader.find_rank_folders(iteration_dir, options.tp_size, options.pp_size)
+    need_distrib = not options.convert_param_only
+    map_files = list_param_map_files(options.param_map_path) if need_distrib and options.param_map_path else None
+    infos = [read_rank_info(folder, need_distrib) for folder in folders]
+    topo = resolve_topology(options, infos[0])
+    iterations = {info.iteration for info in infos}
+    if len(iterations) != 1:
+        raise ConvertInputError(f"{iteration_dir}: rank folders hold different iterations {sorted(iterations)}",
+                                expected="one iteration", fix="copy all folders from the same checkpoint")
+    plans = []
+    for info in infos:
+        layouts = rank_layouts(info, options, map_files) if need_distrib else []
+        plan = plan_rank(info, topo, options, layouts)
+        plans.append(dataclasses.replace(plan, fingerprint=plan_fingerprint(plan)))
+    return Job(plans, map_files, infos[0].args)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output-side bookkeeping (parent process)
+
+
+def write_param_map_copies(job: Job, options: Options) -> None:
+    """pt_meta/ gets the param_map used: copies of the given files, or the inferred layout as files."""
+    meta_dir = options.ms_path / PT_META
+    meta_dir.mkdir(parents=True, exist_ok=True)
+    if job.param_map_files is not None:
+        for path in sorted(options.param_map_path.glob("param_map_buffer*.json")):
+            copy_file_atomically(path, meta_dir / path.name, mode=0o644)
+    else:
+        write_layout_files(job, meta_dir, dp_ranks=[0])
+
+
+def write_layout_files(job: Job, target: Path, dp_ranks: Sequence[int]) -> int:
+    target.mkdir(parents=True, exist_ok=True)
+    count = 0
+    for plan in job.plans:
+        for layout in plan.layouts:
+            text = param_map_json(layout)
+            for dp in dp_ranks:
+                name = param_map_file_name(layout.buffer_index, dp, plan.folder.tp, plan.folder.pp, layout.chunk)
+                write_text_atomically(target / name, text)
+                count += 1
+    return count
+
+
+def save_param_maps(job: Job, options: Options) -> None:
+    """--save-param-map: one file per data-parallel rank of the training run, as the patch writes them."""
+    args = job.first_args
+    dp_world = (getattr(args, "data_parallel_size", 1) or 1) * (getattr(args, "context_parallel_size", 1) or 1)
+    count = write_layout_files(job, options.save_param_map, dp_ranks=range(dp_world))
+    log.info("wrote %d param_map files to %s", count, options.save_param_map)
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def run_settings(options: Options) -> RunSettings:
+    return RunSettings(verify=options.verify, debug=options.debug, multiprocess_off=options.multiprocess_off,
+                       process_limit=options.process_limit, process_timeout=options.process_timeout)
+
+
+def configure_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ns = build_parser().parse_args(argv)
+    configure_logging(ns.debug)
+    started = time.monotonic()
+    try:
+        options = options_from_args(ns)
+        log.info("converting %s -> %s", options.megatron_path, options.ms_path)
+        job = prepare(options)
+        statuses = {plan.folder: ("todo" if options.overwrite else rank_status(plan)) for plan in job.plans}
+        if not options.overwrite:
+            check_no_foreign_outputs(job.plans, statuses)
+        if not options.convert_param_only:
+            write_param_map_copies(job, options)
+            if options.save_param_map:
+                save_param_maps(job, options)
+    except ConvertInputError as err:
+        log.error("%s", err)
+        return EXIT_BAD_INPUT
+    except OSError as err:
+        log.error("cannot write under --ms-path %s: %s -> check the path, its permissions and free space",
+                  ns.ms_path, err)
+        return EXIT_BAD_INPUT
+    if options.debug:
+        for plan in job.plans:
+            log.debug("%s", plan.describe())
+    results: list[RankResult] = []
+    with progress_reporting(len(job.plans)) as advance:
+        def on_done(plan: RankPlan, result: RankResult) -> None:
+            results.append(result)
+            advance()
+            report(plan, result)
+
+        tasks = []
+        for plan in job.plans:
+            if statuses[plan.folder] != "done":
+                tasks.append(Task(plan, write=True))
+            elif options.verify:  # a complete output from an earlier run is verified, not rewritten
+                tasks.append(Task(plan, write=False))
+            else:
+                on_done(plan, RankResult(plan.folder.name, "skipped"))
+        try:
+            run_tasks(tasks, run_settings(options), on_done)
+        except KeyboardInterrupt:
+            log.error("interrupted (Ctrl-C): stopped the workers and removed their partial files; "
+                      "re-run the same command to finish the remaining ranks")
+            _summary(results, len(job.plans), started)
+            return EXIT_INTERRUPTED
+    if options.verify:
+        log.info("verified %d tensors in %d files", sum(r.verified_tensors for r in results),
+                 sum(r.verified_files for r in results))
+    _summary(results, len(job.plans), started)
+    return EXIT_OK if all(r.status != "failed" for r in results) else EXIT_FAILED
+
+
+def report(plan: RankPlan, result: RankResult) -> None:
+    """The line users grep: `successfully` once per source folder whose files are complete."""
+    if result.status == "failed":
+        log.error("failed to convert '%s': %s", plan.folder.path, result.message)
+    elif result.status == "skipped":
+        log.info("convert '%s' to '%s' successfully (complete from an earlier run of this command; skipped).",
+                 plan.folder.path, plan.outputs[0])
+    else:
+        log.info("convert '%s' to '%s' successfully.", plan.folder.path, plan.outputs[0])
+
+
+@contextlib.contextmanager
+def progress_reporting(total: int):
+    """A tqdm bar over ranks on a terminal, with log lines printed above it; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield lambda: None
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with tqdm(total=total, unit="rank", desc="converting") as bar, logging_redirect_tqdm(loggers=[log]):
+        yield lambda: bar.update(1)
+
+
+def _summary(results: Sequence[RankResult], total: int, started: float) -> None:
+    by = {s: sum(1 for r in results if r.status == s) for s in ("converted", "skipped", "failed")}
+    log.info("summary: %d converted, %d skipped, %d failed, %d not run of %d folders in %.1f s, %d bytes written",
+             by["converted"], by["skipped"], by["failed"], total - len(results), total,
+             time.monotonic() - started, sum(r.bytes_written for r in results))
+
+
+def cli() -> None:
+    """Entry point of the installed `convert_pt2ckpt` command."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
