@@ -13,6 +13,7 @@ from typing import Any, Sequence, Union
 
 from .errors import ConvertInputError
 from .megatron.layout import BucketCounts, BufferLayout
+from .mindspore.format import ITEMSIZE
 from .naming import local_layer_numbers, ms_param_name
 from .topology import RankFolder, Topology
 
@@ -106,7 +107,22 @@ class RankPlan:
 
 
 def _itemsize(dtype: str) -> int:
-    return {"float32": 4, "float64": 8, "int64": 8, "int32": 4, "float16": 2}[dtype]
+    return ITEMSIZE[dtype]
+
+
+# Floating-point model tensors are written as fp32 (what MindSpore's optimizer state holds); integer
+# and flag tensors keep their values, so a step counter or a mask does not turn into floats.
+_OUTPUT_DTYPES = {"torch.int32": "int32", "torch.int64": "int64", "torch.int16": "int32", "torch.int8": "int32",
+                  "torch.uint8": "uint8", "torch.bool": "bool"}
+
+
+def output_dtype(source_dtype: str) -> str:
+    """The MindSpore-side dtype (numpy name) of a model tensor of torch dtype `source_dtype`.
+
+    >>> output_dtype("torch.bfloat16"), output_dtype("torch.int64"), output_dtype("torch.bool")
+    ('float32', 'int64', 'bool')
+    """
+    return _OUTPUT_DTYPES.get(source_dtype, "float32")
 
 
 def _source_text(source: Source) -> str:
@@ -212,13 +228,15 @@ def plan_optimizer_tensors(info: RankInfo, layouts: Sequence[BufferLayout], topo
 
 
 def plan_model_tensors(info: RankInfo, topo: Topology) -> tuple[list[PlannedTensor], tuple[tuple[str, ...], ...]]:
-    """--convert-param-only: every tensor of model_optim_rng.pt, cast to fp32, plus the per-chunk
-    list of source names (reversed, as the documented tool records them for the way back)."""
+    """--convert-param-only: every tensor of model_optim_rng.pt (floating point ones as fp32, integer
+    ones keeping their values), plus the per-chunk list of source names (reversed, as the documented
+    tool records them for the way back)."""
     out, name_lists = [], []
     for chunk, (chunk_key, tensors) in enumerate(zip(info.chunk_keys, info.chunk_tensors)):
         layer_map = topo.layer_map(info.folder.pp, chunk)
-        for key, shape, _ in tensors:
-            out.append(PlannedTensor(ms_param_name(key, layer_map), shape, "float32", ModelTensor(chunk_key, key)))
+        for key, shape, dtype in tensors:
+            out.append(PlannedTensor(ms_param_name(key, layer_map), shape, output_dtype(dtype),
+                                     ModelTensor(chunk_key, key)))
         name_lists.append(tuple(f"{chunk_key}.{key}" for key, _, _ in reversed(tensors)))
     return out, tuple(name_lists)
 

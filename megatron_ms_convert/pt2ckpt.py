@@ -104,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--overwrite", action="store_true", default=False,
                        help="redo every rank even if a complete output from this source exists, and replace "
                             "outputs written from another source")
+    group.add_argument("--trust-layout", choices=["map", "checkpoint"], default=None,
+                       help="when the --param-map-path map and the layout the checkpoint implies both fit but "
+                            "differ: use the map, or ignore the map and use the checkpoint's layout (default: stop "
+                            "with an error listing the differences)")
     group.add_argument("--save-param-map", type=str, default=None, metavar="DIR",
                        help="write the bucket layout used (inferred or given) as param_map JSON files to DIR")
     return parser
@@ -135,6 +139,7 @@ class Options:
     verify: bool
     overwrite: bool
     save_param_map: Path | None
+    trust_layout: str | None = None
 
 
 def options_from_args(ns: argparse.Namespace) -> Options:
@@ -167,6 +172,7 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         debug=ns.debug, multiprocess_off=ns.multiprocess_off, process_limit=ns.process_limit,
         process_timeout=ns.process_timeout, verify=ns.verify, overwrite=ns.overwrite,
         save_param_map=Path(ns.save_param_map) if ns.save_param_map else None,
+        trust_layout=ns.trust_layout,
     )
 
 
@@ -276,28 +282,53 @@ def infer_rank_layouts(info: RankInfo) -> list[BufferLayout]:
 
 
 def rank_layouts(info: RankInfo, options: Options, map_files) -> list[BufferLayout]:
-    """The param_map layouts when given (cross-checked against the inferred layout), else the inferred."""
+    """The bucket layouts of one rank: the param_map's when given, cross-checked against the layout the
+    checkpoint itself implies; the inferred one otherwise. A map and an inferred layout that both pass
+    every check yet differ mean one of them is wrong, so that is an error unless --trust-layout says
+    which to believe."""
+    tensors = [info.tensors_by_key(c) for c in range(len(info.chunk_keys))]
     if map_files is None:
         layouts = infer_rank_layouts(info)
+        check_layouts(layouts, info.counts, tensors, str(info.folder.distrib_file))
     else:
         layouts = read_rank_layouts(map_files, info.folder.tp, info.folder.pp, len(info.chunk_keys),
                                     options.param_map_path)
-        try:
-            differences = layout_differences(layouts, infer_rank_layouts(info))
-        except ConvertInputError as err:
-            differences = [f"the layout could not be inferred to cross-check the map ({err})"]
+        check_layouts(layouts, info.counts, tensors, str(info.folder.distrib_file))
+        check_map_against_checkpoint(layouts, info, tensors, options.trust_layout)
+    warn_unmapped_tensors(layouts, info)
+    return layouts
+
+
+def check_map_against_checkpoint(layouts: Sequence[BufferLayout], info: RankInfo, tensors, trust: str | None) -> None:
+    try:
+        inferred = infer_rank_layouts(info)
+        check_layouts(inferred, info.counts, tensors, str(info.folder.distrib_file))
+    except ConvertInputError as err:  # e.g. a frozen parameter: only the map knows the layout
+        log.warning("%s: the layout cannot be inferred to cross-check the param_map, which is used as given (%s)",
+                    info.folder.model_file, err)
+        return
+    differences = layout_differences(layouts, inferred)
+    if not differences:
+        return
+    shown = "; ".join(differences[:5]) + (f"; and {len(differences) - 5} more" if len(differences) > 5 else "")
+    if trust == "map":
         for line in differences[:10]:
-            log.warning("param_map differs from the checkpoint's own layout: %s", line)
-        if len(differences) > 10:
-            log.warning("param_map differs from the checkpoint's own layout in %d more places", len(differences) - 10)
-    check_layouts(layouts, info.counts, [info.tensors_by_key(c) for c in range(len(info.chunk_keys))],
-                  str(info.folder.distrib_file))
+            log.warning("param_map differs from the checkpoint's own layout (--trust-layout map): %s", line)
+        return
+    raise ConvertInputError(
+        f"{info.folder.model_file}: the param_map and the layout this checkpoint implies differ in "
+        f"{len(differences)} places, and both fit distrib_optim.pt: {shown}",
+        expected="one layout", found="two that would give different values",
+        fix="pass --trust-layout map (the map is this run's, e.g. a custom bucketing) or --trust-layout checkpoint "
+            "(the map is stale or foreign)")
+
+
+def warn_unmapped_tensors(layouts: Sequence[BufferLayout], info: RankInfo) -> None:
     mapped = {state_key_for(p.name) for layout in layouts for p in layout.params}
     unmapped = [key for tensors in info.chunk_tensors for key, _, _ in tensors if key not in mapped]
     if unmapped:
         log.warning("%s: %d model tensors are in no grad buffer (frozen?) and get no optimizer state in the "
                     "output: %s", info.folder.model_file, len(unmapped), ", ".join(unmapped[:5]))
-    return layouts
 
 
 def output_paths(options: Options, topo: Topology, folder: RankFolder) -> tuple[Path, ...]:
@@ -329,11 +360,22 @@ class Job:
 
 
 def prepare(options: Options) -> Job:
-    """Discover -> read metadata -> layouts -> plans. Raises ConvertInputError before any output exists."""
+    """Discover -> read metadata -> layouts -> plans. Raises ConvertInputError before any output exists;
+    a failure to read an input (permissions, I/O error) is reported as such, naming the file."""
+    try:
+        return _prepare(options)
+    except OSError as err:
+        where = err.filename or "an input file"
+        raise ConvertInputError(f"cannot read {where}: {err.strerror or err}",
+                                fix="check --megatron-path / --param-map-path, their permissions and the disk") from None
+
+
+def _prepare(options: Options) -> Job:
     iteration_dir = reader.resolve_iteration_dir(options.megatron_path)
     folders = reader.find_rank_folders(iteration_dir, options.tp_size, options.pp_size)
     need_distrib = not options.convert_param_only
-    map_files = list_param_map_files(options.param_map_path) if need_distrib and options.param_map_path else None
+    use_map = need_distrib and options.param_map_path is not None and options.trust_layout != "checkpoint"
+    map_files = list_param_map_files(options.param_map_path) if use_map else None
     infos = [read_rank_info(folder, need_distrib) for folder in folders]
     topo = resolve_topology(options, infos[0])
     iterations = {info.iteration for info in infos}

@@ -132,8 +132,9 @@ class SourceTensors:
             tensor = self._flat[source.chunk_key][source.key]
         else:
             return np.array(source.value, dtype=planned.dtype).reshape(planned.shape)
-        if tensor.dtype != torch.float32:
-            tensor = tensor.to(torch.float32)
+        want = getattr(torch, planned.dtype)
+        if tensor.dtype != want:
+            tensor = tensor.to(want)
         return tensor.numpy()
 
     def fetch(self, entry: TensorEntry) -> np.ndarray:

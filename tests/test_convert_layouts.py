@@ -223,9 +223,10 @@ def test_sidecar_from_another_run_is_refused(tmp_path):
     assert str(sidecar) in error and "bucket layout differs" in error
 
 
-def test_map_that_disagrees_with_the_checkpoint_layout_is_reported(tmp_path):
+def test_map_that_disagrees_with_the_checkpoint_layout_stops_unless_told_which_to_trust(tmp_path):
     """Two same-shaped parameters swapped in the map pass every structural check, but differ from the
-    layout the checkpoint implies: the user is warned, naming both parameters."""
+    layout the checkpoint implies: one of the two is wrong, so the run stops naming both parameters,
+    and --trust-layout picks one explicitly."""
     spec = LAYOUTS["tp1_pp1_dp1"]
     fixture = write_fixture(tmp_path / "save", spec)
     path = fixture.param_map_dir / "param_map_buffer0_dp0tp0pp0vpp0.json"
@@ -234,10 +235,32 @@ def test_map_that_disagrees_with_the_checkpoint_layout_is_reported(tmp_path):
         "module.language_model.encoder.layers.1.input_norm.weight"
     layout[a][2:], layout[b][2:] = layout[b][2:], layout[a][2:]
     path.write_text(json.dumps(layout))
-    proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "out", *size_flags(spec),
-                   "--param-map-path", fixture.param_map_dir)
-    warnings = [line for line in proc.stdout.splitlines() if "WARNING param_map differs" in line]
+
+    def convert(out, *extra):
+        return run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / out, *size_flags(spec),
+                       "--param-map-path", fixture.param_map_dir, *extra)
+
+    refused = convert("refused")
+    assert refused.returncode == 2, refused.stdout
+    [error] = [line for line in refused.stdout.splitlines() if " ERROR " in line]
+    assert a in error and b in error and "differ in 2 places" in error and "--trust-layout" in error
+    assert not list((tmp_path / "refused").glob("rank_*"))
+
+    record = load_record(fixture.root)
+    truth = expected_tensors(record, tp_size=1)
+    trusted_checkpoint = convert("checkpoint", "--trust-layout", "checkpoint")
+    assert trusted_checkpoint.returncode == 0, trusted_checkpoint.stdout
+    assert_rank_files_match(tmp_path / "checkpoint", truth)
+
+    trusted_map = convert("map", "--trust-layout", "map")
+    assert trusted_map.returncode == 0, trusted_map.stdout
+    warnings = [line for line in trusted_map.stdout.splitlines() if "WARNING param_map differs" in line]
     assert len(warnings) == 2 and a in warnings[0] + warnings[1] and b in warnings[0] + warnings[1]
+    from tests.expected_outputs import load_ms, ms_name
+    loaded = load_ms(tmp_path / "map" / "rank_0" / "network.ckpt")
+    # the map swapped the two spans, so the values follow the map: a's name holds b's values
+    name_a, name_b = ms_name(a), ms_name(b)
+    assert loaded[name_a].tobytes() == truth[0][name_b].tobytes()
 
 
 def test_release_checkpoint_without_iteration_and_tensor_valued_optimizer_numbers(tmp_path):
