@@ -37,7 +37,6 @@ import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -46,6 +45,9 @@ from types import MappingProxyType
 from typing import Sequence
 
 import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.process_memory import TreeSampler  # noqa: E402  (shared with the memory test)
 
 REPO = Path(__file__).resolve().parent.parent
 GENERATOR = REPO / "tests" / "megatron_fixture.py"
@@ -56,7 +58,6 @@ MIB = 1 << 20
 WALL_TARGET = 1.3  # converter wall <= 1.3 x floor wall
 ANON_TARGET = 1.2 * GIB  # peak tree RssAnon with 2 workers
 ANON_TARGET_PROCESSES = 2
-SAMPLE_INTERVAL = 0.010
 
 # Fixture sizes: the same tp2 pp2 dp2 layout, scaled by layers / hidden size. default: 2.60 GB of
 # distrib_optim.pt; double (twice the layers, same largest tensor): 4.42 GB; 10gb: hidden 2048 (4x the
@@ -192,85 +193,6 @@ def largest_output_tensor_bytes(fixture: Fixture) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # Measuring one run
-
-
-class TreeSampler:
-    """Peak of the summed VmRSS / RssAnon over some root processes and all their descendants.
-
-    Sums double-count pages shared between processes (the converter's forked workers share the parent's
-    pages), so they are an upper bound of the memory the run holds."""
-
-    def __init__(self, roots: Sequence[int], interval: float = SAMPLE_INTERVAL):
-        self.roots = list(roots)
-        self.interval = interval
-        self.peak_rss = 0
-        self.peak_anon = 0
-        self.samples = 0
-        own = os.getpid()
-        self._children = child_pids if os.path.exists(f"/proc/{own}/task/{own}/children") else psutil_child_pids
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True)
-
-    def __enter__(self) -> "TreeSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            rss, anon = 0, 0
-            for pid in self._tree():
-                pid_rss, pid_anon = read_status_kib(pid)
-                rss, anon = rss + pid_rss, anon + pid_anon
-            self.peak_rss, self.peak_anon = max(self.peak_rss, rss * 1024), max(self.peak_anon, anon * 1024)
-            self.samples += 1
-            self._stop.wait(self.interval)
-
-    def _tree(self) -> set[int]:
-        pids, todo = set(), list(self.roots)
-        while todo:
-            pid = todo.pop()
-            if pid not in pids:
-                pids.add(pid)
-                todo += self._children(pid)
-        return pids
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid`, from /proc/PID/task/TID/children (~0.05 ms per sample here)."""
-    children = []
-    try:
-        tasks = os.listdir(f"/proc/{pid}/task")
-    except OSError:  # the process is gone
-        return []
-    for tid in tasks:
-        try:
-            children += [int(c) for c in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
-        except OSError:  # the thread ended meanwhile
-            pass
-    return children
-
-
-def psutil_child_pids(pid: int) -> list[int]:
-    # psutil scans every process on the machine (~1.6 ms here), which at 100 samples/s would take a
-    # sixth of one of the two cores from the run being measured: only for kernels without the file above.
-    try:
-        return [child.pid for child in psutil.Process(pid).children()]
-    except psutil.NoSuchProcess:
-        return []
-
-
-def read_status_kib(pid: int) -> tuple[int, int]:
-    """(VmRSS, RssAnon) in KiB; (0, 0) for a process that is gone or a zombie."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:  # the process is gone
-        return 0, 0
-    fields = dict(re.findall(r"^(VmRSS|RssAnon):\s+(\d+) kB", text, re.M))
-    return int(fields.get("VmRSS", 0)), int(fields.get("RssAnon", 0))
 
 
 @dataclass(frozen=True)
