@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark convert_pt2ckpt against the I/O floor (issue 5). Not part of CI.
+"""Benchmark convert_pt2ckpt against the I/O floor. Not part of CI.
 
     python3 benchmarks/bench.py [--size default|double|10gb] [--processes 1 2] [--formats ckpt safetensors]
                                 [--repeat 3] [--workdir DIR] [--keep] [--clean] [--check-flat]

@@ -2,7 +2,7 @@
 
 A record is the `expected.json` + `expected.pt` pair that Megatron's sample and our fixture generator
 write beside a checkpoint (names, global layers, shapes and the full tensors they stored). Names and
-rank numbers follow FORMATS.md section 6, re-implemented here on purpose: the converter's own naming
+rank numbers follow the output format (docs/output-format.md), re-implemented here on purpose: the converter's own naming
 code is what is under test.
 """
 
@@ -121,7 +121,7 @@ def load_trusted(path: Path):
 
 
 def expected_scalars(model_file: Path) -> dict[str, np.ndarray]:
-    """The extra scalars FORMATS.md section 6 lists, from the rank's own model_optim_rng.pt."""
+    """The extra scalars the output format specifies, from the rank's own model_optim_rng.pt."""
     sd = load_trusted(model_file)
     out = {"step_num": np.array(sd["iteration"], np.int64), "epoch_num": np.array(0, np.int64)}
     for i, group in enumerate(sd["optimizer"]["optimizer"]["param_groups"]):

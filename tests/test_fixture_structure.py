@@ -24,7 +24,7 @@ SAMPLE_SPEC = FixtureSpec(tp=2, pp=2, dp=2, num_layers=4, hidden=40, heads=4, ff
                           make_vocab_size_divisible_by=1, overlap_grad_reduce=True, bucket_size=700,
                           untie_embeddings=False, iteration=10, dtype="bf16", model="legacy")
 
-# args fields compared by value with the sample (FORMATS.md section 2 names these, plus the
+# args fields compared by value with the sample (the fields the checkpoint format names, plus the
 # layout fields the converter needs); all other fields are compared by name and order only.
 ARGS_COMPARED = (
     "num_layers", "encoder_num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
