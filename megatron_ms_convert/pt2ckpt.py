@@ -29,13 +29,16 @@ from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, infer_l
                               state_key_for)
 from .plan import (RankInfo, RankPlan, check_layer_counts, check_unique_names, optimizer_scalars,
                    plan_model_tensors, plan_optimizer_tensors)
-from .runner import (RankResult, RunSettings, Task, check_no_foreign_outputs, plan_fingerprint, rank_status,
-                     run_tasks)
+from . import __version__
+from .folder_lock import folder_lock
+from .runner import (RankResult, RunSettings, RunStopped, Task, check_no_foreign_outputs, plan_fingerprint,
+                     rank_status, run_tasks, signals_stop_the_run)
 from .topology import RankFolder, Topology
 
 log = logging.getLogger("convert_pt2ckpt")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Also 130 (Ctrl-C) and 143 (SIGTERM): 128 + the signal number, as RunStopped.exit_code computes.
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PT_META = "pt_meta"
 
 
@@ -443,28 +446,58 @@ def configure_logging(debug: bool) -> None:
     log.propagate = False
 
 
+def canonical_paths(options: Options) -> Options:
+    """The path flags made absolute with symlinks resolved, so that a conversion is recognised as the
+    same one (to resume it) however its paths were spelled, e.g. `o1` or `$PWD/o1`."""
+    def resolved(path: Path | None) -> Path | None:
+        return path.resolve() if path is not None else None
+    return dataclasses.replace(options, megatron_path=resolved(options.megatron_path),
+                               ms_path=resolved(options.ms_path), param_map_path=resolved(options.param_map_path),
+                               save_param_map=resolved(options.save_param_map))
+
+
+def prepare_outputs(options: Options) -> tuple[Job, dict]:
+    """Plan the job, then look at --ms-path: which ranks an earlier run finished (by folder), no
+    foreign outputs, and the param_map copies in pt_meta/. Raises ConvertInputError for bad input."""
+    job = prepare(options)
+    statuses = {plan.folder: ("todo" if options.overwrite else rank_status(plan)) for plan in job.plans}
+    if not options.overwrite:
+        check_no_foreign_outputs(job.plans, statuses)
+    if not options.convert_param_only:
+        write_param_map_copies(job, options)
+        if options.save_param_map:
+            save_param_maps(job, options)
+    return job, statuses
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """parse -> options -> lock --ms-path -> prepare -> run -> report; returns the exit code."""
     ns = build_parser().parse_args(argv)
     configure_logging(ns.debug)
     started = time.monotonic()
-    try:
-        options = options_from_args(ns)
-        log.info("converting %s -> %s", options.megatron_path, options.ms_path)
-        job = prepare(options)
-        statuses = {plan.folder: ("todo" if options.overwrite else rank_status(plan)) for plan in job.plans}
-        if not options.overwrite:
-            check_no_foreign_outputs(job.plans, statuses)
-        if not options.convert_param_only:
-            write_param_map_copies(job, options)
-            if options.save_param_map:
-                save_param_maps(job, options)
-    except ConvertInputError as err:
-        log.error("%s", err)
-        return EXIT_BAD_INPUT
-    except OSError as err:
-        log.error("cannot write under --ms-path %s: %s -> check the path, its permissions and free space",
-                  ns.ms_path, err)
-        return EXIT_BAD_INPUT
+    with signals_stop_the_run(), contextlib.ExitStack() as held:
+        try:
+            options = canonical_paths(options_from_args(ns))
+            log.info("converting %s -> %s", options.megatron_path, options.ms_path)
+            held.enter_context(folder_lock(options.ms_path))  # until the run ends, however it ends
+            job, statuses = prepare_outputs(options)
+        except ConvertInputError as err:
+            log.error("%s", err)
+            return EXIT_BAD_INPUT
+        except OSError as err:
+            log.error("cannot write under --ms-path %s: %s -> check the path, its permissions and free space",
+                      ns.ms_path, err)
+            return EXIT_BAD_INPUT
+        except RunStopped as stop:
+            log.error("interrupted (%s) before any rank was converted; re-run the same command to convert them",
+                      stop.cause)
+            return stop.exit_code
+        return run_and_report(job, statuses, options, started)
+
+
+def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
+    """Convert the ranks not done yet (verify the done ones with --verify), log one line per folder
+    and the summary; returns the exit code."""
     if options.debug:
         for plan in job.plans:
             log.debug("%s", plan.describe())
@@ -477,6 +510,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         tasks = []
         for plan in job.plans:
+            if statuses[plan.folder] == "outdated":
+                log.info("'%s': its outputs were written by another version of the converter (this is %s); "
+                         "converting it again", plan.folder.path, __version__)
             if statuses[plan.folder] != "done":
                 tasks.append(Task(plan, write=True))
             elif options.verify:  # a complete output from an earlier run is verified, not rewritten
@@ -485,11 +521,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 on_done(plan, RankResult(plan.folder.name, "skipped"))
         try:
             run_tasks(tasks, run_settings(options), on_done)
-        except KeyboardInterrupt:
-            log.error("interrupted (Ctrl-C): stopped the workers and removed their partial files; "
-                      "re-run the same command to finish the remaining ranks")
+        except RunStopped as stop:
+            log.error("interrupted (%s): stopped the workers and removed their partial files; "
+                      "re-run the same command to finish the remaining ranks", stop.cause)
             _summary(results, len(job.plans), started)
-            return EXIT_INTERRUPTED
+            return stop.exit_code
     if options.verify:
         log.info("verified %d tensors in %d files", sum(r.verified_tensors for r in results),
                  sum(r.verified_files for r in results))

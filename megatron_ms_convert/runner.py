@@ -3,10 +3,17 @@ file, copies it to the other dp/cp ranks, writes the pt_meta args file and, with
 output back with MindSpore. The parent runs the workers (one forked process per rank, at most
 `process_limit` at a time), enforces the timeout, and records which ranks are complete so that a
 re-run resumes instead of starting over.
+
+Stopping: SIGINT (Ctrl-C) and SIGTERM (`timeout`, Slurm, Kubernetes) reach the parent as
+`RunStopped`; it kills the workers and removes their temporaries. Workers ignore SIGINT (the parent
+stops them, so Ctrl-C prints one message, not one traceback per worker) and are killed by the kernel
+when the parent dies, so no worker resumes later to write into a folder its run has given up.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import filecmp
 import hashlib
 import json
@@ -14,17 +21,20 @@ import logging
 import math
 import multiprocessing
 import multiprocessing.connection
+import os
 import signal
 import sys
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
+from . import __version__
 from .atomic import atomic_target, copy_file_atomically, partial_path, write_text_atomically
 from .errors import ConvertInputError
 from .megatron import checkpoint as reader
@@ -51,7 +61,8 @@ class RunSettings:
 
 def plan_fingerprint(plan: RankPlan) -> str:
     """Hash of the plan and of the source files' identity (path, size, mtime): equal fingerprints mean
-    an existing output was written by this same conversion."""
+    an existing output was written by this same conversion. The plan's paths must be canonical
+    (resolved), so that spelling a path another way does not make a conversion look like another."""
     sources = [plan.folder.model_file] + ([plan.folder.distrib_file] if plan.reads_distrib else [])
     sources += [Path(layout.source) for layout in plan.layouts if Path(layout.source).is_file()]
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
@@ -67,15 +78,19 @@ def read_manifest(plan: RankPlan) -> dict:
 
 def write_manifest(plan: RankPlan, state: str, files: dict[str, int] | None = None) -> None:
     write_text_atomically(plan.manifest_file, json.dumps(
-        {"fingerprint": plan.fingerprint, "state": state, "source": str(plan.folder.path), "files": files or {}},
-        indent=1))
+        {"fingerprint": plan.fingerprint, "converter_version": __version__, "state": state,
+         "source": str(plan.folder.path), "files": files or {}}, indent=1))
 
 
 def rank_status(plan: RankPlan) -> str:
-    """'done' (complete output of this conversion), 'todo', or 'foreign' (outputs exist that this
-    conversion did not write, which must not be silently mixed with new ones)."""
+    """'done' (complete output of this conversion, written by this version of the converter), 'todo',
+    'outdated' (output of this conversion written by another version of the converter, which may have
+    had a bug this one fixes: it is converted again, never skipped), or 'foreign' (outputs exist that
+    this conversion did not write, which must not be silently mixed with new ones)."""
     manifest = read_manifest(plan)
     if manifest.get("fingerprint") == plan.fingerprint:
+        if manifest.get("converter_version") != __version__:
+            return "outdated"
         files = manifest.get("files", {})
         complete = manifest.get("state") == "complete" and all(
             Path(f).is_file() and Path(f).stat().st_size == size for f, size in files.items())
@@ -249,6 +264,93 @@ def verify_outputs(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Stopping a run: signals and the workers' lifetime
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+KILLED_WORKER_WAIT_S = 5.0
+PR_SET_PDEATHSIG = 1  # prctl option (linux/prctl.h): the signal the kernel sends a process when its parent dies
+
+
+class RunStopped(BaseException):
+    """SIGINT (Ctrl-C) or SIGTERM reached the parent. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` on the way up swallows it and every cleanup on the way runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signal.Signals(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum  # what a shell reports for a process the signal killed: 130, 143
+
+    @property
+    def cause(self) -> str:
+        return "Ctrl-C" if self.signum == signal.SIGINT else self.signum.name
+
+
+@contextlib.contextmanager
+def signals_stop_the_run() -> Iterator[None]:
+    """Within the block SIGINT and SIGTERM raise RunStopped in the main thread, once: a second signal
+    during the cleanup that follows is ignored, so that the workers are stopped, their temporaries
+    removed and the summary logged. The previous handlers come back on exit. (Only the main thread
+    can handle signals; elsewhere the block runs with the handlers as they are.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, _frame):
+        for each in STOP_SIGNALS:
+            signal.signal(each, signal.SIG_IGN)
+        raise RunStopped(signum)
+
+    previous = {each: signal.signal(each, stop) for each in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for each, handler in previous.items():
+            signal.signal(each, handler)
+
+
+@contextlib.contextmanager
+def _stop_signals_held_back() -> Iterator[None]:
+    """Block SIGINT and SIGTERM while a worker is forked and registered. The child starts with them
+    blocked until it has set its own dispositions (so it never runs the parent's handler), and a
+    RunStopped raised when the parent lets them through finds the new worker among the running ones,
+    to be stopped with the rest."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this worker when its parent dies, however the parent dies: a worker
+    that was stalled (say on a hung disk) while its run was stopped must never resume later and write
+    a rank file and a 'complete' manifest nobody is waiting for. SIGKILL also ends a stopped process.
+    The parent may have died before the request was made; then this worker ends now."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _kill_workers(processes: Sequence[Any]) -> None:
+    """SIGKILL the workers and wait a bounded time for them to go. A worker blocked in the kernel (a
+    hung disk) dies only when its I/O returns; its kill is pending by then, so it runs none of its
+    own code again, and the run need not wait for it to report and exit."""
+    for process in processes:
+        process.kill()
+    deadline = time.monotonic() + KILLED_WORKER_WAIT_S
+    for process in processes:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.exitcode is None:
+            log.warning("worker %s (pid %d) has not exited %.0f s after SIGKILL (blocked in I/O?); it exits when "
+                        "its I/O returns and writes nothing more", process.name, process.pid, KILLED_WORKER_WAIT_S)
+
+
+# ---------------------------------------------------------------------------------------------
 # Running the plans
 
 
@@ -261,7 +363,8 @@ class Task:
 def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[RankPlan, RankResult], None]) -> None:
     """Execute every task, at most --process-limit at a time, each in its own forked worker so that a
     crash, a signal or --process_timeout stops that rank only and is reported with its folder.
-    Forking after the parent imported torch makes a worker's start-up cost nothing."""
+    Forking after the parent imported torch makes a worker's start-up cost nothing. However this
+    ends (RunStopped included), no worker is left running and no temporary file is left behind."""
     if settings.multiprocess_off:
         for task in tasks:
             on_done(task.plan, _execute_reporting_errors(task, settings))
@@ -273,12 +376,9 @@ def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[R
         while pending or running:
             while pending and len(running) < settings.process_limit:
                 task = pending.popleft()
-                receiver, sender = context.Pipe(duplex=False)
-                process = context.Process(target=_worker_main, args=(task, settings, sender),
-                                          name=f"convert-{task.plan.folder.name}", daemon=True)
-                process.start()
-                sender.close()
-                running[process.sentinel] = (task.plan, process, receiver, time.monotonic())
+                with _stop_signals_held_back():
+                    process, receiver = _start_worker(context, task, settings)
+                    running[process.sentinel] = (task.plan, process, receiver, time.monotonic())
             deadline = min(start for _, _, _, start in running.values()) + settings.process_timeout
             ready = multiprocessing.connection.wait(list(running), timeout=max(0.0, deadline - time.monotonic()))
             for sentinel in ready:
@@ -287,22 +387,32 @@ def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[R
             now = time.monotonic()
             for sentinel, (plan, process, receiver, start) in list(running.items()):
                 if now - start >= settings.process_timeout:
-                    process.kill()
-                    process.join()
+                    _kill_workers([process])
                     del running[sentinel]
                     remove_partials(plan)
                     on_done(plan, RankResult(plan.folder.name, "failed",
                                              f"timed out after --process_timeout {settings.process_timeout} s; "
                                              "the worker was killed"))
     finally:
-        for plan, process, _, _ in running.values():
-            process.kill()
-            process.join()
+        _kill_workers([process for _, process, _, _ in running.values()])
+        for plan, _, _, _ in running.values():
             remove_partials(plan)
 
 
-def _worker_main(task: Task, settings: RunSettings, sender) -> None:
+def _start_worker(context, task: Task, settings: RunSettings) -> tuple[Any, Any]:
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_worker_main, args=(task, settings, sender, os.getpid()),
+                              name=f"convert-{task.plan.folder.name}", daemon=True)
+    process.start()
+    sender.close()
+    return process, receiver
+
+
+def _worker_main(task: Task, settings: RunSettings, sender, parent_pid: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent_pid)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     result = _execute_reporting_errors(task, settings)
     sender.send(result)
     sender.close()
@@ -315,14 +425,14 @@ def _execute_reporting_errors(task: Task, settings: RunSettings) -> RankResult:
     except ConvertInputError as err:
         remove_partials(plan)
         return RankResult(plan.folder.name, "failed", str(err))
-    except KeyboardInterrupt:
-        remove_partials(plan)
-        raise
     except Exception as err:  # the worker reports every failure with its folder instead of dying silently
         remove_partials(plan)
         if settings.debug:
             log.exception("worker for %s failed", plan.folder.path)
         return RankResult(plan.folder.name, "failed", f"{type(err).__name__}: {err}")
+    except BaseException:  # a stop (Ctrl-C, SIGTERM) in --multiprocess-off mode: leave no temporaries
+        remove_partials(plan)
+        raise
 
 
 def _collect(plan: RankPlan, process, receiver) -> RankResult:

@@ -146,11 +146,12 @@ def expected_scalars(model_file: Path) -> dict[str, np.ndarray]:
     return out
 
 
-def run_cli(*args, env_extra=None, timeout=600, preexec_fn=None) -> subprocess.CompletedProcess:
-    """Run the converter as users do: a subprocess with its log on stdout."""
+def run_cli(*args, env_extra=None, timeout=600, preexec_fn=None, cwd=None) -> subprocess.CompletedProcess:
+    """Run the converter as users do: a subprocess with its log on stdout (relative paths in `args`
+    are relative to `cwd`)."""
     env = {**os.environ, **(env_extra or {})}
     return subprocess.run([sys.executable, str(CLI), *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, preexec_fn=preexec_fn)
+                          timeout=timeout, env=env, preexec_fn=preexec_fn, cwd=cwd)
 
 
 def load_ms(path: Path, fmt: str = "ckpt") -> dict[str, np.ndarray]:
