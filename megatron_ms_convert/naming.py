@@ -175,7 +175,7 @@ def _norm_table(normalization: str, where: str) -> dict[str, str]:
     return NORM_PARAMS[normalization]
 
 
-def _rule_applies(rule: NameRule, facts: NamingFacts) -> bool:
+def rule_applies(rule: NameRule, facts: NamingFacts) -> bool:
     """Whether reading MindSpore names back may produce this rule's Megatron name."""
     return rule.family == facts.family and {
         "": True, "never": False, "tied": facts.tied, "untied": not facts.tied,
@@ -241,7 +241,7 @@ def _from_mindspeed(name: str, facts: NamingFacts) -> str | None:
     norms = _norm_table(facts.normalization, name)
     back = {ms: mg for mg, ms in norms.items()}
     for rule in NAME_RULES:
-        if not _rule_applies(rule, facts):
+        if not rule_applies(rule, facts):
             continue
         match = _pattern(rule.mindspore, tuple(back)).match(name)
         if match:
@@ -257,7 +257,7 @@ def _from_documented(name: str, facts: NamingFacts) -> str | None:
     if facts.family == "legacy" and candidate == "word_embeddings_for_head.weight":
         candidate = "word_embeddings.weight"  # --convert-param-only wrote the state-dict key
     norms = tuple(_norm_table(facts.normalization, name))
-    known = any(_rule_applies(rule, facts) and _pattern(rule.megatron, norms).match(candidate)
+    known = any(rule_applies(rule, facts) and _pattern(rule.megatron, norms).match(candidate)
                 for rule in NAME_RULES)
     return candidate if known else None
 
