@@ -111,9 +111,13 @@ class NamingFacts:
             raise ValueError(f"NamingFacts: family {self.family!r} / style {self.style!r}")
 
 
-def naming_facts(args: Any, style: str = "mindspeed") -> NamingFacts:
-    """The facts of a run from its saved args (argparse.Namespace; None gives core_r0.6.0's defaults)."""
-    mcore = bool(getattr(args, "use_mcore_models", False))
+def naming_facts(args: Any, style: str = "mindspeed", keys: Sequence[str] = ()) -> NamingFacts:
+    """The facts of a run from its saved args (argparse.Namespace; what they lack takes core_r0.6.0's
+    defaults). Args without `use_mcore_models` leave the model family to the parameter names `keys`."""
+    if hasattr(args, "use_mcore_models"):
+        mcore = bool(args.use_mcore_models)
+    else:
+        mcore = any(model_relative(k).startswith(("decoder.", "embedding.", "output_layer.")) for k in keys)
     return NamingFacts(
         family="mcore" if mcore else "legacy",
         normalization=getattr(args, "normalization", None) or "LayerNorm",

@@ -363,7 +363,8 @@ def prepare(options: Options) -> Job:
     if len(iterations) != 1:
         raise ConvertInputError(f"{iteration_dir}: rank folders hold different iterations {sorted(iterations)}",
                                 expected="one iteration", fix="copy all folders from the same checkpoint")
-    facts = naming_facts(infos[0].args, options.name_style)
+    facts = naming_facts(infos[0].args, options.name_style,
+                         keys=[key for tensors in infos[0].chunk_tensors for key, _, _ in tensors])
     warn_position_table_rows(infos)
     plans = []
     for info in infos:

@@ -108,12 +108,15 @@ def test_documented_style_is_the_documented_tools_names():
             assert set(by_ms) == want
 
 
+_LAYER0 = "language_model.encoder.layers.0."
+
+
 @pytest.mark.parametrize("name, norm, want", [
-    ("language_model.encoder.layers.0.input_norm.weight", "LayerNorm", "language_model.encoder.layers.0.input_norm.gamma"),
-    ("language_model.encoder.layers.0.input_norm.bias", "LayerNorm", "language_model.encoder.layers.0.input_norm.beta"),
-    ("language_model.encoder.layers.0.input_norm.weight", "RMSNorm", "language_model.encoder.layers.0.input_norm.weight"),
+    ("language_model.encoder.layers.0.input_norm.weight", "LayerNorm", _LAYER0 + "input_norm.gamma"),
+    ("language_model.encoder.layers.0.input_norm.bias", "LayerNorm", _LAYER0 + "input_norm.beta"),
+    ("language_model.encoder.layers.0.input_norm.weight", "RMSNorm", _LAYER0 + "input_norm.weight"),
     ("decoder.layers.0.mlp.linear_fc1.layer_norm_bias", "LayerNorm",
-     "language_model.encoder.layers.0.post_attention_norm.beta"),
+     _LAYER0 + "post_attention_norm.beta"),
 ])
 def test_norm_spelling_follows_the_runs_normalization(name, norm, want):
     family = "mcore" if name.startswith("decoder") else "legacy"
@@ -213,3 +216,15 @@ def test_moe_checkpoint_is_refused_with_the_way_out(tmp_path):
     assert ok.returncode == 0, ok.stdout
     assert "language_model.encoder.layers.0.mlp.router.weight" in load_ms(tmp_path / "doc" / "rank_0" / "network.ckpt")
 
+
+
+def test_docs_list_every_rule_of_the_table():
+    text = (Path(__file__).resolve().parent.parent / "docs" / "names.md").read_text()
+    for rule in NAME_RULES:
+        assert f"| `{rule.megatron}` | `{rule.mindspore}` |" in text, rule
+
+
+def test_args_without_the_family_leave_it_to_the_names():
+    assert naming_facts(None, keys=["decoder.layers.0.self_attention.linear_qkv.weight"]).family == "mcore"
+    assert naming_facts(None, keys=["language_model.encoder.final_norm.weight"]).family == "legacy"
+    assert naming_facts(None).normalization == "LayerNorm" and naming_facts(None).tied
