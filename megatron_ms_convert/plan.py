@@ -14,7 +14,7 @@ from typing import Any, Sequence, Union
 from .errors import ConvertInputError
 from .megatron.layout import BucketCounts, BufferLayout
 from .mindspore.format import ITEMSIZE
-from .naming import local_layer_numbers, ms_param_name
+from .naming import NamingFacts, local_layer_numbers, mindspore_name
 from .topology import RankFolder, Topology
 
 LR_DECAY_STYLES = ["constant", "WSD", "linear", "cosine", "inverse-square-root"]
@@ -208,7 +208,7 @@ def _is_number(value: Any) -> bool:
 
 
 def plan_optimizer_tensors(info: RankInfo, layouts: Sequence[BufferLayout], topo: Topology,
-                           states: Sequence[str]) -> list[PlannedTensor]:
+                           states: Sequence[str], facts: NamingFacts) -> list[PlannedTensor]:
     """fp32 master weights and Adam moments of every parameter, sliced out of their buckets."""
     missing = [s for s in states if s not in info.states]
     if missing:
@@ -223,11 +223,13 @@ def plan_optimizer_tensors(info: RankInfo, layouts: Sequence[BufferLayout], topo
             base = count.bucket_start(span.bucket)
             for state in states:
                 source = BucketSlice(gbuf, count.dtype_key, state, span.bucket, span.start - base, span.end - base)
-                out.append(PlannedTensor(ms_param_name(span.name, layer_map, state), span.shape, "float32", source))
+                name = mindspore_name(span.name, facts, layer_map, state, where=str(info.folder.model_file))
+                out.append(PlannedTensor(name, span.shape, "float32", source))
     return out
 
 
-def plan_model_tensors(info: RankInfo, topo: Topology) -> tuple[list[PlannedTensor], tuple[tuple[str, ...], ...]]:
+def plan_model_tensors(info: RankInfo, topo: Topology,
+                       facts: NamingFacts) -> tuple[list[PlannedTensor], tuple[tuple[str, ...], ...]]:
     """--convert-param-only: every tensor of model_optim_rng.pt (floating point ones as fp32, integer
     ones keeping their values), plus the per-chunk list of source names (reversed, as the documented
     tool records them for the way back)."""
@@ -235,8 +237,8 @@ def plan_model_tensors(info: RankInfo, topo: Topology) -> tuple[list[PlannedTens
     for chunk, (chunk_key, tensors) in enumerate(zip(info.chunk_keys, info.chunk_tensors)):
         layer_map = topo.layer_map(info.folder.pp, chunk)
         for key, shape, dtype in tensors:
-            out.append(PlannedTensor(ms_param_name(key, layer_map), shape, output_dtype(dtype),
-                                     ModelTensor(chunk_key, key)))
+            name = mindspore_name(key, facts, layer_map, where=str(info.folder.model_file))
+            out.append(PlannedTensor(name, shape, output_dtype(dtype), ModelTensor(chunk_key, key)))
         name_lists.append(tuple(f"{chunk_key}.{key}" for key, _, _ in reversed(tensors)))
     return out, tuple(name_lists)
 

@@ -24,6 +24,7 @@ import torch
 from .atomic import copy_file_atomically, write_text_atomically
 from .errors import ConvertInputError
 from .megatron import checkpoint as reader
+from .naming import STYLES, NamingFacts, naming_facts
 from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, infer_layouts, layout_differences,
                               list_param_map_files, param_map_file_name, param_map_json, read_rank_layouts,
                               state_key_for)
@@ -113,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "with an error listing the differences)")
     group.add_argument("--save-param-map", type=str, default=None, metavar="DIR",
                        help="write the bucket layout used (inferred or given) as param_map JSON files to DIR")
+    group.add_argument("--name-style", choices=list(STYLES), default="mindspeed",
+                       help="parameter names to write: 'mindspeed' = the names MindSpeed-Core-MS's GPTModel "
+                            "loads; 'documented' = the documented tool's names (see docs/names.md)")
     return parser
 
 
@@ -143,6 +147,7 @@ class Options:
     overwrite: bool
     save_param_map: Path | None
     trust_layout: str | None = None
+    name_style: str = "mindspeed"
 
 
 def options_from_args(ns: argparse.Namespace) -> Options:
@@ -176,6 +181,7 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         process_timeout=ns.process_timeout, verify=ns.verify, overwrite=ns.overwrite,
         save_param_map=Path(ns.save_param_map) if ns.save_param_map else None,
         trust_layout=ns.trust_layout,
+        name_style=ns.name_style,
     )
 
 
@@ -334,18 +340,35 @@ def warn_unmapped_tensors(layouts: Sequence[BufferLayout], info: RankInfo) -> No
                     "output: %s", info.folder.model_file, len(unmapped), ", ".join(unmapped[:5]))
 
 
+def warn_position_table_rows(infos: Sequence[RankInfo]) -> None:
+    """MindSpeed-Core-MS sizes the learned position-embedding table by seq_length, Megatron by
+    max_position_embeddings: a MindSpore run with other rows than the checkpoint fails to load it."""
+    for info in infos:
+        for chunk in info.chunk_tensors:
+            for key, shape, _ in chunk:
+                if key.endswith("position_embeddings.weight"):
+                    seq_length = getattr(info.args, "seq_length", None)
+                    if seq_length is not None and shape[0] != seq_length:
+                        log.warning("%s: %s has %d rows (max_position_embeddings) but the run's seq_length is %d; "
+                                    "MindSpeed-Core-MS sizes this table by seq_length, so the MindSpore run must "
+                                    "use seq_length %d to load it", info.folder.model_file, key, shape[0],
+                                    seq_length, shape[0])
+                    return
+
+
 def output_paths(options: Options, topo: Topology, folder: RankFolder) -> tuple[Path, ...]:
     filename = f"{options.file_prefix}.{options.fmt}"
     return tuple(options.ms_path / f"rank_{rank}" / filename
                  for rank in topo.target_ranks(folder.tp, folder.pp, options.generate_all_dp_cp))
 
 
-def plan_rank(info: RankInfo, topo: Topology, options: Options, layouts: Sequence[BufferLayout]) -> RankPlan:
+def plan_rank(info: RankInfo, topo: Topology, options: Options, layouts: Sequence[BufferLayout],
+              facts: NamingFacts) -> RankPlan:
     check_layer_counts(info, topo)
     if options.convert_param_only:
-        tensors, name_lists = plan_model_tensors(info, topo)
+        tensors, name_lists = plan_model_tensors(info, topo, facts)
     else:
-        tensors, name_lists = plan_optimizer_tensors(info, layouts, topo, options.dist_opt_content), None
+        tensors, name_lists = plan_optimizer_tensors(info, layouts, topo, options.dist_opt_content, facts), None
     tensors = tensors + optimizer_scalars(info.iteration, info.param_groups, info.scheduler, info.folder.model_file)
     check_unique_names(tensors, info.folder.path)
     stem = f"tp{info.folder.tp:02}_pp{info.folder.pp:03}"
@@ -385,10 +408,13 @@ def _prepare(options: Options) -> Job:
     if len(iterations) != 1:
         raise ConvertInputError(f"{iteration_dir}: rank folders hold different iterations {sorted(iterations)}",
                                 expected="one iteration", fix="copy all folders from the same checkpoint")
+    facts = naming_facts(infos[0].args, options.name_style,
+                         keys=[key for tensors in infos[0].chunk_tensors for key, _, _ in tensors])
+    warn_position_table_rows(infos)
     plans = []
     for info in infos:
         layouts = rank_layouts(info, options, map_files) if need_distrib else []
-        plan = plan_rank(info, topo, options, layouts)
+        plan = plan_rank(info, topo, options, layouts, facts)
         plans.append(dataclasses.replace(plan, fingerprint=plan_fingerprint(plan)))
     return Job(plans, map_files, infos[0].args)
 

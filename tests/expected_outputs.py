@@ -2,8 +2,10 @@
 
 A record is the `expected.json` + `expected.pt` pair that Megatron's sample and our fixture generator
 write beside a checkpoint (names, global layers, shapes and the full tensors they stored). Names and
-rank numbers follow the output format (docs/output-format.md), re-implemented here on purpose: the converter's own naming
-code is what is under test.
+rank numbers follow the output format (docs/output-format.md) and the MindSpore model's names
+(docs/names.md), re-implemented here on purpose (by substitution, not by the converter's rule table):
+the converter's own naming code is what is under test. tests/mindspeed_model_facts.py checks these
+names once more against the MindSpore model's own structure.
 """
 
 from __future__ import annotations
@@ -25,6 +27,16 @@ VPP_SAMPLE = REPO / "tests" / "data" / "megatron_vpp_sample"
 
 _RENAMES = {"self_attention": "attention", "query_key_value": "qkv_proj", "dense": "out_proj",
             "dense_h_to_4h": "mapping", "dense_4h_to_h": "projection"}
+# mcore -> legacy Megatron names, as megatron/core/inference/gpt/state_dict_hooks.py pairs them up
+_MCORE_FUSED_NORMS = ((".self_attention.linear_qkv.layer_norm_", ".input_layernorm."),
+                      (".mlp.linear_fc1.layer_norm_", ".pre_mlp_layernorm."))
+_MCORE_PREFIXES = (("decoder.final_layernorm.", "language_model.encoder.final_norm."),
+                   ("decoder.layers.", "language_model.encoder.layers."),
+                   ("embedding.", "language_model.embedding."),
+                   ("output_layer.", "language_model.output_layer."))
+_MCORE_PARTS = {"input_layernorm": "input_norm", "pre_mlp_layernorm": "post_attention_norm",
+                "linear_qkv": "query_key_value", "linear_proj": "dense", "linear_fc1": "dense_h_to_4h",
+                "linear_fc2": "dense_4h_to_h"}
 _LR_STYLES = ["constant", "WSD", "linear", "cosine", "inverse-square-root"]
 _WD_STYLES = ["constant", "linear", "cosine"]
 
@@ -65,8 +77,38 @@ def tensors_from_codes(params: list[dict]) -> dict[str, torch.Tensor]:
     return out
 
 
-def ms_name(dotted: str) -> str:
+def documented_name(dotted: str) -> str:
+    """The documented tool's name: `module` dropped, five legacy components renamed."""
     return ".".join(_RENAMES.get(p, p) for p in dotted.split(".") if p != "module")
+
+
+def _mcore_as_legacy(name: str) -> str:
+    for fused, plain in _MCORE_FUSED_NORMS:
+        name = name.replace(fused, plain)
+    for old, new in _MCORE_PREFIXES:
+        if name.startswith(old):
+            name = new + name[len(old):]
+            break
+    return ".".join(_MCORE_PARTS.get(p, p) for p in name.split("."))
+
+
+def ms_name(dotted: str, meta: dict | None = None, style: str = "mindspeed") -> str:
+    """The MindSpore name of a Megatron name (global layer numbers already in it). `meta` is the
+    record's meta: model family and normalization (the Megatron sample's: legacy, LayerNorm)."""
+    if style == "documented":
+        return documented_name(dotted)
+    meta = meta or {}
+    name = ".".join(p for p in dotted.split(".") if p != "module")
+    if meta.get("model", "legacy") == "mcore":
+        name = _mcore_as_legacy(name)
+    elif name in ("word_embeddings.weight", "word_embeddings_for_head.weight"):
+        name = "language_model.output_layer.weight"  # the last stage's copy of tied embeddings
+    parts = documented_name(name).split(".")
+    if parts[-2] == "position_embeddings":
+        parts[-1] = "embedding_table"  # an nn.Embedding
+    if parts[-2].endswith("_norm") and meta.get("normalization", "LayerNorm") == "LayerNorm":
+        parts[-1] = {"weight": "gamma", "bias": "beta"}[parts[-1]]
+    return ".".join(parts)
 
 
 def state_key(entry: dict) -> str:
@@ -93,7 +135,8 @@ def ms_rank(tp: int, pp: int, tp_size: int, dp_size: int, cp_size: int, dp: int 
 
 
 def expected_tensors(record: Record, *, tp_size: int, dp_size: int = 1, cp_size: int = 1,
-                     states=("param", "exp_avg", "exp_avg_sq"), param_only: bool = False) -> dict[int, dict]:
+                     states=("param", "exp_avg", "exp_avg_sq"), param_only: bool = False,
+                     style: str = "mindspeed") -> dict[int, dict]:
     """rank -> {MindSpore name: fp32 array} for the dp=cp=0 ranks (tensors only, no scalars)."""
     out: dict[int, dict] = {}
     for entry in record.params:
@@ -101,12 +144,12 @@ def expected_tensors(record: Record, *, tp_size: int, dp_size: int = 1, cp_size:
         tensors = out.setdefault(rank, {})
         key = f"{entry['key']}::"
         if param_only:
-            name = ms_name(with_global_layer(state_key(entry), entry))
+            name = ms_name(with_global_layer(state_key(entry), entry), record.meta, style)
             tensors[name] = record.tensors[key + "model_bf16"].float().numpy()
             continue
         if not entry.get("requires_grad", True):
             continue
-        name = ms_name(entry["name_global_layer"])
+        name = ms_name(entry["name_global_layer"], record.meta, style)
         for state in states:
             full = name if state == "param" else f"{state}.{name}"
             tensors[full] = record.tensors[key + state].float().numpy()

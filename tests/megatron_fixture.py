@@ -156,6 +156,10 @@ class FixtureSpec:
     iteration: int = 10
     param_map: str = "documented"  # "documented" | "with_sidecar" | "none"
     garbage_padding: bool = True
+    normalization: str = "LayerNorm"  # args.normalization: "LayerNorm" | "RMSNorm"
+    position_embedding: str = "learned_absolute"  # args.position_embedding_type: "learned_absolute" | "rope"
+    max_position_embeddings: int | None = None  # rows of the learned position table (default: seq_length)
+    mcore_spec: str = "local"  # mcore layer spec: "local" | "te" (Transformer Engine: norms fused into linears)
 
     def __post_init__(self) -> None:
         if self.stage_list is not None and not isinstance(self.stage_list, tuple):
@@ -173,6 +177,17 @@ class FixtureSpec:
             errors.append(f"dtype must be one of {sorted(TRAIN_DTYPES)}, not {self.dtype!r}")
         if self.param_map not in ("documented", "with_sidecar", "none"):
             errors.append(f"param_map must be documented/with_sidecar/none, not {self.param_map!r}")
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            errors.append(f"normalization must be LayerNorm or RMSNorm, not {self.normalization!r}")
+        if self.position_embedding not in ("learned_absolute", "rope"):
+            errors.append(f"position_embedding must be learned_absolute or rope, not {self.position_embedding!r}")
+        if self.mcore_spec not in ("local", "te"):
+            errors.append(f"mcore_spec must be local or te, not {self.mcore_spec!r}")
+        if self.model == "mcore" and self.mcore_spec == "local" and self.normalization != "LayerNorm":
+            # megatron/core/fusions/fused_layer_norm.py: FusedLayerNorm asserts normalization == "LayerNorm"
+            errors.append("mcore with the local spec needs normalization LayerNorm (use mcore_spec='te')")
+        if self.max_position_embeddings is not None and self.max_position_embeddings < 1:
+            errors.append("max_position_embeddings must be >= 1")
         if self.bucket_size is not None and self.bucket_size < 1:
             errors.append("bucket_size must be None or >= 1")
         if self.hidden % self.heads:
@@ -214,6 +229,16 @@ class FixtureSpec:
         """tokenizer._vocab_size_with_padding: multiple of make_vocab_size_divisible_by * tp."""
         multiple = self.make_vocab_size_divisible_by * self.tp
         return -(-self.vocab // multiple) * multiple
+
+    @property
+    def position_rows(self) -> int:
+        """Rows of the learned position-embedding table: args.max_position_embeddings."""
+        return self.max_position_embeddings or self.seq_length
+
+    @property
+    def norm_params(self) -> tuple[str, ...]:
+        """LayerNorm has weight and bias, RMSNorm only weight (legacy rms_norm.py, TE RMSNorm)."""
+        return ("weight", "bias") if self.normalization == "LayerNorm" else ("weight",)
 
     @property
     def dp_cp(self) -> int:
@@ -412,8 +437,9 @@ def _legacy_chunk(spec: FixtureSpec, pre: bool, post: bool, n_layers: int) -> _P
         shared = tied and spec.pp > 1 and not post
         b.param(f"{lm}.embedding.word_embeddings.weight", (lm, "embedding", "word_embeddings", "weight"),
                 (spec.padded_vocab // tp, h), shared=shared)
-        b.param(f"{lm}.embedding.position_embeddings.weight", (lm, "embedding", "position_embeddings", "weight"),
-                (spec.seq_length, h))
+        if spec.position_embedding == "learned_absolute":
+            b.param(f"{lm}.embedding.position_embeddings.weight",
+                    (lm, "embedding", "position_embeddings", "weight"), (spec.position_rows, h))
     enc = f"{lm}.encoder"
     for i in range(n_layers):
         def p(suffix: str, shape: tuple[int, ...], norm: bool = False) -> None:
@@ -423,16 +449,16 @@ def _legacy_chunk(spec: FixtureSpec, pre: bool, post: bool, n_layers: int) -> _P
         def x(module: str) -> None:
             b.extra_state((lm, "encoder", f"layers.{i}.{module}._extra_state"))
 
-        p("input_norm.weight", (h,), True)
-        p("input_norm.bias", (h,), True)
+        for w in spec.norm_params:
+            p(f"input_norm.{w}", (h,), True)
         p("self_attention.query_key_value.weight", (3 * h // tp, h))
         p("self_attention.query_key_value.bias", (3 * h // tp,))
         x("self_attention.query_key_value")
         p("self_attention.dense.weight", (h, h // tp))
         p("self_attention.dense.bias", (h,))
         x("self_attention.dense")
-        p("post_attention_norm.weight", (h,), True)
-        p("post_attention_norm.bias", (h,), True)
+        for w in spec.norm_params:
+            p(f"post_attention_norm.{w}", (h,), True)
         p("mlp.dense_h_to_4h.weight", (spec.ffn // tp, h))
         p("mlp.dense_h_to_4h.bias", (spec.ffn // tp,))
         x("mlp.dense_h_to_4h")
@@ -440,8 +466,8 @@ def _legacy_chunk(spec: FixtureSpec, pre: bool, post: bool, n_layers: int) -> _P
         p("mlp.dense_4h_to_h.bias", (h,))
         x("mlp.dense_4h_to_h")
     if post:
-        b.param(f"{enc}.final_norm.weight", (lm, "encoder", "final_norm.weight"), (h,), norm=True)
-        b.param(f"{enc}.final_norm.bias", (lm, "encoder", "final_norm.bias"), (h,), norm=True)
+        for w in spec.norm_params:
+            b.param(f"{enc}.final_norm.{w}", (lm, "encoder", f"final_norm.{w}"), (h,), norm=True)
         if spec.untie_embeddings:
             b.param(f"{lm}.output_layer.weight", (lm, "output_layer", "weight"), (spec.padded_vocab // tp, h))
             b.extra_state((lm, "output_layer", "_extra_state"))
@@ -453,22 +479,28 @@ def _legacy_chunk(spec: FixtureSpec, pre: bool, post: bool, n_layers: int) -> _P
 
 
 def _mcore_chunk(spec: FixtureSpec, pre: bool, post: bool, n_layers: int) -> _ParamListBuilder:
-    """megatron.core.models.gpt.GPTModel with get_gpt_layer_local_spec(): flat state dict.
+    """megatron.core.models.gpt.GPTModel (gpt_layer_specs.py): flat state dict.
 
-    Module registration order: embedding, decoder (layers: input_layernorm, self_attention
-    (core_attention, linear_proj, linear_qkv, q/k_layernorm=IdentityOp), pre_cross_attn_layernorm,
-    cross_attention, pre_mlp_layernorm, mlp (linear_fc1, linear_fc2)), final_layernorm (TENorm),
-    output_layer. Note linear_proj comes BEFORE linear_qkv in named_parameters().
+    Local spec (get_gpt_layer_local_spec): module registration order embedding, decoder (layers:
+    input_layernorm, self_attention (core_attention, linear_proj, linear_qkv, q/k_layernorm=IdentityOp),
+    pre_cross_attn_layernorm, cross_attention, pre_mlp_layernorm, mlp (linear_fc1, linear_fc2)),
+    final_layernorm, output_layer. Note linear_proj comes BEFORE linear_qkv in named_parameters().
+    Transformer Engine spec (get_gpt_layer_with_transformer_engine_spec): input_layernorm and
+    pre_mlp_layernorm are IdentityOp; the norms live in TELayerNormColumnParallelLinear (TE's
+    LayerNormLinear) as linear_qkv.layer_norm_weight/_bias and linear_fc1.layer_norm_weight/_bias,
+    registered before the linear's weight/bias; final_layernorm is TENorm (weight, bias for LayerNorm).
     """
     b = _ParamListBuilder(spec)
     h, tp = spec.hidden, spec.tp
     tied = not spec.untie_embeddings
+    te = spec.mcore_spec == "te"
     if pre:
         shared = tied and spec.pp > 1 and not post
         b.param("embedding.word_embeddings.weight", ("embedding.word_embeddings.weight",),
                 (spec.padded_vocab // tp, h), shared=shared)
-        b.param("embedding.position_embeddings.weight", ("embedding.position_embeddings.weight",),
-                (spec.seq_length, h))
+        if spec.position_embedding == "learned_absolute":
+            b.param("embedding.position_embeddings.weight", ("embedding.position_embeddings.weight",),
+                    (spec.position_rows, h))
     for i in range(n_layers):
         def p(suffix: str, shape: tuple[int, ...], norm: bool = False) -> None:
             key = f"decoder.layers.{i}.{suffix}"
@@ -477,16 +509,24 @@ def _mcore_chunk(spec: FixtureSpec, pre: bool, post: bool, n_layers: int) -> _Pa
         def x(module: str) -> None:
             b.extra_state((f"decoder.layers.{i}.{module}._extra_state",))
 
-        p("input_layernorm.weight", (h,), True)
-        p("input_layernorm.bias", (h,), True)
+        def norm(module: str) -> None:
+            for w in spec.norm_params:
+                p(f"{module}.layer_norm_{w}" if te else f"{module}.{w}", (h,), True)
+
+        if not te:
+            norm("input_layernorm")
         p("self_attention.linear_proj.weight", (h, h // tp))
         p("self_attention.linear_proj.bias", (h,))
         x("self_attention.linear_proj")
+        if te:
+            norm("self_attention.linear_qkv")
         p("self_attention.linear_qkv.weight", (3 * h // tp, h))
         p("self_attention.linear_qkv.bias", (3 * h // tp,))
         x("self_attention.linear_qkv")
-        p("pre_mlp_layernorm.weight", (h,), True)
-        p("pre_mlp_layernorm.bias", (h,), True)
+        if te:
+            norm("mlp.linear_fc1")
+        else:
+            norm("pre_mlp_layernorm")
         p("mlp.linear_fc1.weight", (spec.ffn // tp, h))
         p("mlp.linear_fc1.bias", (spec.ffn // tp,))
         x("mlp.linear_fc1")
@@ -494,8 +534,8 @@ def _mcore_chunk(spec: FixtureSpec, pre: bool, post: bool, n_layers: int) -> _Pa
         p("mlp.linear_fc2.bias", (h,))
         x("mlp.linear_fc2")
     if post:
-        b.param("decoder.final_layernorm.weight", ("decoder.final_layernorm.weight",), (h,), norm=True)
-        b.param("decoder.final_layernorm.bias", ("decoder.final_layernorm.bias",), (h,), norm=True)
+        for w in spec.norm_params:
+            b.param(f"decoder.final_layernorm.{w}", (f"decoder.final_layernorm.{w}",), (h,), norm=True)
         # ColumnParallelLinear(skip_weight_param_allocation = pre_process and tied): weight None
         if spec.untie_embeddings or not pre:
             b.param("output_layer.weight", ("output_layer.weight",), (spec.padded_vocab // tp, h),
@@ -932,7 +972,12 @@ def _make_args(spec: FixtureSpec, root: Path, tp_rank: int, pp_rank: int) -> arg
         ffn_hidden_size=spec.ffn,
         num_attention_heads=spec.heads,
         kv_channels=spec.hidden // spec.heads,
-        max_position_embeddings=spec.seq_length,
+        max_position_embeddings=spec.position_rows,
+        position_embedding_type=spec.position_embedding,
+        use_rotary_position_embeddings=spec.position_embedding == "rope",
+        add_position_embedding=spec.position_embedding == "learned_absolute",
+        normalization=spec.normalization,
+        transformer_impl="transformer_engine" if spec.model == "mcore" and spec.mcore_spec == "te" else "local",
         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by,
         untie_embeddings_and_output_weights=spec.untie_embeddings,
         global_batch_size=gbs,
@@ -1182,6 +1227,8 @@ def _meta(spec: FixtureSpec, plan: FixturePlan) -> dict:
         "make_vocab_size_divisible_by": spec.make_vocab_size_divisible_by, "seq_length": spec.seq_length,
         "mixed_dtype": spec.mixed_dtype, "frozen": list(spec.frozen), "param_map": spec.param_map,
         "garbage_padding": spec.garbage_padding,
+        "normalization": spec.normalization, "position_embedding": spec.position_embedding,
+        "max_position_embeddings": spec.position_rows, "mcore_spec": spec.mcore_spec,
         "padding_sentinel": "nan" if spec.garbage_padding else 0.0,
         "code_stride": plan.code_stride, "values_exact_fp32": plan.values_exact_fp32,
         "megatron_dir": "release" if spec.release else f"iter_{spec.iteration:07d}",
@@ -1324,6 +1371,10 @@ def _parse(argv: list[str] | None) -> tuple[Path, FixtureSpec, bool]:
     ap.add_argument("--param-map", choices=("documented", "with_sidecar", "none"), default="documented")
     ap.add_argument("--no-garbage-padding", action="store_true", help="padding holds 0 instead of NaN")
     ap.add_argument("--no-record", action="store_true", help="skip expected.pt (big benchmark fixtures)")
+    ap.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    ap.add_argument("--position-embedding", choices=("learned_absolute", "rope"), default="learned_absolute")
+    ap.add_argument("--max-position-embeddings", type=int, default=None)
+    ap.add_argument("--mcore-spec", choices=("local", "te"), default="local")
     a = ap.parse_args(argv)
     spec = FixtureSpec(
         tp=a.tp, pp=a.pp, dp=a.dp, cp=a.cp, vpp=a.vpp, num_layers=a.num_layers, hidden=a.hidden, ffn=a.ffn,
@@ -1332,7 +1383,9 @@ def _parse(argv: list[str] | None) -> tuple[Path, FixtureSpec, bool]:
         bucket_size=a.bucket_size, untie_embeddings=a.untie,
         stage_list=tuple(a.stage_list) if a.stage_list else None, mixed_dtype=a.mixed_dtype,
         frozen=tuple(a.frozen), release=a.release, iteration=a.iteration, param_map=a.param_map,
-        garbage_padding=not a.no_garbage_padding)
+        garbage_padding=not a.no_garbage_padding, normalization=a.normalization,
+        position_embedding=a.position_embedding, max_position_embeddings=a.max_position_embeddings,
+        mcore_spec=a.mcore_spec)
     return a.out, spec, not a.no_record
 
 

@@ -1,6 +1,7 @@
 """End to end over many parallel layouts written by our fixture generator: each converted with the
 param_map and without it (layout inferred from the checkpoint), every output loaded with
-mindspore.load_checkpoint and compared element by element with the fixture's own record."""
+mindspore.load_checkpoint and compared element by element with the fixture's own record, and its
+names compared with the parameters the MindSpore model of that stage has (tests/mindspeed_model_facts.py)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import json
 
 import pytest
 
-from tests.expected_outputs import (assert_rank_files_match, expected_scalars, expected_tensors, load_record,
-                                    ms_rank, run_cli)
+from tests.expected_outputs import (assert_rank_files_match, expected_scalars, expected_tensors, load_ms,
+                                    load_record, ms_rank, run_cli)
 from tests.megatron_fixture import FixtureSpec, write_fixture
+from tests.mindspeed_model_facts import check_rank_names, stages_of
 
 SMALL = dict(hidden=24, ffn=52, heads=2, vocab=61)
 LAYOUTS = {
@@ -24,8 +26,12 @@ LAYOUTS = {
     "fp32_pp2": FixtureSpec(pp=2, num_layers=2, dtype="fp32", **SMALL),
     "mcore_tp2_pp2_tied": FixtureSpec(tp=2, pp=2, dp=2, num_layers=4, model="mcore", overlap_grad_reduce=True,
                                       bucket_size=700, **SMALL),
-    "mcore_pp3_vpp2_untied": FixtureSpec(pp=3, vpp=2, dp=2, num_layers=6, model="mcore", untie_embeddings=True,
-                                         **SMALL),
+    "mcore_te_pp3_vpp2_untied": FixtureSpec(pp=3, vpp=2, dp=2, num_layers=6, model="mcore", mcore_spec="te",
+                                            untie_embeddings=True, **SMALL),
+    "mcore_te_rmsnorm_rope_tp2_pp2": FixtureSpec(tp=2, pp=2, num_layers=2, model="mcore", mcore_spec="te",
+                                                 normalization="RMSNorm", position_embedding="rope", **SMALL),
+    "legacy_rmsnorm_untied_pp2": FixtureSpec(pp=2, dp=2, num_layers=4, normalization="RMSNorm",
+                                             untie_embeddings=True, **SMALL),
     "mixed_dtype_two_buffers": FixtureSpec(pp=2, dp=2, num_layers=2, mixed_dtype=True, overlap_grad_reduce=True,
                                            bucket_size=300, **SMALL),
     "mcore_cp2_release": FixtureSpec(tp=2, dp=2, cp=2, num_layers=2, model="mcore", release=True, **SMALL),
@@ -52,6 +58,20 @@ def scalars_per_rank(fixture, spec: FixtureSpec) -> dict[int, dict]:
     return out
 
 
+def assert_names_are_the_models(ms_path, fixture, spec: FixtureSpec, fmt: str = "ckpt",
+                                states=("param", "exp_avg", "exp_avg_sq"), scalars_known: bool = True) -> None:
+    """Each rank file holds exactly the parameters (and moments) of its stage's MindSpore model, plus
+    scalars (the oracle's; or, where the oracle cannot read the checkpoint, any name without a dot)."""
+    meta = load_record(fixture.root).meta
+    scalars = scalars_per_rank(fixture, spec) if scalars_known else None
+    for tp in range(spec.tp):
+        for pp in range(spec.pp):
+            rank = ms_rank(tp, pp, spec.tp, spec.dp, spec.cp)
+            loaded = set(load_ms(ms_path / f"rank_{rank}" / f"network.{fmt}", fmt))
+            rank_scalars = set(scalars[rank]) if scalars else {name for name in loaded if "." not in name}
+            check_rank_names(loaded, stages_of(meta, pp), rank_scalars, states)
+
+
 @pytest.fixture(scope="module", params=sorted(LAYOUTS))
 def converted(request, tmp_path_factory):
     """A fixture checkpoint converted twice: with its param_map and with the layout inferred."""
@@ -76,6 +96,12 @@ def test_every_tensor_equals_the_record(converted):
     assert compared > 3 * len(record.params)
     successes = [line for line in by_map.stdout.splitlines() if "successfully" in line]
     assert len(successes) == spec.tp * spec.pp
+
+
+def test_names_are_the_mindspore_models(converted):
+    spec, fixture, root, by_map, _ = converted
+    assert by_map.returncode == 0, by_map.stdout + by_map.stderr
+    assert_names_are_the_models(root / "by_map", fixture, spec)
 
 
 def test_inferred_layout_gives_identical_files(converted):
@@ -112,6 +138,7 @@ def test_convert_param_only(layout, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     expected = expected_tensors(load_record(fixture.root), tp_size=spec.tp, dp_size=spec.dp, param_only=True)
     assert_rank_files_match(tmp_path / "out", expected, scalars=scalars_per_rank(fixture, spec))
+    assert_names_are_the_models(tmp_path / "out", fixture, spec, states=("param",))
 
 
 def test_safetensors_with_vpp(vpp_fixture, tmp_path):
@@ -122,6 +149,7 @@ def test_safetensors_with_vpp(vpp_fixture, tmp_path):
     expected = expected_tensors(load_record(vpp_fixture.root), tp_size=spec.tp, dp_size=spec.dp,
                                 states=("param", "exp_avg_sq"))
     assert_rank_files_match(tmp_path, expected, fmt="safetensors", scalars=scalars_per_rank(vpp_fixture, spec))
+    assert_names_are_the_models(tmp_path, vpp_fixture, spec, fmt="safetensors", states=("param", "exp_avg_sq"))
 
 
 def test_generate_all_dp_cp_with_cp2(tmp_path):
@@ -140,6 +168,7 @@ def test_generate_all_dp_cp_with_cp2(tmp_path):
                 rank = ms_rank(tp, 0, spec.tp, spec.dp, spec.cp, dp, cp)
                 assert (tmp_path / "out" / f"rank_{rank}" / "network.ckpt").read_bytes() == primary.read_bytes()
     assert_rank_files_match(tmp_path / "out", expected)
+    assert_names_are_the_models(tmp_path / "out", fixture, spec)
 
 
 def test_frozen_parameter_cannot_be_inferred_but_converts_with_its_map(tmp_path):
@@ -207,6 +236,8 @@ def test_transformer_engine_extra_state_tensors_are_not_parameters(tmp_path):
         assert proc.returncode == 0, proc.stdout + proc.stderr
         expected = expected_tensors(record, tp_size=spec.tp, dp_size=spec.dp, param_only=param_only)
         assert_rank_files_match(out, expected, scalars=scalars_per_rank(fixture, spec))
+        assert_names_are_the_models(out, fixture, spec, states=("param",) if param_only else
+                                    ("param", "exp_avg", "exp_avg_sq"))
 
 
 def test_sidecar_from_another_run_is_refused(tmp_path):
@@ -281,7 +312,7 @@ def test_release_checkpoint_without_iteration_and_tensor_valued_optimizer_number
             torch.save(sd, model_file)
     proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "out", *size_flags(spec))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    from tests.expected_outputs import load_ms
+    assert_names_are_the_models(tmp_path / "out", fixture, spec, scalars_known=False)
     loaded = load_ms(tmp_path / "out" / "rank_1" / "network.ckpt")
     assert loaded["step_num"] == 0 and loaded["learning_rate_group_0"].dtype.name == "float32"
     sd = load_megatron_file(fixture.megatron_path / "mp_rank_00_001" / "model_optim_rng.pt")

@@ -8,7 +8,8 @@ import json
 import pytest
 
 from tests.expected_outputs import (SAMPLE, VPP_SAMPLE, assert_rank_files_match, expected_scalars, expected_tensors,
-                                    load_record, load_trusted, ms_rank, run_cli)
+                                    load_ms, load_record, load_trusted, ms_rank, run_cli)
+from tests.mindspeed_model_facts import check_rank_names, stages_of
 
 FLAGS = ["--megatron-path", SAMPLE / "iter_0000010", "--tp-size", 2, "--pp-size", 2, "--dp-size", 2,
          "--num-layers", 4]
@@ -27,6 +28,19 @@ def sample_scalars(tp_size=2, dp_size=2, cp_size=1):
     return out
 
 
+def assert_names_are_the_models(out, root, rank_of_pp: dict[int, list[int]], scalars: dict[int, dict],
+                                states=("param", "exp_avg", "exp_avg_sq"), fmt="ckpt", prefix="network"):
+    """Each rank file holds exactly the parameters (and moments) of its stage's MindSpore model, plus scalars."""
+    meta = load_record(root).meta
+    for pp, ranks in rank_of_pp.items():
+        for rank in ranks:
+            loaded = load_ms(out / f"rank_{rank}" / f"{prefix}.{fmt}", fmt)
+            check_rank_names(set(loaded), stages_of(meta, pp), set(scalars[rank]), states)
+
+
+SAMPLE_RANKS = {0: [0, 1], 1: [4, 5]}
+
+
 @pytest.fixture(scope="module")
 def inferred_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("inferred")
@@ -41,6 +55,7 @@ def test_inferred_layout_converts_every_tensor_exactly(inferred_run, record):
     assert sorted(expected) == [0, 1, 4, 5]
     compared = assert_rank_files_match(out, expected, scalars=sample_scalars())
     assert compared == 106 * 3 + 4 * len(sample_scalars()[0])
+    assert_names_are_the_models(out, SAMPLE, SAMPLE_RANKS, sample_scalars())
     assert sorted(p.name for p in out.iterdir()) == ["pt_meta", "rank_0", "rank_1", "rank_4", "rank_5", "saved_map"]
 
 
@@ -95,6 +110,7 @@ def test_safetensors_format(record, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_rank_files_match(tmp_path, expected_tensors(record, tp_size=2, dp_size=2), fmt="safetensors",
                             prefix="llm", scalars=sample_scalars())
+    assert_names_are_the_models(tmp_path, SAMPLE, SAMPLE_RANKS, sample_scalars(), fmt="safetensors", prefix="llm")
 
 
 def test_convert_param_only_takes_the_model_copy(record, tmp_path):
@@ -102,6 +118,7 @@ def test_convert_param_only_takes_the_model_copy(record, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     expected = expected_tensors(record, tp_size=2, dp_size=2, param_only=True)
     assert_rank_files_match(tmp_path, expected, scalars=sample_scalars())
+    assert_names_are_the_models(tmp_path, SAMPLE, SAMPLE_RANKS, sample_scalars(), states=("param",))
     meta = load_trusted(tmp_path / "pt_meta/args_tp00_pp001.pt")
     names = meta["param_name_list"]
     assert len(names) == 1 and names[0][0] == "model.word_embeddings_for_head.weight"
@@ -155,6 +172,7 @@ def test_real_vpp_checkpoint_converts_exactly(with_map, tmp_path):
     assert sorted(expected) == [0, 2, 4, 6]
     compared = assert_rank_files_match(tmp_path, expected, scalars=vpp_scalars())
     assert compared >= 101 * 3
+    assert_names_are_the_models(tmp_path, VPP_SAMPLE, {pp: [2 * pp] for pp in range(4)}, vpp_scalars())
     assert len([line for line in proc.stdout.splitlines() if "successfully" in line]) == 4
 
 
@@ -163,3 +181,5 @@ def test_real_vpp_checkpoint_param_only(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     expected = expected_tensors(load_record(VPP_SAMPLE), tp_size=1, dp_size=2, param_only=True)
     assert_rank_files_match(tmp_path, expected, scalars=vpp_scalars())
+    assert_names_are_the_models(tmp_path, VPP_SAMPLE, {pp: [2 * pp] for pp in range(4)}, vpp_scalars(),
+                                states=("param",))

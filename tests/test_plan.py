@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_ms_convert.naming import ms_param_name
+from megatron_ms_convert.naming import NamingFacts, mindspore_name
 from megatron_ms_convert.plan import optimizer_scalars
 from megatron_ms_convert.topology import Topology
 from megatron_ms_convert.errors import ConvertInputError
@@ -36,8 +36,9 @@ def topo(**kw):
     ("decoder.layers.0.self_attention.dense.weight", "param", "decoder.layers.6.attention.out_proj.weight"),
     ("module.language_model.encoder.final_norm.weight", "param", "language_model.encoder.final_norm.weight"),
 ])
-def test_names(source, state, want):
-    assert ms_param_name(source, lambda i: i + 6, state) == want
+def test_documented_names(source, state, want):
+    facts = NamingFacts(family="mcore" if "decoder" in source else "legacy", style="documented")
+    assert mindspore_name(source, facts, lambda i: i + 6, state) == want
 
 
 def test_global_layers_without_vpp_follow_the_stage_list():
