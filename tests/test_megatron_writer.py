@@ -22,6 +22,7 @@ from megatron_ms_convert.megatron.torch_writer import write_torch_file
 from megatron_ms_convert.megatron.writer import (TensorSpec, TrainingUpdates, apply_training_updates,
                                                  distrib_optim_tree, model_optim_rng_tree, padded_bucket_size,
                                                  skeleton_specs)
+from tests.expected_outputs import run_cli
 from tests.megatron_fixture import FixtureSpec, write_fixture
 from tests.test_torch_writer import assert_same
 
@@ -226,3 +227,16 @@ def test_default_key_order_drops_absent_entries():
     assert list(tree) == ["checkpoint_version", "iteration", "model0", "model1",
                           "num_floating_point_operations_so_far"]
     assert tree["model1"]["w"].produce().tolist() == [1.0, 1.0] and tree["model1"]["w"].dtype == torch.bfloat16
+
+
+def test_pt_meta_written_by_the_cli_rebuilds_the_sample(tmp_path):
+    proc = run_cli("--megatron-path", SAMPLE / "iter_0000010", "--tp-size", 2, "--pp-size", 2, "--dp-size", 2,
+                   "--num-layers", 4, "--ms-path", tmp_path / "ms")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    recorded = Recorded(SAMPLE)
+    for tp, pp, folder in rank_folders(SAMPLE / "iter_0000010"):
+        meta = load_pt(tmp_path / "ms" / "pt_meta" / f"args_tp{tp:02}_pp{pp:03}.pt")
+        assert (meta["folder_name"], meta["iteration_dir"]) == (folder.name, "iter_0000010")
+        distrib, model = rebuild_rank(tmp_path, meta, recorded, tp, pp, 2)
+        assert assert_distrib_equal(distrib, folder / "distrib_optim.pt") == 3 * (10 if pp == 0 else 2)
+        assert_same(load_pt(model), load_pt(folder / "model_optim_rng.pt"))
