@@ -30,6 +30,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from .checkpoint import flatten_state_dict
 from .layout import BucketCounts, BufferLayout, ParamSpan
 from .torch_writer import LazyTensor
 
@@ -80,16 +81,9 @@ def model_skeleton(chunk_sd: dict, prefix: str = "") -> dict:
     return out
 
 
-def skeleton_specs(skeleton: dict, prefix: str = "") -> list[tuple[str, TensorSpec]]:
+def skeleton_specs(skeleton: dict) -> list[tuple[str, TensorSpec]]:
     """(dotted state-dict key, TensorSpec) of every parameter of a chunk skeleton, in saved order."""
-    out = []
-    for key, value in skeleton.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out += skeleton_specs(value, name + ".")
-        elif isinstance(value, TensorSpec):
-            out.append((name, value))
-    return out
+    return [(name, value) for name, value in flatten_state_dict(skeleton) if isinstance(value, TensorSpec)]
 
 
 def encode_skeleton(skeleton: Any) -> Any:
