@@ -38,6 +38,7 @@ from . import __version__
 from .atomic import atomic_target, copy_file_atomically, partial_path, write_text_atomically
 from .errors import ConvertInputError
 from .megatron import checkpoint as reader
+from .megatron.pt_meta import pt_meta_record
 from .mindspore.writer import TensorEntry, write_mindspore_file
 from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan
 
@@ -225,12 +226,12 @@ def _with_tensor_progress(fetch, total: int, label: str):
 
 
 def write_meta_file(plan: RankPlan, model_sd: dict) -> None:
-    """pt_meta/args_tpTT_ppPPP.pt: what the way back (MindSpore -> Megatron) needs besides the tensors."""
-    keys = ("args", "checkpoint_version", "iteration", "optimizer", "opt_param_scheduler", "rng_state",
-            "num_floating_point_operations_so_far")
-    meta = {key: model_sd.get(key) for key in keys}
-    if plan.param_name_list is not None:
-        meta["param_name_list"] = [list(names) for names in plan.param_name_list]
+    """pt_meta/args_tpTT_ppPPP.pt: what the way back (MindSpore -> Megatron) needs besides the tensors:
+    the documented keys plus the skeletons, layouts and bucket sizes that make it exact. The bucket
+    sizes come from the pickle of distrib_optim.pt (mmap'd: its tensors are not read), when it was read."""
+    distrib = reader.load_pt(plan.folder.distrib_file) if plan.reads_distrib else None
+    meta = pt_meta_record(model_sd, plan.folder.model_file, distrib, plan.layouts, plan.param_name_list)
+    del distrib
     with atomic_target(plan.meta_file) as partial, reader.megatron_enum_importable():
         torch.save(meta, partial)
 

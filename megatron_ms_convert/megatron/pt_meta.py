@@ -1,0 +1,94 @@
+"""The pt_meta record: what convert_pt2ckpt keeps of each Megatron rank so the way back is exact.
+
+`pt_meta/args_tpTT_ppPPP.pt` holds the documented keys (args, checkpoint_version, iteration,
+optimizer, opt_param_scheduler, rng_state, num_floating_point_operations_so_far, and param_name_list
+with --convert-param-only), exactly as the documented tool writes them, plus:
+
+- `pt_meta_format` / `pt_meta_version`: marks a record that has the keys below;
+- `state_keys`: the top-level keys of model_optim_rng.pt in saved order ('model' or 'model0', ...);
+- `model_skeletons`: per model chunk, its state dict with every parameter replaced by a plain
+  `{'__tensor_spec__': True, 'shape': [...], 'dtype': torch dtype}` and everything else
+  (`_extra_state` included) as saved;
+- `folder_name`, `iteration_dir`: `mp_rank_TT` or `mp_rank_TT_PPP`, and `iter_XXXXXXX` or `release`;
+- `per_bucket_numel`, `per_bucket_numel_unpadded`: as distrib_optim.pt saved them (dtype-key
+  tuples and all), None when there was no distrib_optim.pt;
+- `layouts`: every grad buffer's layout (chunk, buffer index, and per parameter
+  [name, dtype, shape, start, end, bucket] in buffer order), empty when none was planned.
+
+Everything is plain data, tensors and torch dtypes, so the file loads with `weights_only=True` and
+the Megatron allow-list. A record written by the documented tool lacks the additions: the readers
+below return None for them, and the way back falls back to rules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .checkpoint import model_chunk_keys
+from .layout import BucketCounts, BufferLayout, ParamSpan
+from .writer import decode_skeleton, encode_skeleton, model_skeleton
+
+PT_META_FORMAT = "megatron_ms_convert.pt_meta"
+PT_META_VERSION = 1
+DOCUMENTED_KEYS = ("args", "checkpoint_version", "iteration", "optimizer", "opt_param_scheduler", "rng_state",
+                   "num_floating_point_operations_so_far")
+
+
+def pt_meta_record(model_sd: dict, model_file: Path, distrib: Any | None, layouts: Sequence[BufferLayout],
+                   param_name_list: Sequence[Sequence[str]] | None) -> dict:
+    """The pt_meta dict of one rank from its loaded model_optim_rng.pt (and distrib_optim.pt, if any)."""
+    meta = {key: model_sd.get(key) for key in DOCUMENTED_KEYS}
+    if param_name_list is not None:
+        meta["param_name_list"] = [list(names) for names in param_name_list]
+    chunk_keys = model_chunk_keys(model_sd, model_file)
+    meta.update({
+        "pt_meta_format": PT_META_FORMAT,
+        "pt_meta_version": PT_META_VERSION,
+        "state_keys": list(model_sd),
+        "model_skeletons": [encode_skeleton(model_skeleton(model_sd[key])) for key in chunk_keys],
+        "folder_name": Path(model_file).parent.name,
+        "iteration_dir": Path(model_file).parent.parent.name,
+        "per_bucket_numel": distrib.get("per_bucket_numel") if isinstance(distrib, dict) else None,
+        "per_bucket_numel_unpadded": distrib.get("per_bucket_numel_unpadded") if isinstance(distrib, dict) else None,
+        "layouts": [layout_record(layout) for layout in layouts],
+    })
+    return meta
+
+
+def layout_record(layout: BufferLayout) -> dict:
+    return {"chunk": layout.chunk, "buffer_index": layout.buffer_index,
+            "params": [[p.name, p.dtype, list(p.shape), p.start, p.end, p.bucket] for p in layout.params]}
+
+
+def has_additions(meta: dict) -> bool:
+    """True for a record written by this package, False for one of the documented tool."""
+    return meta.get("pt_meta_format") == PT_META_FORMAT
+
+
+def skeletons_from_meta(meta: dict) -> list[dict] | None:
+    """The model chunk skeletons (TensorSpec leaves), or None for a documented record."""
+    return [decode_skeleton(s) for s in meta["model_skeletons"]] if has_additions(meta) else None
+
+
+def layouts_from_meta(meta: dict, source: str) -> list[BufferLayout] | None:
+    """The grad-buffer layouts recorded at conversion time, or None when none were recorded."""
+    if not has_additions(meta) or not meta.get("layouts"):
+        return None
+    return [BufferLayout(rec["chunk"], rec["buffer_index"],
+                         tuple(ParamSpan(name, dtype, tuple(shape), start, end, bucket)
+                               for name, dtype, shape, start, end, bucket in rec["params"]),
+                         f"{source} (layout of chunk {rec['chunk']} buffer {rec['buffer_index']})")
+            for rec in meta["layouts"]]
+
+
+def counts_from_meta(meta: dict) -> list[BucketCounts] | None:
+    """The source's bucket sizes per grad buffer as distrib_optim.pt saved them, or None."""
+    padded_all, unpadded_all = meta.get("per_bucket_numel"), meta.get("per_bucket_numel_unpadded")
+    if not has_additions(meta) or padded_all is None or unpadded_all is None:
+        return None
+    counts = []
+    for gbuf, (padded, unpadded) in enumerate(zip(padded_all, unpadded_all)):
+        [(key, sizes)] = padded.items()
+        counts.append(BucketCounts(gbuf, (str(key[0]), str(key[1])), tuple(sizes), tuple(unpadded[key])))
+    return counts
