@@ -42,9 +42,10 @@ Format facts this reader relies on, checked against mindspore 2.10 (the rest are
 * In a ``.safetensors`` file the data of all tensors must exactly tile the data area, as the
   safetensors library itself demands; ``names()`` follows the data order.
 
-The views share the mapping copy-on-write: writing into a returned tensor changes neither the file nor
-later reads. :meth:`MindSporeFile.close` unmaps at once when no view is alive, otherwise the mapping
-lives on until the last view is garbage-collected. Truncating the file while it is open is undefined
+The views share one private (copy-on-write) mapping: writing into a returned tensor never changes the
+file, but later reads of the same tensor from the same open file see the change (clone first to
+modify). :meth:`MindSporeFile.close` unmaps at once when no view is alive, otherwise the mapping lives
+on until the last view is garbage-collected, so a tensor stays valid after close. Truncating the file while it is open is undefined
 (SIGBUS), as for every mmap reader.
 """
 
@@ -130,7 +131,7 @@ class MindSporeFile:
     def read(self, name: str) -> torch.Tensor:
         """The tensor as stored (dtype and shape); a view of the mapping unless it is split over messages."""
         loc = self._located(name)
-        if self._mm is None and loc.pieces:
+        if self._mm is None:
             raise ValueError(f"{self.path}: file is closed")
         shape, dtype = loc.info.shape, TORCH_DTYPES[loc.info.dtype]
         if len(loc.pieces) == 1:
@@ -203,7 +204,10 @@ def open_mindspore_file(path, fmt: str | None = None) -> MindSporeFile:
             buf.release()
     except BaseException:
         if mapping is not None:
-            mapping.close()
+            try:
+                mapping.close()
+            except BufferError:
+                pass  # a slice is still referenced by the traceback; unmapped when that goes
         raise
     return MindSporeFile(path, fmt, mapping, index, strings, metadata)
 
