@@ -203,8 +203,7 @@ def test_bf16_safetensors_match_the_safetensors_library(tmp_path):
         for name, t in want.items():
             got = f.read(name)
             assert got.dtype == t.dtype and got.shape == t.shape
-            assert torch.equal(got.view(torch.uint8) if got.dim() else got.reshape(1).view(torch.uint8),
-                               t.view(torch.uint8) if t.dim() else t.reshape(1).view(torch.uint8)), name
+            assert torch.equal(got.reshape(-1).view(torch.uint8), t.reshape(-1).view(torch.uint8)), name
 
 
 def test_append_dict_strings_and_crc_trailer(tmp_path):
