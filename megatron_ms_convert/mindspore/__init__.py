@@ -1,1 +1,2 @@
-"""The MindSpore side: file format constants and framing (`format`), and the streaming writer (`writer`)."""
+"""The MindSpore side: file format constants and framing (`format`), the streaming writer (`writer`) and
+the streaming, mmap-backed reader (`reader`)."""

@@ -6,6 +6,12 @@
   raw bytes are cut into 512 MiB byte chunks (not along axis 0), every chunk in its own message with
   the same tag and the full dims; ``load_checkpoint`` joins consecutive messages with the same tag. A
   tensor with zero elements produces no message at all. A 0-d tensor has no dims field.
+  ``save_checkpoint(..., async_save=True)`` saves numpy copies instead and cuts those with
+  ``np.array_split`` along axis 0 into ceil(KiB / 524288) pieces: unequal chunks, and empty messages when
+  axis 0 is shorter than the piece count (shape (1, n)); joining the bytes in order gives the tensor all
+  the same. The schema is proto2 with tag, tensor_type and tensor_content required, so even an empty
+  content is written. bfloat16 is stored as tensor_type ``BFloat16``; with numpy 2.x, mindspore 2.10
+  cannot convert bf16 to numpy, so it cannot write (or read) bf16 ``.safetensors`` at all.
 * ``.safetensors``: the standard format; ``save_checkpoint`` passes metadata ``{"format": "ms"}``
   (none at all when there are no tensors). The Rust library orders both header and data by dtype
   (descending enum order: I64, F64, F32, I32, F16, U8, BOOL) and then by name.
@@ -41,6 +47,7 @@ CKPT_CHUNK_BYTES = 1024 * 512 * 1024
 KEY_CHECKPOINT_VALUE = 0x0A   # Checkpoint.value = 1
 KEY_VALUE_TAG = 0x0A          # Value.tag = 1
 KEY_VALUE_TENSOR = 0x12       # Value.tensor = 2
+KEY_VALUE_MAPTENSOR = 0x1A    # Value.maptensor = 3 (MapParameter; a reader rejects it)
 KEY_TENSOR_DIMS = 0x08        # TensorProto.dims = 1 (varint, not packed)
 KEY_TENSOR_DIMS_PACKED = 0x0A  # TensorProto.dims = 1 (packed form, accepted when reading)
 KEY_TENSOR_TYPE = 0x12        # TensorProto.tensor_type = 2
@@ -62,3 +69,20 @@ def varint(n: int) -> bytes:
         else:
             out.append(b)
             return bytes(out)
+
+
+# protobuf wire types; a reader skips unknown fields of the first four kinds.
+WIRE_VARINT, WIRE_FIXED64, WIRE_LEN, WIRE_FIXED32 = 0, 1, 2, 5
+
+# save_checkpoint(append_dict={k: "text"}) stores a Python str as tensor_type "str", dims [0] and the
+# text as numpy 'U' bytes (UTF-32-LE, 4 bytes per character); load_checkpoint returns it as a str.
+MS_STRING_TYPE = "str"
+
+# save_checkpoint(crc_check=True) appends b"crc_num" and the CRC-32 of all preceding bytes as 10
+# big-endian bytes; load_checkpoint drops these 17 bytes whenever they are there.
+CKPT_CRC_MARK = b"crc_num"
+CKPT_CRC_TRAILER_BYTES = len(CKPT_CRC_MARK) + 10
+
+# safetensors: 8-byte little-endian header length, then that many bytes of JSON, then the data.
+SAFETENSORS_LEN_BYTES = 8
+SAFETENSORS_MAX_HEADER = 100_000_000  # the safetensors library's own limit
