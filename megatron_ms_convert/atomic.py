@@ -21,24 +21,28 @@ from typing import Iterator
 PARTIAL_SUFFIX = ".partial"
 
 
-def partial_path(path) -> Path:
-    """The temporary name used while writing `path`: same folder, name + '.partial'.
+def partial_path(path, owner: int | None = None) -> Path:
+    """The temporary name used while writing `path`: same folder, name + '.partial'; with `owner` (a
+    process id) a name no other process uses, for files several processes may write at once.
 
-    >>> partial_path("/x/rank_0/net.ckpt")
-    PosixPath('/x/rank_0/net.ckpt.partial')
+    >>> partial_path("/x/rank_0/net.ckpt"), partial_path("/x/pt_meta/map.json", owner=42)
+    (PosixPath('/x/rank_0/net.ckpt.partial'), PosixPath('/x/pt_meta/map.json.42.partial'))
     """
     path = Path(path)
-    return path.with_name(path.name + PARTIAL_SUFFIX)
+    middle = "" if owner is None else f".{owner}"
+    return path.with_name(path.name + middle + PARTIAL_SUFFIX)
 
 
 @contextlib.contextmanager
-def atomic_target(path, *, mode: int | None = None, durable: bool = True) -> Iterator[Path]:
+def atomic_target(path, *, mode: int | None = None, durable: bool = True, shared: bool = False) -> Iterator[Path]:
     """Yield the partial path to write `path` through; on a clean exit flush it, rename it into place,
     set `mode` and flush the folder. On any exception (Ctrl-C included) the partial file is removed and
-    an existing file at `path` stays as it was."""
+    an existing file at `path` stays as it was. `shared`: other processes may write the same file at
+    the same time (shards of one conversion writing a file common to all), so the partial name is
+    this process's own."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = partial_path(path)
+    partial = partial_path(path, owner=os.getpid() if shared else None)
     _unlink_quietly(partial)  # a stale partial of a killed run may be read-only; unlinking still works
     try:
         yield partial
@@ -61,6 +65,22 @@ def write_text_atomically(path, text: str, *, mode: int | None = None) -> int:
     with atomic_target(path, mode=mode) as partial:
         partial.write_bytes(data)
     return len(data)
+
+
+def write_common_file(path, data: bytes, *, mode: int | None = None) -> bool:
+    """Put `data` at `path` when it is not there already, for a file every shard of a conversion
+    writes with the same content: the first writes it, the others find it equal and leave it; two
+    writing at once each rename a complete file of the same bytes into place, so no reader ever sees
+    a mixture. Returns True when this call wrote the file."""
+    path = Path(path)
+    try:
+        if path.read_bytes() == data:
+            return False
+    except OSError:
+        pass
+    with atomic_target(path, mode=mode, shared=True) as partial:
+        partial.write_bytes(data)
+    return True
 
 
 def copy_file_atomically(source, target, *, mode: int | None = 0o400) -> int:

@@ -13,15 +13,16 @@ import argparse
 import contextlib
 import dataclasses
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from .atomic import copy_file_atomically, write_text_atomically
+from .atomic import write_common_file
 from .errors import ConvertInputError
 from .megatron import checkpoint as reader
 from .naming import STYLES, NamingFacts, naming_facts
@@ -32,6 +33,7 @@ from .plan import (RankInfo, RankPlan, check_layer_counts, check_unique_names, o
                    plan_model_tensors, plan_optimizer_tensors)
 from . import __version__
 from .folder_lock import folder_lock
+from .shard import Shard, lock_name, own_share
 from .runner import (RankResult, RunSettings, RunStopped, Task, check_no_foreign_outputs, plan_fingerprint,
                      rank_status, run_tasks, signals_stop_the_run)
 from .topology import RankFolder, Topology
@@ -114,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "with an error listing the differences)")
     group.add_argument("--save-param-map", type=str, default=None, metavar="DIR",
                        help="write the bucket layout used (inferred or given) as param_map JSON files to DIR")
+    group = parser.add_argument_group(title="Many hosts (not in the documented tool)")
+    group.add_argument("--shard", type=str, default=None, metavar="I/N|auto",
+                       help="convert only share I of N (0-based) of the rank folders, balanced by bytes; 'auto' "
+                            "takes I and N from Slurm, torchrun or MPI. Shards share one --ms-path")
+    group.add_argument("--check", action="store_true", default=False,
+                       help="convert nothing: report which rank folders of the whole conversion are complete, "
+                            "missing or from another conversion; exit 0 only when all are complete")
     group.add_argument("--name-style", choices=list(STYLES), default="mindspeed",
                        help="parameter names to write: 'mindspeed' = the names MindSpeed-Core-MS's GPTModel "
                             "loads; 'documented' = the documented tool's names (see docs/names.md)")
@@ -148,9 +157,12 @@ class Options:
     save_param_map: Path | None
     trust_layout: str | None = None
     name_style: str = "mindspeed"
+    shard: Shard | None = None
+    check: bool = False
 
 
-def options_from_args(ns: argparse.Namespace) -> Options:
+def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
+    """The flags as Options; `environ` is the launcher's environment, read by --shard auto."""
     for flag in ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout"):
         if getattr(ns, flag) < 1:
             raise ConvertInputError(f"--{flag.replace('_', '-')} {getattr(ns, flag)}", expected="a whole number >= 1",
@@ -182,6 +194,8 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         save_param_map=Path(ns.save_param_map) if ns.save_param_map else None,
         trust_layout=ns.trust_layout,
         name_style=ns.name_style,
+        shard=Shard.parse(ns.shard, environ) if ns.shard else None,
+        check=ns.check,
     )
 
 
@@ -429,7 +443,7 @@ def write_param_map_copies(job: Job, options: Options) -> None:
     meta_dir.mkdir(parents=True, exist_ok=True)
     if job.param_map_files is not None:
         for path in sorted(options.param_map_path.glob("param_map_buffer*.json")):
-            copy_file_atomically(path, meta_dir / path.name, mode=0o644)
+            write_common_file(meta_dir / path.name, path.read_bytes(), mode=0o644)
     else:
         write_layout_files(job, meta_dir, dp_ranks=[0])
 
@@ -442,7 +456,7 @@ def write_layout_files(job: Job, target: Path, dp_ranks: Sequence[int]) -> int:
             text = param_map_json(layout)
             for dp in dp_ranks:
                 name = param_map_file_name(layout.buffer_index, dp, plan.folder.tp, plan.folder.pp, layout.chunk)
-                write_text_atomically(target / name, text)
+                write_common_file(target / name, text.encode())
                 count += 1
     return count
 
@@ -483,17 +497,57 @@ def canonical_paths(options: Options) -> Options:
 
 
 def prepare_outputs(options: Options) -> tuple[Job, dict]:
-    """Plan the job, then look at --ms-path: which ranks an earlier run finished (by folder), no
-    foreign outputs, and the param_map copies in pt_meta/. Raises ConvertInputError for bad input."""
+    """Plan the whole conversion, keep this shard's share of it (all of it without --shard), then look
+    at --ms-path: which of those ranks an earlier run finished (by folder), no foreign outputs, and the
+    files common to every shard in pt_meta/. Raises ConvertInputError for bad input."""
     job = prepare(options)
+    write_common_outputs(job, options)
+    job = dataclasses.replace(job, plans=list(own_share(job.plans, options.shard, source_bytes)))
+    if options.shard is not None:
+        log.info("shard %s (%s): %d of the folders, %d bytes of input", options.shard, options.shard.origin,
+                 len(job.plans), sum(source_bytes(plan) for plan in job.plans))
     statuses = {plan.folder: ("todo" if options.overwrite else rank_status(plan)) for plan in job.plans}
     if not options.overwrite:
         check_no_foreign_outputs(job.plans, statuses)
+    return job, statuses
+
+
+def write_common_outputs(job: Job, options: Options) -> None:
+    """pt_meta/'s param_map copies (and --save-param-map): the same bytes from every shard."""
+    if options.debug and options.shard is not None:
+        shares = own_share_table(job.plans, options.shard.count)
+        for index, plans in enumerate(shares):
+            log.debug("shard %d/%d: %s", index, options.shard.count, ", ".join(p.folder.name for p in plans))
     if not options.convert_param_only:
         write_param_map_copies(job, options)
         if options.save_param_map:
             save_param_maps(job, options)
-    return job, statuses
+
+
+def own_share_table(plans: Sequence[RankPlan], count: int) -> list[tuple[RankPlan, ...]]:
+    return [own_share(plans, Shard(index, count, ""), source_bytes) for index in range(count)]
+
+
+def source_bytes(plan: RankPlan) -> int:
+    """What a rank costs to convert: the bytes of its source files."""
+    files = [plan.folder.model_file] + ([plan.folder.distrib_file] if plan.reads_distrib else [])
+    return sum(path.stat().st_size for path in files)
+
+
+def check_conversion(options: Options) -> int:
+    """--check: the state of every rank of the whole conversion, from the manifests; nothing written."""
+    job = prepare(options)
+    statuses = {plan.folder: rank_status(plan) for plan in job.plans}
+    words = {"done": "complete", "todo": "missing", "foreign": "from another conversion",
+             "outdated": "written by another version of the converter"}
+    for plan in job.plans:
+        line = "check: '%s' -> '%s': %s"
+        (log.info if statuses[plan.folder] == "done" else log.error)(line, plan.folder.path, plan.outputs[0],
+                                                                     words[statuses[plan.folder]])
+    counts = {word: sum(1 for s in statuses.values() if words[s] == word) for word in words.values()}
+    log.info("check: %d complete, %d missing, %d from another conversion, %d written by another version, "
+             "of %d folders", *counts.values(), len(job.plans))
+    return EXIT_OK if all(s == "done" for s in statuses.values()) else EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -503,9 +557,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with signals_stop_the_run(), contextlib.ExitStack() as held:
         try:
-            options = canonical_paths(options_from_args(ns))
+            options = canonical_paths(options_from_args(ns, os.environ))
+            if options.check:
+                return check_conversion(options)
             log.info("converting %s -> %s", options.megatron_path, options.ms_path)
-            held.enter_context(folder_lock(options.ms_path))  # until the run ends, however it ends
+            # until the run ends, however it ends; a shard locks only its own share
+            held.enter_context(folder_lock(options.ms_path, lock_name(options.shard)))
             job, statuses = prepare_outputs(options)
         except ConvertInputError as err:
             log.error("%s", err)
@@ -550,12 +607,12 @@ def run_and_report(job: Job, statuses: dict, options: Options, started: float) -
         except RunStopped as stop:
             log.error("interrupted (%s): stopped the workers and removed their partial files; "
                       "re-run the same command to finish the remaining ranks", stop.cause)
-            _summary(results, len(job.plans), started)
+            _summary(results, len(job.plans), started, options.shard)
             return stop.exit_code
     if options.verify:
         log.info("verified %d tensors in %d files", sum(r.verified_tensors for r in results),
                  sum(r.verified_files for r in results))
-    _summary(results, len(job.plans), started)
+    _summary(results, len(job.plans), started, options.shard)
     return EXIT_OK if all(r.status != "failed" for r in results) else EXIT_FAILED
 
 
@@ -582,9 +639,10 @@ def progress_reporting(total: int):
         yield lambda: bar.update(1)
 
 
-def _summary(results: Sequence[RankResult], total: int, started: float) -> None:
+def _summary(results: Sequence[RankResult], total: int, started: float, shard: Shard | None = None) -> None:
     by = {s: sum(1 for r in results if r.status == s) for s in ("converted", "skipped", "failed")}
-    log.info("summary: %d converted, %d skipped, %d failed, %d not run of %d folders in %.1f s, %d bytes written",
+    log.info("summary%s: %d converted, %d skipped, %d failed, %d not run of %d folders in %.1f s, %d bytes written",
+             f" (shard {shard})" if shard is not None else "",
              by["converted"], by["skipped"], by["failed"], total - len(results), total,
              time.monotonic() - started, sum(r.bytes_written for r in results))
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Hashable, Mapping, Sequence
 
 from .errors import ConvertInputError
+from .folder_lock import RUN_LOCK_NAME
 
 _SHARD = re.compile(r"^(\d+)/(\d+)$")
 
@@ -125,3 +126,21 @@ def assign(items: Sequence[tuple[Hashable, int]], count: int) -> tuple[tuple[Has
         owner[key] = share
         loads[share] += size
     return tuple(tuple(key for key, _ in items if owner[key] == share) for share in range(count))
+
+
+def lock_name(shard: Shard | None) -> str:
+    """The lock a run holds in its output folder: the whole folder's, or one of its own per shard
+    (so shards run side by side while two processes given the same share cannot).
+
+    >>> lock_name(None), lock_name(Shard(1, 4, "--shard 1/4"))
+    ('.convert.lock', '.convert.shard-1-of-4.lock')
+    """
+    return RUN_LOCK_NAME if shard is None else f".convert.shard-{shard.index}-of-{shard.count}.lock"
+
+
+def own_share(items: Sequence, shard: Shard | None, size_of) -> tuple:
+    """The items (plans) of this shard, split by `size_of(item)` bytes; all of them without a shard."""
+    if shard is None:
+        return tuple(items)
+    mine = set(assign([(i, size_of(item)) for i, item in enumerate(items)], shard.count)[shard.index])
+    return tuple(item for i, item in enumerate(items) if i in mine)

@@ -33,7 +33,6 @@ import math
 import pickle
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 import torch
