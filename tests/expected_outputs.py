@@ -2,7 +2,7 @@
 
 A record is the `expected.json` + `expected.pt` pair that Megatron's sample and our fixture generator
 write beside a checkpoint (names, global layers, shapes and the full tensors they stored). Names and
-rank numbers follow FORMATS.md section 6 and the MindSpore model's names section 8, re-implemented here
+rank numbers follow FORMATS.md section 6, with the names MindSpeed-Core-MS's model loads, re-implemented here
 on purpose (by substitution, not by the converter's rule table): the converter's own naming code is what
 is under test. tests/mindspeed_model_facts.py checks these names once more against the MindSpore
 model's own structure.
