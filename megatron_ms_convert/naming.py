@@ -122,6 +122,7 @@ def naming_facts(args: Any, style: str = "mindspeed", keys: Sequence[str] = ()) 
         family="mcore" if mcore else "legacy",
         normalization=getattr(args, "normalization", None) or "LayerNorm",
         tied=not getattr(args, "untie_embeddings_and_output_weights", False),
+        # Megatron's pretrain_gpt.py builds the Transformer Engine spec for this impl, its default
         te_norms=mcore and getattr(args, "transformer_impl", "transformer_engine") == "transformer_engine",
         style=style)
 
