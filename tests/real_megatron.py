@@ -92,7 +92,12 @@ class MegatronSpec:
         return self.micro_batch * self.num_microbatches * self.dp
 
     def with_dp(self, dp: int) -> "MegatronSpec":
-        return replace(self, dp=dp)
+        """The same run at another dp size: the global batch stays, the micro-batches per step change
+        (as when a Megatron job is restarted on another number of GPUs)."""
+        per_step = self.micro_batch * dp
+        if self.global_batch % per_step:
+            raise ValueError(f"global batch {self.global_batch} not divisible by micro_batch*dp {per_step}")
+        return replace(self, dp=dp, num_microbatches=self.global_batch // per_step)
 
     def job_fields(self) -> dict:
         return {**asdict(self), "padded_vocab": self.padded_vocab, "global_batch": self.global_batch}
