@@ -39,6 +39,7 @@ from pathlib import Path
 import torch
 
 WORKER = Path(__file__).resolve().parent / "real_megatron_worker.py"
+ACTIONS = ("train", "save", "load", "dump")
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,9 @@ def _tail(path: Path, lines: int = 25) -> str:
 def run_megatron(spec: MegatronSpec, actions: list[tuple[str, object]], *, timeout: float = 240) -> RunResult:
     """Run `actions` (("train", n), ("save", root), ("load", root), ("dump", tag)) on spec.world_size
     CPU processes; raise with the failing rank's log if any fails or the deadline passes."""
+    unknown = [a for a, _ in actions if a not in ACTIONS]
+    if unknown:
+        raise ValueError(f"unknown actions {unknown}; known: {ACTIONS}")
     with tempfile.TemporaryDirectory(prefix="real_megatron_") as tmp:
         tmp = Path(tmp)
         job = {"spec": spec.job_fields(), "actions": [(a, str(x) if isinstance(x, Path) else x) for a, x in actions],

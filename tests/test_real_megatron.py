@@ -9,10 +9,15 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import psutil
 import pytest
 import torch
 
-pytest.importorskip("megatron.core", reason="the test dependency megatron-core==0.6.0 is not installed")
+if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+    raise ImportError("tests/test_real_megatron.py needs the test dependency megatron-core==0.6.0: "
+                      "python3 -m pip install -r requirements.txt")
 
 from tests.expected_outputs import assert_rank_files_match, expected_scalars, ms_rank, run_cli  # noqa: E402
 from tests.real_megatron import MegatronSpec, dump_loaded_state, run_megatron, save_real_checkpoint  # noqa: E402
@@ -144,3 +149,9 @@ def test_resumed_run_trains_exactly_like_the_uninterrupted_run(tp_dp_run, tp_dp_
     # the two steps after the save changed the state, so the comparison above is not vacuous
     key = next(iter(tp_dp_run.state["params"]))
     assert not tp_dp_run.final_state["params"][key]["param"].equal(tp_dp_run.state["params"][key]["param"])
+
+
+def test_workers_are_killed_when_the_job_fails():
+    with pytest.raises(TimeoutError, match="timed out"):
+        run_megatron(MegatronSpec(dp=2), [("train", 1)], timeout=2)
+    assert psutil.Process().children(recursive=True) == []
