@@ -16,7 +16,8 @@ Megatron reads.
 A state is {"tp{t}/pp{p}/chunk{v}/<name>": {"param", "exp_avg", "exp_avg_sq" (fp32), "model" (bf16),
 "bucket"}} merged over the dp-rank-0 processes, with names as in `named_parameters()` minus the
 `module` wrappers (layer numbers local to the chunk); per-(tp, pp) extras (param_groups,
-per_bucket_numel, layer offsets) are under "ranks".
+per_bucket_numel, layer offsets) are under "ranks" keyed (tp, pp). With MoE, expert-parallel parameters
+are keyed "tp{t}/pp{p}/ep{e}/chunk{v}/<name>" and their optimizer's extras are under (tp, pp, ep).
 
 Workers are subprocesses (tests/real_megatron_worker.py) in their own sessions, killed with their
 session when any of them fails or the job times out. Megatron's missing GPU dependencies (apex,
@@ -60,6 +61,9 @@ class MegatronSpec:
     bucket_size: int = 2000
     overlap_grad_reduce: bool = True
     untie_embeddings: bool = False
+    num_experts: int | None = None  # MoE (local spec, SequentialMLP experts) when set
+    ep: int = 1                     # expert parallel size; divides dp, as in Megatron
+    moe_topk: int = 2
     dropout: float = 0.1
     seed: int = 1234
     lr: float = 1e-3
@@ -75,6 +79,8 @@ class MegatronSpec:
             raise ValueError("vpp > 1 needs pp > 2 (megatron.core 0.6.0 initialize_model_parallel)")
         if self.vpp > 1 and self.num_microbatches % self.pp:
             raise ValueError("the interleaved schedule needs num_microbatches divisible by pp")
+        if self.ep > 1 and (self.num_experts is None or self.num_experts % self.ep or self.dp % self.ep):
+            raise ValueError("ep > 1 needs num_experts divisible by ep and dp divisible by ep")
         if self.heads % self.tp or self.ffn % self.tp:
             raise ValueError("heads and ffn must be divisible by tp")
 
@@ -194,13 +200,10 @@ def _merge_dumps(results: list[dict]) -> dict[str, dict]:
     for result in results:
         for tag, dump in result["dumps"].items():
             into = merged.setdefault(tag, {"params": {}, "ranks": {}})
-            if not dump:
-                continue
-            overlap = set(into["params"]) & set(dump["params"])
-            assert not overlap, sorted(overlap)[:3]
-            into["params"].update(dump["params"])
-            key = next(iter(dump["layer_offset"]))[:2]
-            into["ranks"][key] = {k: v for k, v in dump.items() if k != "params"}
+            for part in ("params", "ranks"):
+                overlap = set(into[part]) & set(dump[part])
+                assert not overlap, (part, sorted(overlap)[:3])
+                into[part].update(dump[part])
     return merged
 
 

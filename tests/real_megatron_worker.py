@@ -79,7 +79,8 @@ def transformer_config(spec: Spec) -> TransformerConfig:
         hidden_dropout=spec.dropout, attention_dropout=spec.dropout, init_method_std=0.02,
         masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        normalization="LayerNorm", add_bias_linear=True)
+        normalization="LayerNorm", add_bias_linear=True,
+        num_moe_experts=spec.num_experts, moe_router_topk=spec.moe_topk, expert_model_parallel_size=spec.ep)
 
 
 def build_model(spec: Spec, config: TransformerConfig) -> list:
@@ -88,7 +89,7 @@ def build_model(spec: Spec, config: TransformerConfig) -> list:
     for v in range(spec.vpp):
         if spec.vpp > 1:
             mpu.set_virtual_pipeline_model_parallel_rank(v)
-        model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(),
+        model = GPTModel(config=config, transformer_layer_spec=get_gpt_layer_local_spec(spec.num_experts),
                          vocab_size=spec.padded_vocab, max_sequence_length=spec.seq,
                          pre_process=mpu.is_pipeline_first_stage(), post_process=mpu.is_pipeline_last_stage(),
                          share_embeddings_and_output_weights=not spec.untie_embeddings,
@@ -252,10 +253,13 @@ def train_step(t: Trainer) -> float:
 # ---------------------------------------------------------------------------------- checkpointing
 
 def checkpoint_dir(root: Path, iteration: int) -> Path:
-    """get_checkpoint_name: iter_%07d/mp_rank_TT, or mp_rank_TT_PPP with pipeline parallelism."""
+    """get_checkpoint_name: iter_%07d/mp_rank_TT, then _PPP with pipeline parallelism, then _EEE with
+    expert parallelism."""
     name = f"mp_rank_{mpu.get_tensor_model_parallel_rank():02d}"
     if mpu.get_pipeline_model_parallel_world_size() > 1:
         name += f"_{mpu.get_pipeline_model_parallel_rank():03d}"
+    if mpu.get_expert_model_parallel_world_size() > 1:
+        name += f"_{mpu.get_expert_model_parallel_rank():03d}"
     return Path(root) / f"iter_{iteration:07d}" / name
 
 
@@ -284,7 +288,8 @@ def saved_args(t: Trainer, root: Path) -> argparse.Namespace:
         transformer_pipeline_model_parallel_size=spec.pp,
         virtual_pipeline_model_parallel_size=spec.vpp if spec.vpp > 1 else None,
         num_layers_per_virtual_pipeline_stage=spec.num_layers // (spec.pp * spec.vpp) if spec.vpp > 1 else None,
-        data_parallel_size=spec.dp, context_parallel_size=1, expert_model_parallel_size=1,
+        data_parallel_size=spec.dp, context_parallel_size=1, expert_model_parallel_size=spec.ep,
+        num_experts=spec.num_experts, moe_router_topk=spec.moe_topk,
         use_distributed_optimizer=True, overlap_grad_reduce=spec.overlap_grad_reduce,
         accumulate_allreduce_grads_in_fp32=True, lr=spec.lr, min_lr=spec.min_lr, weight_decay=spec.weight_decay,
         adam_beta1=0.9, adam_beta2=0.95, adam_eps=1e-8, clip_grad=1.0, seed=spec.seed,
@@ -365,24 +370,43 @@ def strip_module(name: str) -> str:
 
 
 def dump_state(t: Trainer) -> dict:
-    """Every parameter of this (tp, pp) by name: the fp32 main param and Adam moments gathered with
+    """Every parameter of this rank by name: the fp32 main param and Adam moments gathered with
     Megatron's own get_parameter_state_dp_zero (cut out of the buckets with DDP's param_index_map),
-    and the bf16 model copy. Collective over the dp group; only dp rank 0 returns tensors."""
-    gathered = t.optimizer.get_parameter_state_dp_zero()
-    dp_rank = mpu.get_data_parallel_rank()
-    tp, pp = mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank()
-    if dp_rank != 0:
-        return {}
-    out = {"params": {}, "layer_offset": {}, "per_bucket_numel": gathered["per_bucket_numel"],
-           "per_bucket_numel_unpadded": gathered["per_bucket_numel_unpadded"],
-           "param_groups": t.optimizer.state_dict()["optimizer"]["param_groups"],
-           "scheduler": t.scheduler.state_dict(), "iteration": t.iteration}
+    and the bf16 model copy. Collective over the dp groups; a rank returns the parameters of the
+    optimizers whose dp group it leads: the dense ones on dp rank 0, the expert-parallel ones (MoE,
+    keys with an `ep{e}/` part) on each expert-data-parallel rank 0."""
+    tp, pp, ep = (mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank(),
+                  mpu.get_expert_model_parallel_rank())
+    optimizers = getattr(t.optimizer, "chained_optimizers", [t.optimizer])
+    kinds = [("buffers", mpu.get_data_parallel_rank(), f"tp{tp}/pp{pp}", (tp, pp)),
+             ("expert_parallel_buffers", mpu.get_data_modulo_expert_parallel_rank(), f"tp{tp}/pp{pp}/ep{ep}",
+              (tp, pp, ep))][:len(optimizers)]
+    out = {"params": {}, "ranks": {}}
+    param_groups = t.optimizer.state_dict()
+    for optimizer, (attr, dp_rank, prefix, rank_key) in zip(optimizers, kinds):
+        gathered = optimizer.get_parameter_state_dp_zero()
+        if dp_rank != 0:
+            continue
+        out["params"].update(_params_by_name(t, gathered, attr, prefix))
+        out["ranks"][rank_key] = {
+            "per_bucket_numel": gathered["per_bucket_numel"],
+            "per_bucket_numel_unpadded": gathered["per_bucket_numel_unpadded"],
+            "param_groups": (param_groups["optimizer"]["param_groups"] if len(optimizers) == 1
+                             else [sd["optimizer"]["param_groups"] for sd in param_groups]),
+            "scheduler": t.scheduler.state_dict(), "iteration": t.iteration,
+            "layer_offset": {(tp, pp, v): (m.decoder.layers[0].layer_number - 1 if len(m.decoder.layers) else None)
+                             for v, m in enumerate(unwrapped(t))}}
+    return out
+
+
+def _params_by_name(t: Trainer, gathered: dict, attr: str, prefix: str) -> dict:
+    """{prefix/chunk{v}/name: tensors} for the buffers `attr` of every chunk, whose gbuf_idx count
+    on across chunks as the optimizer chains them."""
+    out = {}
     gbuf_idx = 0
     for v, chunk in enumerate(t.model):
         names = {p: strip_module(n) for n, p in chunk.named_parameters()}
-        layers = unwrapped(t)[v].decoder.layers
-        out["layer_offset"][(tp, pp, v)] = layers[0].layer_number - 1 if len(layers) else None
-        for buffer in chunk.buffers:
+        for buffer in getattr(chunk, attr):
             dtype_key = (buffer.param_dtype, buffer.grad_dtype)
             for param, (start, end, bucket_id) in buffer.param_index_map.items():
                 offset = buffer.buckets[bucket_id].offset
@@ -390,7 +414,7 @@ def dump_state(t: Trainer) -> dict:
                          .clone().view(param.shape) for key in ("param", "exp_avg", "exp_avg_sq")}
                 entry["model"] = param.detach().clone()
                 entry["bucket"] = (gbuf_idx, bucket_id, start - offset, end - offset)
-                out["params"][f"tp{tp}/pp{pp}/chunk{v}/{names[param]}"] = entry
+                out[f"{prefix}/chunk{v}/{names[param]}"] = entry
             gbuf_idx += 1
     return out
 
@@ -401,7 +425,8 @@ def run(job: dict, rank: int) -> dict:
     spec = Spec(job["spec"])
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=spec.tp * spec.pp * spec.dp)
-    mpu.initialize_model_parallel(spec.tp, spec.pp, spec.vpp if spec.vpp > 1 else None)
+    mpu.initialize_model_parallel(spec.tp, spec.pp, spec.vpp if spec.vpp > 1 else None,
+                                  expert_model_parallel_size=spec.ep)
     set_random_seed(spec.seed)
     t = Trainer(spec)
     result = {"losses": [], "dumps": {}}

@@ -2,7 +2,8 @@
 
 * The converter turns a real checkpoint into MindSpore files holding exactly the state Megatron's
   own processes had when they saved (tp/dp with padded buckets; pp with virtual chunks).
-* Megatron's load path gives back the saved state bit for bit, at the same and at another dp size.
+* Megatron's load path gives back the saved state bit for bit, at the same dp size and — for a MoE
+  model with expert parallelism, whose dense and expert buckets both get re-padded — at another.
 * A run resumed from the checkpoint trains exactly as the uninterrupted run (dropout on, so the
   saved RNG states matter).
 """
@@ -25,6 +26,9 @@ from tests.real_megatron import MegatronSpec, dump_loaded_state, run_megatron, s
 # ffn / tp = 33 makes bucket sizes odd, so dp 2 pads them and dp 4 pads them differently.
 TP_DP = MegatronSpec(tp=2, dp=2, num_layers=2, ffn=66, bucket_size=1500)
 PP_VPP = MegatronSpec(pp=3, vpp=2, dp=1, num_layers=6, ffn=66, num_microbatches=3)
+# hidden 34 leaves dense buckets of 2 mod 4 elements (unpadded at dp 2, padded at dp 4); ffn 65 leaves
+# odd expert buckets (expert dp 1 at dp 2, 2 at dp 4).
+MOE_EP2 = MegatronSpec(dp=2, ep=2, num_experts=4, hidden=34, heads=2, ffn=65, bucket_size=1500)
 _MS_RENAMES = {"self_attention": "attention"}  # mcore names need no other legacy rename
 
 
@@ -40,6 +44,11 @@ def tp_dp_resumed(tp_dp_run):
     """Run B: load run A's checkpoint, dump, train 2 steps, dump."""
     root = tp_dp_run.path.parent
     return run_megatron(TP_DP, [("load", root), ("dump", "loaded"), ("train", 2), ("dump", "final")])
+
+
+@pytest.fixture(scope="module")
+def moe_saved(tmp_path_factory):
+    return save_real_checkpoint(tmp_path_factory.mktemp("real_moe_ep2") / "save", MOE_EP2, steps=2)
 
 
 @pytest.fixture(scope="module")
@@ -133,12 +142,20 @@ def test_load_gives_the_saved_state(tp_dp_run, tp_dp_resumed):
     assert_same_state(tp_dp_resumed.dumps["loaded"], tp_dp_run.state)
 
 
-def test_load_at_another_dp_size_gives_the_saved_state(tp_dp_run):
-    loaded = dump_loaded_state(tp_dp_run.path.parent, TP_DP.with_dp(4))
-    assert_same_state(loaded, tp_dp_run.state)
-    # Megatron had to re-pad: the buckets' padded sizes differ between dp 2 and dp 4.
-    for rank, meta in tp_dp_run.state["ranks"].items():
-        assert loaded["ranks"][rank]["per_bucket_numel"] != meta["per_bucket_numel"]
+def test_moe_checkpoint_has_expert_folders_and_chained_optimizer_state(moe_saved):
+    folders = sorted(p.name for p in moe_saved.path.iterdir())
+    assert folders == ["mp_rank_00_000", "mp_rank_00_001"]
+    assert any("/ep1/" in key and "local_experts" in key for key in moe_saved.state["params"])
+    assert set(moe_saved.state["ranks"]) == {(0, 0), (0, 0, 0), (0, 0, 1)}
+
+
+def test_moe_load_at_another_dp_size_gives_the_saved_state(moe_saved):
+    loaded = dump_loaded_state(moe_saved.path.parent, MOE_EP2.with_dp(4))
+    assert_same_state(loaded, moe_saved.state)
+    # Megatron had to re-pad: the padded bucket sizes of the dense and of the expert buffers differ
+    # between dp 2 and dp 4 while the unpadded ones agree.
+    for rank, meta in moe_saved.state["ranks"].items():
+        assert loaded["ranks"][rank]["per_bucket_numel"] != meta["per_bucket_numel"], rank
 
 
 def test_resumed_run_trains_exactly_like_the_uninterrupted_run(tp_dp_run, tp_dp_resumed):

@@ -1,10 +1,12 @@
 """Let megatron.core 0.6.0 run unmodified on a CPU-only torch, in the harness worker processes only.
 
 Megatron's code allocates with `device='cuda'` / `torch.cuda.current_device()`, moves with `.cuda()`,
-checks `tensor.type() == 'torch.cuda.FloatTensor'`, synchronises the device after p2p, and keeps its
-model-parallel RNG streams with torch.cuda's generator. `install()` maps all of that onto the CPU:
+checks `tensor.type() == 'torch.cuda.FloatTensor'`, synchronises the device after p2p, counts MoE
+tokens with `torch.histc` on integer tensors (a CUDA-only kernel), and keeps its model-parallel RNG
+streams with torch.cuda's generator. `install()` maps all of that onto the CPU:
 device arguments naming CUDA become 'cpu', `.cuda()` is the identity, `.type()` reports the CUDA
-type name of a CPU tensor, synchronize is a no-op, and the RNG tracker forks the CPU generator —
+type name of a CPU tensor, synchronize is a no-op, integer histc counts through float (exact for
+the small integers it counts), and the RNG tracker forks the CPU generator —
 on CPU the default generator is the one dropout draws from, exactly as the CUDA generator is on a GPU.
 Megatron's own files stay untouched.
 """
@@ -44,6 +46,15 @@ def _cuda_type_name(original_type):
     return type_
 
 
+def _histc_for_integers(histc):
+    @functools.wraps(histc)
+    def wrapper(input, *args, **kwargs):
+        if input.is_floating_point():
+            return histc(input, *args, **kwargs)
+        return histc(input.double(), *args, **kwargs).to(input.dtype)
+    return wrapper
+
+
 def install_device_shims() -> None:
     for name in _FACTORIES:
         setattr(torch, name, _with_cpu_device(getattr(torch, name)))
@@ -51,6 +62,7 @@ def install_device_shims() -> None:
     torch.Tensor.type = _cuda_type_name(torch.Tensor.type)
     torch.cuda.current_device = lambda: "cpu"
     torch.cuda.synchronize = lambda *args, **kwargs: None
+    torch.histc = _histc_for_integers(torch.histc)
 
 
 def install_cpu_rng_tracker() -> None:
