@@ -145,12 +145,26 @@ def _tail(path: Path, lines: int = 25) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
 
 
+class WorkerFailed(RuntimeError):
+    pass
+
+
 def run_megatron(spec: MegatronSpec, actions: list[tuple[str, object]], *, timeout: float = 240) -> RunResult:
     """Run `actions` (("train", n), ("save", root), ("load", root), ("dump", tag)) on spec.world_size
     CPU processes; raise with the failing rank's log if any fails or the deadline passes."""
     unknown = [a for a, _ in actions if a not in ACTIONS]
     if unknown:
         raise ValueError(f"unknown actions {unknown}; known: {ACTIONS}")
+    try:
+        return _run_once(spec, actions, timeout)
+    except WorkerFailed as e:
+        # The free port can be taken by another process before rank 0 binds it; nothing ran yet then.
+        if "EADDRINUSE" not in str(e):
+            raise
+        return _run_once(spec, actions, timeout)
+
+
+def _run_once(spec: MegatronSpec, actions: list[tuple[str, object]], timeout: float) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="real_megatron_") as tmp:
         tmp = Path(tmp)
         job = {"spec": spec.job_fields(), "actions": [(a, str(x) if isinstance(x, Path) else x) for a, x in actions],
@@ -173,18 +187,17 @@ def run_megatron(spec: MegatronSpec, actions: list[tuple[str, object]], *, timeo
 
 
 def _wait_all(procs: list[subprocess.Popen], tmp: Path, deadline: float) -> None:
-    while any(p.poll() is None for p in procs):
-        failed = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
         if failed:
-            raise RuntimeError(f"Megatron worker rank {failed[0]} exited with {procs[failed[0]].returncode}:\n"
+            raise WorkerFailed(f"Megatron worker rank {failed[0]} exited with {codes[failed[0]]}:\n"
                                + _tail(tmp / f"rank{failed[0]}.log"))
+        if all(code == 0 for code in codes):
+            return
         if time.monotonic() > deadline:
             raise TimeoutError("Megatron workers timed out; rank 0 log:\n" + _tail(tmp / "rank0.log"))
         time.sleep(0.05)
-    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
-    if failed:
-        raise RuntimeError(f"Megatron worker rank {failed[0]} exited with {procs[failed[0]].returncode}:\n"
-                           + _tail(tmp / f"rank{failed[0]}.log"))
 
 
 def _losses(results: list[dict]) -> list[float]:
