@@ -15,12 +15,14 @@ schedules — is Megatron's own code.
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import random
 import sys
 from functools import partial
 from pathlib import Path
+from types import SimpleNamespace as Spec  # the job's MegatronSpec fields as attributes
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE / "megatron_stubs"))
@@ -29,8 +31,6 @@ sys.path.insert(0, str(HERE.parent))
 import cuda_on_cpu  # noqa: E402  (stubs first: Megatron's imports need them)
 
 cuda_on_cpu.install_device_shims()
-
-import argparse  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -49,13 +49,6 @@ from megatron.core.transformer.module import Float16Module  # noqa: E402
 cuda_on_cpu.install_cpu_rng_tracker()
 
 from tests.megatron_fixture import _ARGS_DEFAULTS  # noqa: E402  (the args a real r0.6.0 run saves)
-
-
-class Spec:
-    """The job's spec fields as attributes (real_megatron.MegatronSpec, passed as a dict)."""
-
-    def __init__(self, fields: dict):
-        self.__dict__.update(fields)
 
 
 # ----------------------------------------------------------------------------------------- setup
@@ -422,7 +415,7 @@ def _params_by_name(t: Trainer, gathered: dict, attr: str, prefix: str) -> dict:
 # ------------------------------------------------------------------------------------------- main
 
 def run(job: dict, rank: int) -> dict:
-    spec = Spec(job["spec"])
+    spec = Spec(**job["spec"])
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=spec.tp * spec.pp * spec.dp)
     mpu.initialize_model_parallel(spec.tp, spec.pp, spec.vpp if spec.vpp > 1 else None,
