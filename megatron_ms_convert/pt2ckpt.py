@@ -1,10 +1,12 @@
 """Convert a Megatron-LM core_r0.6.0 distributed-optimizer checkpoint into MindSpore checkpoints.
 
-The story of a conversion, top to bottom: `main` parses the flags; `prepare` finds the rank folders,
-reads their metadata and the bucket layouts, and builds one `RankPlan` per folder (checking
-everything before any output is opened); `run_tasks` (the runner) executes the plans in worker
-processes, each streaming its tensors straight from the mmap'd .pt files into the output file; the
-log gets one `... successfully.` line per source folder and a summary. `convert_pt2ckpt.py -h` lists every flag.
+The story of a conversion, top to bottom: `main` parses the flags, resolves their paths and locks
+--ms-path against a second run; `prepare` finds the rank folders, reads their metadata and the bucket
+layouts, and builds one `RankPlan` per folder (checking everything before any output is opened);
+`run_tasks` (the runner) executes the plans in worker processes, each streaming its tensors straight
+from the mmap'd .pt files into the output file; the log gets one `... successfully.` line per source
+folder and a summary. Ctrl-C and SIGTERM stop the run cleanly (exit 130 / 143).
+`convert_pt2ckpt.py -h` lists every flag.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from . import __version__
 from .atomic import write_common_file
 from .errors import ConvertInputError
+from .folder_lock import folder_lock
 from .megatron import checkpoint as reader
 from .naming import STYLES, NamingFacts, naming_facts
 from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, infer_layouts, layout_differences,
@@ -31,8 +35,6 @@ from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, infer_l
                               state_key_for)
 from .plan import (RankInfo, RankPlan, check_layer_counts, check_unique_names, optimizer_scalars,
                    plan_model_tensors, plan_optimizer_tensors)
-from . import __version__
-from .folder_lock import folder_lock
 from .shard import Shard, lock_name, own_share
 from .runner import (RankResult, RunSettings, RunStopped, Task, check_no_foreign_outputs, plan_fingerprint,
                      rank_status, run_tasks, signals_stop_the_run)

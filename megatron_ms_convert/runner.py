@@ -106,7 +106,8 @@ def check_no_foreign_outputs(plans: Sequence[RankPlan], statuses: dict) -> None:
         existing = [str(o) for p in foreign for o in (*p.outputs, p.meta_file) if o.exists()]
         raise ConvertInputError(
             f"--ms-path {foreign[0].outputs[0].parent.parent}: {len(existing)} output files already exist that "
-            f"this conversion did not write (another source, other flags, or changed inputs), e.g. {existing[0]}",
+            f"this conversion did not write (another source, other flags, changed inputs, or a version of "
+            f"the converter that planned differently), e.g. {existing[0]}",
             expected="an empty --ms-path or outputs of this same conversion", found=f"{len(foreign)} ranks' outputs",
             fix="pass --overwrite to replace them, or choose another --ms-path")
 

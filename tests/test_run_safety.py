@@ -17,6 +17,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from megatron_ms_convert.folder_lock import FolderLocked, folder_lock
 from tests.expected_outputs import REPO, run_cli
 from tests.test_faults import (RANKS, SIZES, assert_outputs_complete_and_correct, ckpt, clean_outputs, convert,  # noqa: F401
                                error_lines, leftovers, start_cli, stop_first_worker, success_count)
@@ -176,6 +177,41 @@ def test_a_second_run_into_the_same_ms_path_stops_at_once(ckpt, tmp_path, clean_
     for rank in RANKS:
         assert (out / f"rank_{rank}/network.ckpt").read_bytes() == clean_outputs[rank]
     assert not (out / ".convert.lock").exists()
+
+
+HOLD_AND_FORK = """
+import os, sys, time
+from pathlib import Path
+from megatron_ms_convert.folder_lock import folder_lock
+with folder_lock(Path(sys.argv[1])):
+    child = os.fork()
+    if child == 0:  # a forked worker that outlives its parent
+        time.sleep(120)
+        os._exit(0)
+    print(child, flush=True)
+    sys.stdin.readline()
+    os._exit(0)  # the holder dies without releasing anything, as when it is killed
+"""
+
+
+def test_the_lock_dies_with_its_holder_even_when_a_forked_child_lives_on(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_AND_FORK, str(tmp_path)], cwd=REPO, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(FolderLocked) as refused:
+            with folder_lock(tmp_path):
+                pass
+        assert f"pid {holder.pid}," in str(refused.value) and str(tmp_path / ".convert.lock") in str(refused.value)
+        holder.stdin.close()  # the holder reads EOF and dies
+        holder.wait(timeout=60)
+        assert (tmp_path / ".convert.lock").exists() and psutil.pid_exists(child)  # a stale lock file
+        with folder_lock(tmp_path, ".convert.lock") as lock:
+            assert f"pid {os.getpid()}," in lock.read_text()
+        assert not lock.exists()
+    finally:
+        os.kill(child, signal.SIGKILL)
+        holder.stdout.close()
 
 
 def test_paths_spelled_differently_are_the_same_conversion(ckpt, tmp_path):
