@@ -24,7 +24,7 @@ import torch
 from megatron_ms_convert.ckpt2pt import main as ckpt2pt_main
 from megatron_ms_convert.megatron.checkpoint import load_pt
 from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main
-from tests.expected_outputs import REPO, SAMPLE, run_cli
+from tests.expected_outputs import REPO, SAMPLE
 from tests.megatron_fixture import FixtureSpec, write_fixture
 from tests.test_convert_layouts import LAYOUTS, size_flags
 from tests.test_faults import leftovers, stop_first_worker
@@ -61,8 +61,8 @@ def back_flags(tp=1, pp=1, dp=1, cp=1, vpp=1) -> list:
 
 
 def to_ms(megatron_iter: Path, ms_path: Path, flags: list, *extra) -> None:
-    proc = run_cli("--megatron-path", megatron_iter, "--ms-path", ms_path, *flags, *extra)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = in_process(pt2ckpt_main, "--megatron-path", megatron_iter, "--ms-path", ms_path, *flags, *extra)
+    assert proc.returncode == 0, proc.stdout
 
 
 def successes(proc) -> int:
@@ -117,19 +117,16 @@ def test_round_trip_equals_the_original(round_trip):
     assert not list((root / "back").rglob("*.partial*"))
 
 
-def test_megatron_sample_round_trip_with_verify(tmp_path):
-    to_ms(SAMPLE / "iter_0000010", tmp_path / "ms", ["--tp-size", 2, "--pp-size", 2, "--dp-size", 2])
-    proc = run_back("--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta",
+def test_megatron_sample_round_trip_with_verify(sample_ms, tmp_path):
+    proc = run_back("--ms-path", sample_ms, "--param-map-path", sample_ms / "pt_meta",
                     "--megatron-path", tmp_path / "back", *back_flags(**SAMPLE_SIZES), "--verify")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert successes(proc) == 4 and "verified" in proc.stdout and "in 8 files" in proc.stdout
     # 3 states x 2 tp ranks x (10 buckets on stage 0 + 2 on stage 1)
     assert assert_same_checkpoint(tmp_path / "back" / "iter_0000010", SAMPLE / "iter_0000010") == 3 * 2 * 12
-    again = run_back("--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta",
-                     "--megatron-path", tmp_path / "back", *back_flags(**SAMPLE_SIZES))
+    again = back(sample_ms, tmp_path / "back")
     assert again.returncode == 0 and "summary: 0 converted, 4 skipped, 0 failed" in again.stdout
-    forced = run_back("--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta",
-                      "--megatron-path", tmp_path / "back", *back_flags(**SAMPLE_SIZES), "--overwrite")
+    forced = back(sample_ms, tmp_path / "back", "--overwrite")
     assert forced.returncode == 0 and "summary: 4 converted, 0 skipped" in forced.stdout
 
 
@@ -157,10 +154,8 @@ def test_another_data_parallel_size_equals_that_checkpoint(tmp_path):
     assert moved  # the case really moved buckets
 
 
-def test_convert_param_only_writes_the_model_file_alone(tmp_path):
-    to_ms(SAMPLE / "iter_0000010", tmp_path / "ms", ["--tp-size", 2, "--pp-size", 2, "--dp-size", 2])
-    proc = run_back("--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta",
-                    "--megatron-path", tmp_path / "back", *back_flags(**SAMPLE_SIZES), "--convert-param-only")
+def test_convert_param_only_writes_the_model_file_alone(sample_ms, tmp_path):
+    proc = back(sample_ms, tmp_path / "back", "--convert-param-only")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for original in sorted((SAMPLE / "iter_0000010").glob("mp_rank_*")):
         out = tmp_path / "back" / "iter_0000010" / original.name
@@ -196,14 +191,13 @@ def mindspore_train_step(path: Path, fmt: str, step: int, epoch: int = 0) -> dic
 
 @pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
 def test_values_changed_by_mindspore_come_back(tmp_path, fmt):
-    to_ms(SAMPLE / "iter_0000010", tmp_path / "ms", ["--tp-size", 2, "--pp-size", 2, "--dp-size", 2],
-          "--format", fmt)
+    forward = in_process(pt2ckpt_main, "--megatron-path", SAMPLE / "iter_0000010", "--ms-path", tmp_path / "ms",
+                         "--tp-size", 2, "--pp-size", 2, "--dp-size", 2, "--format", fmt)
+    assert forward.returncode == 0, forward.stdout
     for rank in (0, 1, 4, 5):
         mindspore_train_step(tmp_path / "ms" / f"rank_{rank}" / f"network.{fmt}", fmt, step=15)
     recorded = Recorded(SAMPLE)
-    proc = run_back("--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta",
-                    "--megatron-path", tmp_path / "back", *back_flags(**SAMPLE_SIZES), "--src-model-format", fmt,
-                    "--verify")
+    proc = back(tmp_path / "ms", tmp_path / "back", "--src-model-format", fmt, "--verify")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "back" / "latest_checkpointed_iteration.txt").read_text() == "15"
     compared = 0
@@ -228,14 +222,12 @@ def test_values_changed_by_mindspore_come_back(tmp_path, fmt):
     assert compared > 10
 
 
-def test_every_changed_tensor_lands_in_its_bucket(tmp_path):
+def test_every_changed_tensor_lands_in_its_bucket(ms_copy, tmp_path):
     """Moments and master weights changed by MindSpore sit at the original's offsets: the new bucket
     equals the original one transformed element-wise by the same change (outside padding)."""
-    to_ms(SAMPLE / "iter_0000010", tmp_path / "ms", ["--tp-size", 2, "--pp-size", 2, "--dp-size", 2])
     for rank in (0, 1, 4, 5):
-        mindspore_train_step(tmp_path / "ms" / f"rank_{rank}" / "network.ckpt", "ckpt", step=12)
-    proc = run_back("--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta",
-                    "--megatron-path", tmp_path / "back", *back_flags(**SAMPLE_SIZES))
+        mindspore_train_step(ms_copy / f"rank_{rank}" / "network.ckpt", "ckpt", step=12)
+    proc = back(ms_copy, tmp_path / "back")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for original in sorted((SAMPLE / "iter_0000010").glob("mp_rank_*")):
         want, got = load_pt(original / "distrib_optim.pt"), load_pt(tmp_path / "back/iter_0000012" / original.name
@@ -258,18 +250,15 @@ def _flat(tree: dict, prefix: str = ""):
             yield f"{prefix}{key}", value
 
 
-def test_epoch_num_asks_for_the_iteration(tmp_path):
-    to_ms(SAMPLE / "iter_0000010", tmp_path / "ms", ["--tp-size", 2, "--pp-size", 2, "--dp-size", 2])
+def test_epoch_num_asks_for_the_iteration(ms_copy, tmp_path):
     for rank in (0, 1, 4, 5):
-        mindspore_train_step(tmp_path / "ms" / f"rank_{rank}" / "network.ckpt", "ckpt", step=3, epoch=2)
-    args = ["--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta",
-            "--megatron-path", tmp_path / "back", *back_flags(**SAMPLE_SIZES)]
-    refused = run_back(*args)
+        mindspore_train_step(ms_copy / f"rank_{rank}" / "network.ckpt", "ckpt", step=3, epoch=2)
+    refused = back(ms_copy, tmp_path / "back")
     assert refused.returncode == 2
     [line] = errors(refused)
     assert "epoch_num is 2" in line and "--iteration" in line and "rank_0" in line
-    assert not list((tmp_path / "back").rglob("mp_rank_*")) if (tmp_path / "back").exists() else True
-    ok = run_back(*args, "--iteration", 40)
+    assert not (tmp_path / "back").exists()  # the lock's folder is removed again: nothing written
+    ok = back(ms_copy, tmp_path / "back", "--iteration", 40)
     assert ok.returncode == 0, ok.stdout
     assert (tmp_path / "back" / "latest_checkpointed_iteration.txt").read_text() == "40"
 
@@ -295,7 +284,7 @@ def ms_copy(sample_ms, tmp_path):
 
 
 def back(ms: Path, out: Path, *extra, sizes=SAMPLE_SIZES):
-    return run_back("--ms-path", ms, "--param-map-path", ms / "pt_meta", "--megatron-path", out,
+    return in_process(ckpt2pt_main, "--ms-path", ms, "--param-map-path", ms / "pt_meta", "--megatron-path", out,
                     *back_flags(**sizes), *extra)
 
 
@@ -351,7 +340,9 @@ def test_tensor_of_the_wrong_shape(ms_copy, tmp_path):
 def test_pt_meta_of_another_run(ms_copy, tmp_path):
     other = write_fixture(tmp_path / "other", FixtureSpec(tp=2, pp=2, dp=2, num_layers=4, hidden=20, ffn=38, heads=2,
                                                           vocab=97))
-    to_ms(other.megatron_path, tmp_path / "other_ms", ["--tp-size", 2, "--pp-size", 2, "--dp-size", 2])
+    forward = in_process(pt2ckpt_main, "--megatron-path", other.megatron_path, "--ms-path", tmp_path / "other_ms",
+                         "--tp-size", 2, "--pp-size", 2, "--dp-size", 2)
+    assert forward.returncode == 0, forward.stdout
     shutil.rmtree(ms_copy / "pt_meta")
     shutil.copytree(tmp_path / "other_ms" / "pt_meta", ms_copy / "pt_meta")
     proc = back(ms_copy, tmp_path / "out")
