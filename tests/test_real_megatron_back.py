@@ -17,7 +17,8 @@ if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("meg
 
 from megatron_ms_convert.ckpt2pt import main as ckpt2pt_main  # noqa: E402
 from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main  # noqa: E402
-from tests.real_megatron import MegatronSpec, dump_loaded_state, resume_and_train, save_real_checkpoint  # noqa: E402
+from tests.real_megatron import (MegatronSpec, dump_loaded_state, resume_and_train, run_megatron,  # noqa: E402
+                                 save_real_checkpoint)  # noqa: E402
 from tests.test_ckpt2pt import in_process  # noqa: E402
 from tests.test_real_megatron import PP_VPP, TP_DP, assert_same_state  # noqa: E402
 
@@ -43,9 +44,16 @@ def tp_dp_round_trip(tmp_path_factory):
     return run, there_and_back(TP_DP, run.path, root)
 
 
-def test_megatron_loads_the_round_trip_into_the_saved_state(tp_dp_round_trip):
-    run, back = tp_dp_round_trip
-    assert_same_state(dump_loaded_state(back, TP_DP), run.state)
+@pytest.fixture(scope="module")
+def tp_dp_resumed(tp_dp_round_trip):
+    """Run B from the round trip: load (Megatron's own code), dump, train 2 steps, dump."""
+    _, back = tp_dp_round_trip
+    return run_megatron(TP_DP, [("load", back), ("dump", "loaded"), ("train", 2), ("dump", "final")])
+
+
+def test_megatron_loads_the_round_trip_into_the_saved_state(tp_dp_round_trip, tp_dp_resumed):
+    run, _ = tp_dp_round_trip
+    assert_same_state(tp_dp_resumed.dumps["loaded"], run.state)
 
 
 def test_megatron_loads_the_round_trip_at_another_dp_size(tp_dp_round_trip, tmp_path):
@@ -57,9 +65,9 @@ def test_megatron_loads_the_round_trip_at_another_dp_size(tp_dp_round_trip, tmp_
                for r, meta in run.state["ranks"].items())  # the buckets really were re-padded
 
 
-def test_resumed_from_the_round_trip_trains_like_the_uninterrupted_run(tp_dp_round_trip):
-    run, back = tp_dp_round_trip
-    losses, final = resume_and_train(back, TP_DP, 2)
+def test_resumed_from_the_round_trip_trains_like_the_uninterrupted_run(tp_dp_round_trip, tp_dp_resumed):
+    run, _ = tp_dp_round_trip
+    losses, final = tp_dp_resumed.losses, tp_dp_resumed.dumps["final"]
     assert TP_DP.dropout > 0 and len(losses) == 2
     assert losses == run.losses[2:]
     assert_same_state(final, run.final_state)
