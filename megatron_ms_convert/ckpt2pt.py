@@ -37,8 +37,9 @@ from .atomic import write_text_atomically
 from .errors import ConvertInputError
 from .folder_lock import folder_lock
 from .megatron.checkpoint import load_pt, megatron_enum_importable
-from .megatron.layout import BucketCounts, BufferLayout, state_key_for
+from .megatron.layout import BucketCounts, BufferLayout, list_param_map_files, read_rank_layouts, state_key_for
 from .megatron.pt_meta import DOCUMENTED_KEYS, counts_from_meta, layouts_from_meta, skeletons_from_meta
+from .megatron.rebuild_rules import rule_counts, rule_skeletons
 from .megatron.torch_writer import write_torch_file
 from .megatron.writer import (OPTIMIZER_STATES, TrainingUpdates, apply_training_updates, distrib_optim_tree,
                               model_optim_rng_tree, skeleton_specs, target_counts)
@@ -334,6 +335,7 @@ class BackPlan:
     group_updates: tuple[tuple[int, str, Any], ...]
     scheduler_updates: tuple[tuple[str, Any], ...]
     manifest_file: Path
+    num_chunks: int = 1
     fingerprint: str = field(default="", compare=False)
 
     @property
@@ -364,23 +366,36 @@ class RankMeta:
     counts: list[BucketCounts] | None
 
 
-def read_rank_meta(path: Path, need_layouts: bool) -> RankMeta:
+def read_rank_meta(path: Path, need_layouts: bool, tp: int, pp: int, num_chunks: int) -> RankMeta:
+    """A rank's pt_meta decoded. A record of the documented tool (no skeletons, layouts or bucket
+    sizes) is completed by rules from the param_map JSON files beside it (rebuild_rules)."""
     meta = load_pt(path)
     if not isinstance(meta, dict) or "args" not in meta:
         raise ConvertInputError(f"{path}: not a pt_meta record", expected="a dict with args, iteration, ...",
                                 fix="pass the pt_meta folder convert_pt2ckpt.py wrote as --param-map-path")
     skeletons = skeletons_from_meta(meta)
     if skeletons is None:
-        raise ConvertInputError(f"{path}: written by the documented tool (no model skeletons in it)",
-                                expected="a pt_meta record written by this package's convert_pt2ckpt.py",
-                                fix="convert the original Megatron checkpoint again with this convert_pt2ckpt.py "
-                                    "(see docs/ckpt2pt.md)")
+        return documented_rank_meta(path, meta, tp, pp, num_chunks)
     layouts, counts = layouts_from_meta(meta, str(path)), counts_from_meta(meta)
     if need_layouts and (layouts is None or counts is None):
         raise ConvertInputError(f"{path}: no grad-buffer layout in it (convert_pt2ckpt.py ran with "
                                 "--convert-param-only)", expected="layouts and per_bucket_numel",
                                 fix="pass --convert-param-only to write model_optim_rng.pt alone")
     return RankMeta(path, meta, skeletons, layouts, counts)
+
+
+def documented_rank_meta(path: Path, meta: dict, tp: int, pp: int, num_chunks: int) -> RankMeta:
+    files = list_param_map_files(path.parent)
+    if not files:
+        raise ConvertInputError(f"{path}: written by the documented tool, and no param_map_buffer*.json beside it",
+                                expected="the param_map files the documented tool copies into pt_meta/",
+                                fix="copy the run's param_map files into the pt_meta folder")
+    layouts = read_rank_layouts(files, tp, pp, num_chunks, path.parent)
+    family = naming_facts(meta["args"], keys=[state_key_for(s.name) for lay in layouts for s in lay.params]).family
+    log.warning("%s: written by the documented tool; model_optim_rng.pt's nesting and bucket sizes follow "
+                "Megatron's rules, and _extra_state entries are left out (see docs/ckpt2pt.md)", path)
+    return RankMeta(path, meta, rule_skeletons(layouts, num_chunks, family), layouts,
+                    rule_counts(layouts, meta["args"]))
 
 
 def resolve_topology(options: Options, metas: dict[tuple[int, int], RankMeta]) -> Topology:
@@ -483,10 +498,15 @@ def map_sources(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp_pp: tuple[
                                 fix="check --param-map-path (the pt_meta of this run), --noop, the rank sizes; "
                                     "or pass --convert-param-only for a file without optimizer state")
     used = {name for _, name in out}
-    unused = [name for name in index.values() if name not in used]
+    unused = [name for (state, _), name in index.items()
+              if name not in used and (state == "param" or not options.convert_param_only)]
     if unused:
-        log.warning("%s: %d tensors are not used (not in this rank's Megatron files), e.g. %s", ms.path,
-                    len(unused), ", ".join(unused[:3]))
+        # a parameter the Megatron rank does not have means the two sides disagree on the model
+        # (no-op layers, another run): converting anyway would put values at the wrong layers
+        raise ConvertInputError(f"{ms.path}: {len(unused)} tensors have no place in {rank.path}'s Megatron rank, "
+                                f"e.g. {', '.join(unused[:3])}", expected="exactly this rank's parameters",
+                                fix="pass --noop with the MindSpore model's no-op layers, or check --param-map-path "
+                                    "and the rank sizes")
     return tuple(out)
 
 
@@ -514,7 +534,8 @@ def plan_rank(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp: int, pp: in
         write_distrib=not options.convert_param_only, dp_cp=dp_cp, sources=sources, iteration=iteration,
         args_updates=tuple(args_updates), group_updates=group_updates(ms, groups),
         scheduler_updates=scheduler_updates(ms, dict(meta.get("opt_param_scheduler") or {})),
-        manifest_file=iteration_dir / MANIFEST_DIR / f"manifest_tp{tp:02}_pp{pp:03}.json")
+        manifest_file=iteration_dir / MANIFEST_DIR / f"manifest_tp{tp:02}_pp{pp:03}.json",
+        num_chunks=len(rank.skeletons))
 
 
 @dataclass
@@ -538,8 +559,8 @@ def _prepare(options: Options) -> Job:
         raise ConvertInputError(f"--param-map-path {options.param_map_path}: no such folder",
                                 fix="pass the pt_meta folder convert_pt2ckpt.py wrote")
     ranks = [(tp, pp) for pp in range(options.pp_size) for tp in range(options.tp_size)]
-    metas = {r: read_rank_meta(pt_meta_file(options.param_map_path, *r), not options.convert_param_only)
-             for r in ranks}
+    metas = {r: read_rank_meta(pt_meta_file(options.param_map_path, *r), not options.convert_param_only, *r,
+                               options.vpp_size) for r in ranks}
     topo = resolve_topology(options, metas)
     files = {r: pick_ms_file(options.ms_path / f"rank_{topo.ms_rank(*r)}", options.fmt) for r in ranks}
     plans, iterations = [], {}
@@ -611,7 +632,7 @@ def execute_back_plan(plan: BackPlan, settings: RunSettings, write: bool = True)
     """Write one rank's distrib_optim.pt and model_optim_rng.pt (or, with write=False, only verify a
     complete output of an earlier run). Files appear under their final names only when complete; an
     output that fails --verify is removed."""
-    rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib)
+    rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp, plan.num_chunks)
     result = RankResult(plan.folder.name, "skipped")
     with open_mindspore_file(plan.source_file, plan.fmt) as ms:
         sources = RankSources(plan, ms)

@@ -413,3 +413,65 @@ def test_outputs_of_another_source_are_not_mixed(ms_copy, tmp_path, sample_ms):
     assert_refused_keep = back(ms_copy, out)
     assert assert_refused_keep.returncode == 2 and "--overwrite" in errors(assert_refused_keep)[0]
     assert back(ms_copy, out, "--overwrite").returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# A pt_meta written by the documented tool; no-op layers
+
+
+def as_documented_pt_meta(pt_meta: Path) -> None:
+    """Reduce every args_*.pt to the keys the documented tool writes (the param_map copies stay)."""
+    from megatron_ms_convert.megatron.checkpoint import megatron_enum_importable
+    keys = ("args", "checkpoint_version", "iteration", "optimizer", "opt_param_scheduler", "rng_state",
+            "num_floating_point_operations_so_far")
+    for path in pt_meta.glob("args_*.pt"):
+        record = load_pt(path, mmap=False)
+        path.unlink()
+        with megatron_enum_importable():
+            torch.save({key: record[key] for key in keys}, path)
+
+
+@pytest.mark.parametrize("layout", ["tp2_pp2_dp2_small_buckets_padded", "mcore_te_pp3_vpp2_untied"])
+def test_documented_pt_meta_works_from_rules(tmp_path, layout):
+    spec = LAYOUTS[layout]
+    fixture = write_fixture(tmp_path / "save", spec)
+    to_ms(fixture.megatron_path, tmp_path / "ms", size_flags(spec), "--param-map-path", fixture.param_map_dir)
+    as_documented_pt_meta(tmp_path / "ms" / "pt_meta")
+    proc = in_process(ckpt2pt_main, "--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta",
+                      "--megatron-path", tmp_path / "back", *back_flags(spec.tp, spec.pp, spec.dp, spec.cp, spec.vpp),
+                      "--verify")
+    assert proc.returncode == 0, proc.stdout
+    assert "written by the documented tool" in proc.stdout
+    for original in sorted(fixture.megatron_path.glob("mp_rank_*")):
+        out = tmp_path / "back" / "iter_0000010" / original.name
+        assert_distrib_equal(out / "distrib_optim.pt", original / "distrib_optim.pt")
+        got, want = load_pt(out / "model_optim_rng.pt"), load_pt(original / "model_optim_rng.pt")
+        for key in want:
+            if key.startswith("model"):
+                # every parameter, in Megatron's nesting and order; _extra_state cannot be known
+                params = [(k, v) for k, v in _flat(want[key]) if not k.endswith("_extra_state")]
+                assert [k for k, _ in _flat(got[key])] == [k for k, _ in params]
+                for (_, g), (name, w) in zip(_flat(got[key]), params):
+                    assert g.dtype == w.dtype and torch.equal(g.view(torch.uint8), w.view(torch.uint8)), name
+            else:
+                assert_same(got[key], want[key], key)
+
+
+def test_noop_layers_are_skipped(tmp_path):
+    spec = LAYOUTS["tp1_pp1_dp1"]  # 2 layers
+    fixture = write_fixture(tmp_path / "save", spec)
+    to_ms(fixture.megatron_path, tmp_path / "ms", size_flags(spec))
+
+    def insert_noop_layer_1(tensors: dict) -> None:
+        for name in sorted(tensors):
+            if ".layers.1." in name:  # Megatron's layer 1 becomes MindSpore's layer 2; layer 1 is a no-op
+                tensors[name.replace(".layers.1.", ".layers.2.")] = tensors[name]
+                tensors[name] = np.full_like(tensors[name], 7.0)
+    rewrite_ms(tmp_path / "ms" / "rank_0" / "network.ckpt", insert_noop_layer_1)
+    args = ["--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta", *back_flags()]
+    proc = in_process(ckpt2pt_main, *args, "--megatron-path", tmp_path / "back", "--noop", 1)
+    assert proc.returncode == 0, proc.stdout
+    assert_same_checkpoint(tmp_path / "back" / "iter_0000010", fixture.megatron_path)
+    assert [p.name for p in (tmp_path / "back" / "iter_0000010").glob("mp_rank_*")] == ["mp_rank_00"]
+    without = in_process(ckpt2pt_main, *args, "--megatron-path", tmp_path / "back2")
+    assert without.returncode == 2 and "--noop" in errors(without)[0]
