@@ -48,7 +48,7 @@ from .naming import (NamingFacts, local_layer_numbers, megatron_name, megatron_s
                      renumber_layers, split_state)
 from .plan import LR_DECAY_STYLES, SCHEDULER_FLOAT64, SCHEDULER_INT64, WD_INCR_STYLES
 from .pt2ckpt import _ShowDefaults, _summary, configure_logging, progress_reporting
-from .runner import (RankResult, RunSettings, RunStopped, Task, check_no_foreign_outputs, fingerprint_of,
+from .runner import (RankResult, RunSettings, RunStopped, Task, anon_memory_bytes, check_no_foreign_outputs, fingerprint_of,
                      rank_status, run_tasks, signals_stop_the_run, write_manifest)
 from .topology import DISTRIB_FILE, MODEL_FILE, RankFolder, Topology, folder_name
 
@@ -614,11 +614,13 @@ class RankSources:
     def __init__(self, plan: BackPlan, ms: MindSporeFile):
         self.ms = ms
         self.names = dict(plan.sources)
+        self.peak_anon_bytes = 0  # sampled as each tensor is handed out, while a bucket is being filled
 
     def value(self, chunk: int, key: str, state: str) -> torch.Tensor:
         name = self.names.get((chunk, key, state))
         if name is None:
             raise ValueError(f"{self.ms.path}: no source planned for chunk {chunk} {key} {state}")
+        self.peak_anon_bytes = max(self.peak_anon_bytes, anon_memory_bytes())
         return self.ms.read(name).reshape(-1)
 
     def state_value(self, chunk: int, ddp_name: str, state: str) -> torch.Tensor:
@@ -657,8 +659,11 @@ def execute_back_plan(plan: BackPlan, settings: RunSettings, write: bool = True)
                     path.unlink(missing_ok=True)
                 write_manifest(plan, "writing")
                 raise
+        result.peak_anon_bytes = sources.peak_anon_bytes
     if write:
         write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
+    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
+              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
     return result
 
 
