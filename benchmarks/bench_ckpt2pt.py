@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Benchmark convert_ckpt2pt.py against an I/O floor measured in the same run. Not part of CI.
 
-    python3 benchmarks/bench_ckpt2pt.py [--hidden 512 1024] [--workdir DIR] [--repeat 2]
+    python3 benchmarks/bench_ckpt2pt.py [--hidden 1024] [--layers 4 12] [--workdir DIR] [--repeat 2]
 
-For each --hidden: writes a Megatron-format fixture (tp 2, pp 2, dp 2, 4 layers, bf16, several
-padded buckets) with tests/megatron_fixture.py, converts it to MindSpore with convert_pt2ckpt.py,
+For each --hidden and --layers: writes a Megatron-format fixture (tp 2, pp 2, dp 2, bf16, vocab 8000,
+buckets of 2M elements, padded) with tests/megatron_fixture.py, converts it to MindSpore with convert_pt2ckpt.py,
 then times (a) convert_ckpt2pt.py --process-limit 2 with --debug (each worker logs its peak RssAnon,
 sampled while it fills buckets) and (b) the I/O floor: two processes that read every MindSpore file
 and write as many bytes as the conversion wrote, with fsync, using the same interpreter start-up.
@@ -50,12 +50,12 @@ def run(cmd: list[str]) -> tuple[float, str]:
     return time.perf_counter() - start, proc.stdout
 
 
-def prepare(workdir: Path, hidden: int) -> Path:
-    save, ms = workdir / f"h{hidden}" / "save", workdir / f"h{hidden}" / "ms"
+def prepare(workdir: Path, hidden: int, layers: int) -> Path:
+    save, ms = workdir / f"h{hidden}_l{layers}" / "save", workdir / f"h{hidden}_l{layers}" / "ms"
     if not ms.is_dir():
         run([sys.executable, "tests/megatron_fixture.py", "--out", str(save), "--tp", "2", "--pp", "2", "--dp", "2",
-             "--num-layers", "4", "--hidden", str(hidden), "--ffn", str(4 * hidden), "--heads", "8", "--vocab",
-             "8000", "--overlap-grad-reduce", "--bucket-size", str(hidden * hidden * 2), "--no-record"])
+             "--num-layers", str(layers), "--hidden", str(hidden), "--ffn", str(4 * hidden), "--heads", "8", "--vocab",
+             "8000", "--overlap-grad-reduce", "--bucket-size", "2000000", "--no-record"])
         run([sys.executable, "convert_pt2ckpt.py", "--megatron-path", str(save / "iter_0000010"), "--ms-path",
              str(ms), "--tp-size", "2", "--pp-size", "2", "--dp-size", "2"])
         shutil.rmtree(save)
@@ -86,17 +86,19 @@ def measure(ms: Path, workdir: Path, repeat: int) -> dict:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--hidden", type=int, nargs="+", default=[512, 1024])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1024])
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_ckpt2pt_"))
-    print("| hidden | MindSpore MiB | written MiB | ckpt2pt s | I/O floor s | ratio | peak RssAnon per worker MiB |")
-    print("|---|---|---|---|---|---|---|")
+    print("| hidden | layers | MindSpore MiB | written MiB | ckpt2pt s | I/O floor s | ratio | peak RssAnon per worker MiB |")
+    print("|---|---|---|---|---|---|---|---|")
     for hidden in args.hidden:
-        r = measure(prepare(workdir, hidden), workdir, args.repeat)
-        print(f"| {hidden} | {r['source_mib']:.0f} | {r['written_mib']:.0f} | {r['conv_s']:.2f} | {r['floor_s']:.2f} "
-              f"| {r['conv_s'] / r['floor_s']:.2f} | {r['peak_worker_anon_mib']:.0f} |")
+        for layers in args.layers:
+            r = measure(prepare(workdir, hidden, layers), workdir, args.repeat)
+            print(f"| {hidden} | {layers} | {r['source_mib']:.0f} | {r['written_mib']:.0f} | {r['conv_s']:.2f} "
+                  f"| {r['floor_s']:.2f} | {r['conv_s'] / r['floor_s']:.2f} | {r['peak_worker_anon_mib']:.0f} |")
     return 0
 
 
