@@ -95,6 +95,11 @@ class RankPlan:
     manifest_file: Path | None = None
 
     @property
+    def output_files(self) -> tuple[Path, ...]:
+        """Every file this plan writes, besides its manifest."""
+        return (*self.outputs, self.meta_file)
+
+    @property
     def total_bytes(self) -> int:
         return sum(math.prod(t.shape) * _itemsize(t.dtype) for t in self.tensors)
 

@@ -66,8 +66,13 @@ def plan_fingerprint(plan: RankPlan) -> str:
     (resolved), so that spelling a path another way does not make a conversion look like another."""
     sources = [plan.folder.model_file] + ([plan.folder.distrib_file] if plan.reads_distrib else [])
     sources += [Path(layout.source) for layout in plan.layouts if Path(layout.source).is_file()]
+    return fingerprint_of(plan, sources)  # the repr includes the layouts
+
+
+def fingerprint_of(plan: Any, sources: Sequence[Path]) -> str:
+    """Hash of a plan (any dataclass; its repr) and of its source files' identity (path, size, mtime)."""
     stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
-    return hashlib.sha256(repr((plan, stats)).encode()).hexdigest()  # the repr includes the layouts
+    return hashlib.sha256(repr((plan, stats)).encode()).hexdigest()
 
 
 def read_manifest(plan: RankPlan) -> dict:
@@ -96,20 +101,23 @@ def rank_status(plan: RankPlan) -> str:
         complete = manifest.get("state") == "complete" and all(
             Path(f).is_file() and Path(f).stat().st_size == size for f, size in files.items())
         return "done" if complete else "todo"
-    return "foreign" if any(p.exists() for p in (*plan.outputs, plan.meta_file)) else "todo"
+    return "foreign" if any(p.exists() for p in plan.output_files) else "todo"
 
 
-def check_no_foreign_outputs(plans: Sequence[RankPlan], statuses: dict) -> None:
-    """Stop when any plan's status (from rank_status, by folder) is 'foreign'."""
+def check_no_foreign_outputs(plans: Sequence[RankPlan], statuses: dict, flag: str = "--ms-path",
+                             root: Path | None = None) -> None:
+    """Stop when any plan's status (from rank_status, by folder) is 'foreign'. `flag` and `root` name
+    the output folder in the message (by default --ms-path, the parent of the first rank's folder)."""
     foreign = [p for p in plans if statuses[p.folder] == "foreign"]
     if foreign:
-        existing = [str(o) for p in foreign for o in (*p.outputs, p.meta_file) if o.exists()]
+        existing = [str(o) for p in foreign for o in p.output_files if o.exists()]
+        root = root if root is not None else foreign[0].outputs[0].parent.parent
         raise ConvertInputError(
-            f"--ms-path {foreign[0].outputs[0].parent.parent}: {len(existing)} output files already exist that "
+            f"{flag} {root}: {len(existing)} output files already exist that "
             f"this conversion did not write (another source, other flags, changed inputs, or a version of "
             f"the converter that planned differently), e.g. {existing[0]}",
             expected="an empty --ms-path or outputs of this same conversion", found=f"{len(foreign)} ranks' outputs",
-            fix="pass --overwrite to replace them, or choose another --ms-path")
+            fix=f"pass --overwrite to replace them, or choose another {flag}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -358,18 +366,22 @@ def _kill_workers(processes: Sequence[Any]) -> None:
 
 @dataclass(frozen=True)
 class Task:
-    plan: RankPlan
+    """One plan to execute. A plan of either direction has `folder` (with `.name` and `.path`),
+    `output_files`, `manifest_file` and `fingerprint`; `execute(plan, settings, write)` runs it."""
+
+    plan: Any
     write: bool  # False: the output is complete from an earlier run and is only verified
 
 
-def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[RankPlan, RankResult], None]) -> None:
-    """Execute every task, at most --process-limit at a time, each in its own forked worker so that a
-    crash, a signal or --process_timeout stops that rank only and is reported with its folder.
+def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[Any, RankResult], None],
+              execute: Callable[[Any, RunSettings, bool], RankResult] = execute_plan) -> None:
+    """Execute every task with `execute`, at most --process-limit at a time, each in its own forked
+    worker so that a crash, a signal or --process_timeout stops that rank only and is reported with its folder.
     Forking after the parent imported torch makes a worker's start-up cost nothing. However this
     ends (RunStopped included), no worker is left running and no temporary file is left behind."""
     if settings.multiprocess_off:
         for task in tasks:
-            on_done(task.plan, _execute_reporting_errors(task, settings))
+            on_done(task.plan, _execute_reporting_errors(task, settings, execute))
         return
     context = multiprocessing.get_context("fork")
     pending = deque(tasks)
@@ -379,7 +391,7 @@ def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[R
             while pending and len(running) < settings.process_limit:
                 task = pending.popleft()
                 with _stop_signals_held_back():
-                    process, receiver = _start_worker(context, task, settings)
+                    process, receiver = _start_worker(context, task, settings, execute)
                     running[process.sentinel] = (task.plan, process, receiver, time.monotonic())
             deadline = min(start for _, _, _, start in running.values()) + settings.process_timeout
             ready = multiprocessing.connection.wait(list(running), timeout=max(0.0, deadline - time.monotonic()))
@@ -401,29 +413,29 @@ def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[R
             remove_partials(plan)
 
 
-def _start_worker(context, task: Task, settings: RunSettings) -> tuple[Any, Any]:
+def _start_worker(context, task: Task, settings: RunSettings, execute) -> tuple[Any, Any]:
     receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_worker_main, args=(task, settings, sender, os.getpid()),
+    process = context.Process(target=_worker_main, args=(task, settings, execute, sender, os.getpid()),
                               name=f"convert-{task.plan.folder.name}", daemon=True)
     process.start()
     sender.close()
     return process, receiver
 
 
-def _worker_main(task: Task, settings: RunSettings, sender, parent_pid: int) -> None:
+def _worker_main(task: Task, settings: RunSettings, execute, sender, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent stops us
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent(parent_pid)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    result = _execute_reporting_errors(task, settings)
+    result = _execute_reporting_errors(task, settings, execute)
     sender.send(result)
     sender.close()
 
 
-def _execute_reporting_errors(task: Task, settings: RunSettings) -> RankResult:
+def _execute_reporting_errors(task: Task, settings: RunSettings, execute=execute_plan) -> RankResult:
     plan = task.plan
     try:
-        return execute_plan(plan, settings, write=task.write)
+        return execute(plan, settings, task.write)
     except ConvertInputError as err:
         remove_partials(plan)
         return RankResult(plan.folder.name, "failed", str(err))
@@ -452,6 +464,6 @@ def _collect(plan: RankPlan, process, receiver) -> RankResult:
                                                   "(out of memory? see the system log)")
 
 
-def remove_partials(plan: RankPlan) -> None:
-    for path in (*plan.outputs, plan.meta_file, plan.manifest_file):
+def remove_partials(plan: Any) -> None:
+    for path in (*plan.output_files, plan.manifest_file):
         partial_path(path).unlink(missing_ok=True)

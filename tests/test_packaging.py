@@ -1,4 +1,4 @@
-"""What `pip install .` puts into site-packages: the package, the two named modules and the console
+"""What `pip install .` puts into site-packages: the package, the three named modules and the console
 script, nothing else at top level (no generic module names that could shadow another project's)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import zipfile
 
 from tests.expected_outputs import REPO
 
-TOP_LEVEL = {"megatron_ms_convert", "convert_pt2ckpt.py", "param_map_utils.py"}
+TOP_LEVEL = {"megatron_ms_convert", "convert_pt2ckpt.py", "convert_ckpt2pt.py", "param_map_utils.py"}
 
 
 def test_wheel_holds_the_package_the_named_modules_and_the_console_script(tmp_path):
@@ -23,9 +23,10 @@ def test_wheel_holds_the_package_the_named_modules_and_the_console_script(tmp_pa
     top = {name.split("/")[0] for name in names if ".dist-info/" not in name}
     assert top == TOP_LEVEL, sorted(top)
     for module in ("topology", "naming", "plan", "runner", "atomic", "errors", "megatron/checkpoint",
-                   "megatron/layout", "mindspore/format", "mindspore/writer", "pt2ckpt"):
+                   "megatron/layout", "mindspore/format", "mindspore/writer", "mindspore/reader", "pt2ckpt", "ckpt2pt"):
         assert f"megatron_ms_convert/{module}.py" in names, module
     assert not any(name.startswith("megatron_ms_convert/") and "tests" in name for name in names)
     [entry_points] = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()
     assert "convert_pt2ckpt = convert_pt2ckpt:cli" in text
+    assert "convert_ckpt2pt = convert_ckpt2pt:cli" in text

@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""Benchmark convert_ckpt2pt.py against an I/O floor measured in the same run. Not part of CI.
+
+    python3 benchmarks/bench_ckpt2pt.py [--hidden 1024] [--layers 4 12] [--workdir DIR] [--repeat 2]
+
+For each --hidden and --layers: writes a Megatron-format fixture (tp 2, pp 2, dp 2, bf16, vocab 8000,
+buckets of 2M elements, padded) with tests/megatron_fixture.py, converts it to MindSpore with convert_pt2ckpt.py,
+then times (a) convert_ckpt2pt.py --process-limit 2 with --debug (each worker logs its peak RssAnon,
+sampled while it fills buckets) and (b) the I/O floor: two processes that read every MindSpore file
+and write as many bytes as the conversion wrote, with fsync, using the same interpreter start-up.
+Reports the median wall time of each and the largest per-worker peak RssAnon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FLOOR = textwrap.dedent("""
+    import os, sys, torch  # the same interpreter start-up as the converter
+    sources, target, nbytes = sys.argv[1:-2], sys.argv[-2], int(sys.argv[-1])
+    chunk = 16 << 20
+    for path in sources:
+        with open(path, "rb") as f:
+            while f.read(chunk):
+                pass
+    with open(target, "wb") as out:
+        block = b"\\0" * chunk
+        while nbytes > 0:
+            out.write(block[:min(chunk, nbytes)]); nbytes -= chunk
+        out.flush(); os.fsync(out.fileno())
+""")
+
+
+def run(cmd: list[str]) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stdout + proc.stderr)
+    return time.perf_counter() - start, proc.stdout
+
+
+def prepare(workdir: Path, hidden: int, layers: int) -> Path:
+    save, ms = workdir / f"h{hidden}_l{layers}" / "save", workdir / f"h{hidden}_l{layers}" / "ms"
+    if not ms.is_dir():
+        run([sys.executable, "tests/megatron_fixture.py", "--out", str(save), "--tp", "2", "--pp", "2", "--dp", "2",
+             "--num-layers", str(layers), "--hidden", str(hidden), "--ffn", str(4 * hidden), "--heads", "8", "--vocab",
+             "8000", "--overlap-grad-reduce", "--bucket-size", "2000000", "--no-record"])
+        run([sys.executable, "convert_pt2ckpt.py", "--megatron-path", str(save / "iter_0000010"), "--ms-path",
+             str(ms), "--tp-size", "2", "--pp-size", "2", "--dp-size", "2"])
+        shutil.rmtree(save)
+    return ms
+
+
+def measure(ms: Path, workdir: Path, repeat: int) -> dict:
+    conv, floor, peaks, written = [], [], [], 0
+    for _ in range(repeat):
+        out = workdir / "back"
+        shutil.rmtree(out, ignore_errors=True)
+        seconds, log = run([sys.executable, "convert_ckpt2pt.py", "--ms-path", str(ms), "--param-map-path",
+                            str(ms / "pt_meta"), "--megatron-path", str(out), "--tp-size", "2", "--pp-size", "2",
+                            "--dp-size", "2", "--cp-size", "1", "--vpp-size", "1", "--process-limit", "2", "--debug"])
+        conv.append(seconds)
+        peaks += [float(m) for m in re.findall(r"peak anonymous memory ([0-9.]+) MiB", log)]
+        written = sum(p.stat().st_size for p in out.rglob("*.pt"))
+        files = sorted(str(p) for p in ms.glob("rank_*/*.ckpt"))
+        start = time.perf_counter()
+        procs = [subprocess.Popen([sys.executable, "-c", FLOOR, *files[i::2], str(workdir / f"floor{i}"),
+                                   str(written // 2)], cwd=ROOT) for i in range(2)]
+        assert all(p.wait() == 0 for p in procs)
+        floor.append(time.perf_counter() - start)
+    source = sum(p.stat().st_size for p in ms.glob("rank_*/*.ckpt"))
+    return {"source_mib": source / 2**20, "written_mib": written / 2**20, "conv_s": statistics.median(conv),
+            "floor_s": statistics.median(floor), "peak_worker_anon_mib": max(peaks)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--hidden", type=int, nargs="+", default=[1024])
+    parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--workdir", type=Path, default=None)
+    args = parser.parse_args()
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_ckpt2pt_"))
+    print("| hidden | layers | MindSpore MiB | written MiB | ckpt2pt s | I/O floor s | ratio | peak RssAnon per worker MiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for hidden in args.hidden:
+        for layers in args.layers:
+            r = measure(prepare(workdir, hidden, layers), workdir, args.repeat)
+            print(f"| {hidden} | {layers} | {r['source_mib']:.0f} | {r['written_mib']:.0f} | {r['conv_s']:.2f} "
+                  f"| {r['floor_s']:.2f} | {r['conv_s'] / r['floor_s']:.2f} | {r['peak_worker_anon_mib']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

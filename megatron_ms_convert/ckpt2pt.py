@@ -1,0 +1,829 @@
+"""Convert per-rank MindSpore checkpoints back into a Megatron-LM core_r0.6.0 checkpoint.
+
+The story, top to bottom (the mirror of `pt2ckpt`): `main` parses the flags and locks
+--megatron-path; `prepare` finds each rank's MindSpore file and its pt_meta record, reads the
+scalars training changes (step, learning rates, scheduler counters), maps every tensor the Megatron
+files need to its MindSpore name and checks that it is there with the right shape, and builds one
+`BackPlan` per (tp, pp) rank -- all before any output is opened; `run_tasks` (the runner) executes
+the plans in worker processes, each streaming `distrib_optim.pt` (one bucket in memory at a time)
+and `model_optim_rng.pt` out of the mmap'd MindSpore file; when every rank is complete the parent
+writes `latest_checkpointed_iteration.txt`. `convert_ckpt2pt.py -h` lists every flag.
+
+What comes from where (see docs/ckpt2pt.md): tensors (fp32 master weights, Adam moments, the model
+weights as the master weights cast to the run's dtype) and the values training changes come from the
+MindSpore file; the structure (nesting, keys, dtype keys, bucket layout) and what MindSpore cannot
+carry (args, rng state, flops counter) come from pt_meta.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from . import __version__
+from .atomic import write_text_atomically
+from .errors import ConvertInputError
+from .folder_lock import folder_lock
+from .megatron.checkpoint import load_pt, megatron_enum_importable
+from .megatron.layout import BucketCounts, BufferLayout, list_param_map_files, read_rank_layouts, state_key_for
+from .megatron.pt_meta import DOCUMENTED_KEYS, counts_from_meta, layouts_from_meta, skeletons_from_meta
+from .megatron.rebuild_rules import rule_counts, rule_skeletons
+from .megatron.torch_writer import write_torch_file
+from .megatron.writer import (OPTIMIZER_STATES, TrainingUpdates, apply_training_updates, distrib_optim_tree,
+                              model_optim_rng_tree, skeleton_specs, target_counts)
+from .mindspore.reader import MindSporeFile, open_mindspore_file
+from .naming import (NamingFacts, local_layer_numbers, megatron_name, megatron_state_dict_key, naming_facts,
+                     renumber_layers, split_state)
+from .plan import LR_DECAY_STYLES, SCHEDULER_FLOAT64, SCHEDULER_INT64, WD_INCR_STYLES
+from .pt2ckpt import _ShowDefaults, _summary, configure_logging, progress_reporting
+from .runner import (RankResult, RunSettings, RunStopped, Task, anon_memory_bytes, check_no_foreign_outputs, fingerprint_of,
+                     rank_status, run_tasks, signals_stop_the_run, write_manifest)
+from .topology import DISTRIB_FILE, MODEL_FILE, RankFolder, Topology, folder_name
+
+log = logging.getLogger("convert_pt2ckpt")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # and 130 / 143 for Ctrl-C / SIGTERM
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+MANIFEST_DIR = ".convert_ckpt2pt"
+META_JSON = "meta.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="convert_ckpt2pt.py", description="Ckpt-to-pt conversion Arguments",
+                                     allow_abbrev=False, formatter_class=_ShowDefaults)
+    group = parser.add_argument_group(title="distributed")
+    group.add_argument("--num-layers", type=int, default=None,
+                       help="Number of layers in Megatron models (default: from pt_meta's args)")
+    group.add_argument("--dp-size", type=int, required=True,
+                       help="Degree of data model parallelism of the Megatron run to resume (buckets are padded "
+                            "for it)")
+    group.add_argument("--cp-size", type=int, required=True, help="Degree of context model parallelism.")
+    group.add_argument("--tp-size", type=int, required=True, help="Degree of tensor model parallelism.")
+    group.add_argument("--pp-size", type=int, required=True, help="Degree of pipeline model parallelism.")
+    group.add_argument("--vpp-size", type=int, required=True,
+                       help="virtual_pipeline_model_parallel_size (1 without virtual pipelines)")
+    group.add_argument("--src-model-format", type=str, default="ckpt", choices=["ckpt", "safetensors"],
+                       help="MindSpore checkpoint file format")
+    group.add_argument("--noop", type=int, nargs="+", default=None,
+                       help="global layer numbers of no-op layers that exist in the MindSpore model but not in "
+                            "Megatron's (skipped)")
+    group.add_argument("--ms-dp-size", type=int, default=None,
+                       help="data-parallel size the rank_N folders are numbered with (default: --dp-size)")
+    group.add_argument("--ms-cp-size", type=int, default=None,
+                       help="context-parallel size the rank_N folders are numbered with (default: --cp-size)")
+
+    group = parser.add_argument_group(title="File Path/Location")
+    group.add_argument("--ms-path", type=str, required=True, help="Path to the MindSpore rank_N folders.")
+    group.add_argument("--param-map-path", type=str, required=True,
+                       help="The pt_meta folder convert_pt2ckpt.py wrote.")
+    group.add_argument("--megatron-path", type=str, required=True, help="Path for saving the Megatron checkpoint.")
+    group.add_argument("--convert-param-only", action="store_true", default=False,
+                       help="write only model_optim_rng.pt")
+    group.add_argument("--process-limit", type=int, default=8, help="Max num of processes.")
+    group.add_argument("--multiprocess-off", action="store_true", default=False, help="Turn off multiprocess.")
+    group.add_argument("--process_timeout", "--process-timeout", dest="process_timeout", type=int,
+                       default=3600, help="Timeout for each process.")
+
+    group = parser.add_argument_group(title="Not in the documented tool")
+    group.add_argument("--iteration", type=int, default=None,
+                       help="the iteration to save as (default: step_num of the MindSpore files; required when "
+                            "their epoch_num is not 0)")
+    group.add_argument("--consumed-train-samples", type=int, default=None,
+                       help="args.consumed_train_samples to save (default: the saved value plus the iterations "
+                            "trained since times global_batch_size)")
+    group.add_argument("--verify", action="store_true", default=False,
+                       help="re-open every written .pt and compare each tensor with the MindSpore file, bit for bit")
+    group.add_argument("--overwrite", action="store_true", default=False,
+                       help="redo every rank even if a complete output of this conversion exists, and replace "
+                            "outputs written from another source")
+    group.add_argument("--debug", action="store_true", default=False, help="print debug info (the plans)")
+    return parser
+
+
+@dataclass(frozen=True)
+class Options:
+    """The flags, checked among themselves (no files looked at yet)."""
+
+    ms_path: Path
+    param_map_path: Path
+    megatron_path: Path
+    tp_size: int
+    pp_size: int
+    dp_size: int
+    cp_size: int
+    vpp_size: int
+    ms_dp_size: int
+    ms_cp_size: int
+    num_layers: int | None
+    fmt: str
+    noop: tuple[int, ...]
+    convert_param_only: bool
+    process_limit: int
+    multiprocess_off: bool
+    process_timeout: int
+    iteration: int | None
+    consumed_train_samples: int | None
+    verify: bool
+    overwrite: bool
+    debug: bool
+
+
+def options_from_args(ns: argparse.Namespace) -> Options:
+    for flag in ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
+                 "ms_dp_size", "ms_cp_size"):
+        value = getattr(ns, flag)
+        if value is not None and value < 1:
+            name = "--" + flag.replace("_", "-")
+            raise ConvertInputError(f"{name} {value}", expected="a whole number >= 1", fix=f"pass {name} 1 or more")
+    for flag in ("iteration", "consumed_train_samples"):
+        value = getattr(ns, flag)
+        if value is not None and value < 0:
+            name = "--" + flag.replace("_", "-")
+            raise ConvertInputError(f"{name} {value}", expected="a number >= 0", fix=f"pass {name} 0 or more")
+    noop = tuple(sorted(set(ns.noop or ())))
+    if noop and noop[0] < 0:
+        raise ConvertInputError(f"--noop {' '.join(map(str, ns.noop))}", expected="layer numbers >= 0",
+                                fix="list the global layer numbers of the no-op layers")
+    return Options(
+        ms_path=Path(ns.ms_path).resolve(), param_map_path=Path(ns.param_map_path).resolve(),
+        megatron_path=Path(ns.megatron_path).resolve(), tp_size=ns.tp_size, pp_size=ns.pp_size,
+        dp_size=ns.dp_size, cp_size=ns.cp_size, vpp_size=ns.vpp_size,
+        ms_dp_size=ns.ms_dp_size or ns.dp_size, ms_cp_size=ns.ms_cp_size or ns.cp_size, num_layers=ns.num_layers,
+        fmt=ns.src_model_format, noop=noop, convert_param_only=ns.convert_param_only,
+        process_limit=ns.process_limit, multiprocess_off=ns.multiprocess_off, process_timeout=ns.process_timeout,
+        iteration=ns.iteration, consumed_train_samples=ns.consumed_train_samples, verify=ns.verify,
+        overwrite=ns.overwrite, debug=ns.debug)
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding the inputs
+
+
+def pick_ms_file(rank_dir: Path, fmt: str) -> Path:
+    """The file MindSpeed's own resume would load: the one `meta.json` names (`last_ckpt_file`), else
+    the newest `*.ckpt` / `*.safetensors`."""
+    if not rank_dir.is_dir():
+        raise ConvertInputError(f"{rank_dir}: no such folder",
+                                expected="one rank_N folder per (tp, pp) rank, numbered as convert_pt2ckpt numbers "
+                                         "them (dp = cp = 0)",
+                                fix="check --ms-path and --tp-size/--pp-size/--dp-size/--cp-size (or "
+                                    "--ms-dp-size/--ms-cp-size), or copy the missing folder")
+    meta_json = rank_dir / META_JSON
+    if meta_json.is_file():
+        import json
+        try:
+            named = json.loads(meta_json.read_text()).get("last_ckpt_file")
+        except (ValueError, AttributeError):
+            named = None
+        if named:
+            path = rank_dir / Path(named).name
+            if path.is_file():
+                return path
+            log.warning("%s names %s, which is not there; using the newest *.%s instead", meta_json, named, fmt)
+    files = [p for p in rank_dir.glob(f"*.{fmt}") if p.is_file()]
+    if not files:
+        others = sorted(p.name for p in rank_dir.iterdir())[:5]
+        raise ConvertInputError(f"{rank_dir}: no *.{fmt} file", expected=f"a MindSpore checkpoint (*.{fmt})",
+                                found=", ".join(others) or "an empty folder",
+                                fix="check --src-model-format and --ms-path")
+    return max(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def pt_meta_file(param_map_path: Path, tp: int, pp: int) -> Path:
+    path = param_map_path / f"args_tp{tp:02}_pp{pp:03}.pt"
+    if not path.is_file():
+        raise ConvertInputError(f"{path}: file is missing",
+                                expected="the pt_meta folder convert_pt2ckpt.py wrote (args_tpTT_ppPPP.pt per rank)",
+                                fix="pass --param-map-path <ms-path of convert_pt2ckpt>/pt_meta, or check "
+                                    "--tp-size/--pp-size")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Values training changes
+
+
+def read_scalar(ms: MindSporeFile, name: str) -> float | int | None:
+    if name not in ms:
+        return None
+    tensor = ms.read(name)
+    if tensor.numel() != 1:
+        raise ConvertInputError(f"{ms.path}: {name} has shape {list(tensor.shape)}", expected="one value",
+                                fix="re-copy the file (damaged?) or check --ms-path")
+    value = tensor.reshape(()).item()
+    return value
+
+
+def changed(saved: Any, stored: float | int) -> Any:
+    """The value to restore for a number MindSpore stores with less precision (float32) than Megatron
+    saved it (a Python float or int): the saved value when MindSpore's equals it rounded to float32
+    (training did not change it), else MindSpore's, in the saved value's type."""
+    if isinstance(saved, bool):
+        return saved if float(saved) == stored else bool(stored)
+    if isinstance(saved, (int, float)) and float(np.float32(saved)) == float(np.float32(stored)):
+        return saved
+    if isinstance(saved, int):
+        return int(round(stored))
+    return float(stored)
+
+
+def group_updates(ms: MindSporeFile, param_groups: Sequence[dict]) -> tuple[tuple[int, str, Any], ...]:
+    """(group, key, value) for each optimizer param-group number MindSpore holds a different value of."""
+    out = []
+    for i, group in enumerate(param_groups):
+        for key, saved in group.items():
+            if key == "params" or not isinstance(saved, (int, float)):
+                continue
+            name = "state_step" if key == "step" else ("learning_rate_group_%d" % i if key == "lr" else f"{key}_group_{i}")
+            stored = read_scalar(ms, name)
+            if stored is not None and changed(saved, stored) != saved:
+                out.append((i, key, changed(saved, stored)))
+    return tuple(out)
+
+
+def scheduler_updates(ms: MindSporeFile, scheduler: dict) -> tuple[tuple[str, Any], ...]:
+    """(key, value) for each opt_param_scheduler entry MindSpore holds a different value of."""
+    out = []
+    for key, saved in scheduler.items():
+        stored = read_scalar(ms, key)
+        if stored is None:
+            continue
+        if key in ("lr_decay_style", "wd_incr_style"):
+            styles = LR_DECAY_STYLES if key == "lr_decay_style" else WD_INCR_STYLES
+            if not 0 <= int(stored) < len(styles):
+                raise ConvertInputError(f"{ms.path}: {key} is {stored}", expected=f"an index into {styles}",
+                                        fix="re-copy the file (damaged?)")
+            value = styles[int(stored)]
+        elif key in SCHEDULER_INT64:
+            value = int(stored)
+        elif key in SCHEDULER_FLOAT64:
+            value = float(stored)
+        elif isinstance(saved, (int, float)):
+            value = changed(saved, stored)
+        else:
+            continue
+        if value != saved:
+            out.append((key, value))
+    return tuple(out)
+
+
+def iteration_of(ms: MindSporeFile, options: Options) -> int:
+    """--iteration, else step_num; a step_num that counts within an epoch (epoch_num != 0) is no iteration."""
+    if options.iteration is not None:
+        return options.iteration
+    step, epoch = read_scalar(ms, "step_num"), read_scalar(ms, "epoch_num")
+    if step is None:
+        raise ConvertInputError(f"{ms.path}: no step_num", expected="step_num (the iteration) in the file",
+                                fix="pass --iteration N")
+    if epoch not in (None, 0):
+        raise ConvertInputError(f"{ms.path}: epoch_num is {epoch}, so step_num {step} counts steps within an epoch",
+                                expected="epoch_num 0", fix="pass --iteration N (the iteration the run has reached)")
+    return int(step)
+
+
+def consumed_samples(meta: dict, iteration: int, options: Options, where: Path) -> int | None:
+    """args.consumed_train_samples for `iteration`: --consumed-train-samples, or the saved value plus
+    the iterations trained since, each of global_batch_size samples. None: keep the saved value."""
+    if options.consumed_train_samples is not None:
+        return options.consumed_train_samples
+    args, saved_iteration = meta.get("args"), meta.get("iteration")
+    if iteration == saved_iteration or args is None:
+        return None
+    if getattr(args, "rampup_batch_size", None):
+        raise ConvertInputError(f"{where}: the run ramps up its batch size (rampup_batch_size), so the samples "
+                                f"consumed by iteration {iteration} do not follow from it",
+                                fix="pass --consumed-train-samples N")
+    saved = getattr(args, "consumed_train_samples", 0) or 0
+    return saved + (iteration - (saved_iteration or 0)) * args.global_batch_size
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+
+
+@dataclass(frozen=True)
+class BackPlan:
+    """Everything one worker does for one (tp, pp) rank: read `source_file`, write `out_dir`."""
+
+    folder: RankFolder  # the MindSpore rank_N folder, with the Megatron (tp, pp) it becomes
+    source_file: Path
+    fmt: str
+    pt_meta_file: Path
+    out_dir: Path
+    write_distrib: bool
+    dp_cp: int
+    # (chunk, state-dict key with local layer numbers, state) -> MindSpore name
+    sources: tuple[tuple[tuple[int, str, str], str], ...]
+    iteration: int
+    args_updates: tuple[tuple[str, Any], ...]
+    group_updates: tuple[tuple[int, str, Any], ...]
+    scheduler_updates: tuple[tuple[str, Any], ...]
+    manifest_file: Path
+    num_chunks: int = 1
+    fingerprint: str = field(default="", compare=False)
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        return (self.out_dir / MODEL_FILE,) + ((self.out_dir / DISTRIB_FILE,) if self.write_distrib else ())
+
+    @property
+    def output_files(self) -> tuple[Path, ...]:
+        return self.outputs
+
+    def describe(self) -> str:
+        lines = [f"plan for {self.source_file} -> {self.out_dir} (iteration {self.iteration}, dp x cp {self.dp_cp})"]
+        lines += [f"  set args.{k} = {v!r}" for k, v in self.args_updates]
+        lines += [f"  set param_groups[{i}][{k!r}] = {v!r}" for i, k, v in self.group_updates]
+        lines += [f"  set opt_param_scheduler[{k!r}] = {v!r}" for k, v in self.scheduler_updates]
+        lines += [f"  chunk {c} {key} {state} <- {name}" for (c, key, state), name in self.sources]
+        return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class RankMeta:
+    """What one rank's pt_meta says, decoded."""
+
+    path: Path
+    meta: dict
+    skeletons: list[dict]
+    layouts: list[BufferLayout] | None
+    counts: list[BucketCounts] | None
+
+
+def read_rank_meta(path: Path, need_layouts: bool, tp: int, pp: int, num_chunks: int) -> RankMeta:
+    """A rank's pt_meta decoded. A record of the documented tool (no skeletons, layouts or bucket
+    sizes) is completed by rules from the param_map JSON files beside it (rebuild_rules)."""
+    meta = load_pt(path)
+    if not isinstance(meta, dict) or "args" not in meta:
+        raise ConvertInputError(f"{path}: not a pt_meta record", expected="a dict with args, iteration, ...",
+                                fix="pass the pt_meta folder convert_pt2ckpt.py wrote as --param-map-path")
+    skeletons = skeletons_from_meta(meta)
+    if skeletons is None:
+        return documented_rank_meta(path, meta, tp, pp, num_chunks)
+    layouts, counts = layouts_from_meta(meta, str(path)), counts_from_meta(meta)
+    if need_layouts and (layouts is None or counts is None):
+        raise ConvertInputError(f"{path}: no grad-buffer layout in it (convert_pt2ckpt.py ran with "
+                                "--convert-param-only)", expected="layouts and per_bucket_numel",
+                                fix="pass --convert-param-only to write model_optim_rng.pt alone")
+    return RankMeta(path, meta, skeletons, layouts, counts)
+
+
+def documented_rank_meta(path: Path, meta: dict, tp: int, pp: int, num_chunks: int) -> RankMeta:
+    files = list_param_map_files(path.parent)
+    if not files:
+        raise ConvertInputError(f"{path}: written by the documented tool, and no param_map_buffer*.json beside it",
+                                expected="the param_map files the documented tool copies into pt_meta/",
+                                fix="copy the run's param_map files into the pt_meta folder")
+    layouts = read_rank_layouts(files, tp, pp, num_chunks, path.parent)
+    family = naming_facts(meta["args"], keys=[state_key_for(s.name) for lay in layouts for s in lay.params]).family
+    log.warning("%s: written by the documented tool; model_optim_rng.pt's nesting and bucket sizes follow "
+                "Megatron's rules, and _extra_state entries are left out (see docs/ckpt2pt.md)", path)
+    return RankMeta(path, meta, rule_skeletons(layouts, num_chunks, family), layouts,
+                    rule_counts(layouts, meta["args"]))
+
+
+def resolve_topology(options: Options, metas: dict[tuple[int, int], RankMeta]) -> Topology:
+    """Flags against the saved args; layers per stage from the skeletons (uneven stages need no flag)."""
+    first = metas[(0, 0)]
+    args = first.meta["args"]
+    saved = {"--tp-size": getattr(args, "tensor_model_parallel_size", None),
+             "--pp-size": getattr(args, "pipeline_model_parallel_size", None),
+             "--vpp-size": getattr(args, "virtual_pipeline_model_parallel_size", None) or 1,
+             "--num-layers": getattr(args, "num_layers", None)}
+    given = {"--tp-size": options.tp_size, "--pp-size": options.pp_size, "--vpp-size": options.vpp_size,
+             "--num-layers": options.num_layers}
+    for flag, value in given.items():
+        if value is not None and saved[flag] is not None and value != saved[flag]:
+            raise ConvertInputError(f"{flag} {value} contradicts {first.path}",
+                                    expected=f"{flag} {saved[flag]} (the training run's value)", found=str(value),
+                                    fix=f"pass {flag} {saved[flag]}, or the pt_meta of this run as --param-map-path")
+    for (tp, pp), rank in metas.items():
+        if len(rank.skeletons) != options.vpp_size:
+            raise ConvertInputError(f"{rank.path}: {len(rank.skeletons)} model chunks",
+                                    expected=f"{options.vpp_size} (--vpp-size)", found=str(len(rank.skeletons)),
+                                    fix="pass the training run's --vpp-size")
+    num_layers = options.num_layers or saved["--num-layers"]
+    stage_list = tuple(len(local_layer_numbers([k for k, _ in skeleton_specs(metas[(0, pp)].skeletons[0])]))
+                       for pp in range(options.pp_size))
+    if options.vpp_size == 1 and num_layers is not None and sum(stage_list) != num_layers:
+        raise ConvertInputError(f"--param-map-path {options.param_map_path}: the stages hold {list(stage_list)} layers",
+                                expected=f"{num_layers} in all (num_layers)", found=str(sum(stage_list)),
+                                fix="pass the pt_meta of this run as --param-map-path")
+    return Topology(tp_size=options.tp_size, pp_size=options.pp_size, dp_size=options.ms_dp_size,
+                    cp_size=options.ms_cp_size, vpp_size=options.vpp_size, num_layers=num_layers or sum(stage_list),
+                    stage_list=stage_list)
+
+
+def megatron_layer(ms_layer: int, noop: Sequence[int]) -> int | None:
+    """Megatron's global layer number of a MindSpore global layer number; None for a no-op layer.
+
+    >>> [megatron_layer(i, (1, 3)) for i in range(5)]
+    [0, None, 1, None, 2]
+    """
+    if ms_layer in noop:
+        return None
+    return ms_layer - sum(1 for n in noop if n < ms_layer)
+
+
+def ms_name_index(ms: MindSporeFile, facts: NamingFacts, noop: Sequence[int]) -> dict[tuple[str, str], str]:
+    """(state, state-dict key with Megatron's global layer numbers) -> name, for every parameter and
+    moment in a MindSpore file written in either name style; scalars and no-op layers left out."""
+    index = {}
+    for name in ms.names():
+        if "." not in split_state(name)[1]:
+            continue  # step_num, learning_rate_group_0, ...: scalars
+        state, megatron = megatron_name(name, facts, where=str(ms.path))
+        layers = local_layer_numbers([megatron])
+        if layers and megatron_layer(next(iter(layers)), noop) is None:
+            continue
+        megatron = renumber_layers(megatron, lambda g: megatron_layer(g, noop))
+        index[(state, megatron_state_dict_key(megatron, facts))] = name
+    return index
+
+
+def needed_tensors(rank: RankMeta, with_optimizer: bool) -> list[tuple[int, str, str, tuple[int, ...]]]:
+    """(chunk, local state-dict key, state, shape) of every tensor the rank's Megatron files take from
+    MindSpore: each model parameter's master weight, and with the optimizer its moments."""
+    out = {}
+    for chunk, skeleton in enumerate(rank.skeletons):
+        for key, spec in skeleton_specs(skeleton):
+            out[(chunk, key, "param")] = spec.shape
+    if with_optimizer:
+        for layout in rank.layouts:
+            for span in layout.params:
+                for state in OPTIMIZER_STATES:
+                    out[(layout.chunk, state_key_for(span.name), state)] = span.shape
+    return [(c, k, s, shape) for (c, k, s), shape in out.items()]
+
+
+def map_sources(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp_pp: tuple[int, int], options: Options,
+                facts: NamingFacts) -> tuple[tuple[tuple[int, str, str], str], ...]:
+    """Each needed tensor's MindSpore name, checked to be there as float32 of the right size."""
+    index = ms_name_index(ms, facts, options.noop)
+    pp = tp_pp[1]
+    out, missing = [], []
+    for chunk, key, state, shape in needed_tensors(rank, not options.convert_param_only):
+        global_key = renumber_layers(key, topo.layer_map(pp, chunk))
+        name = index.get((state, global_key))
+        if name is None:
+            missing.append(f"{state} {global_key}")
+            continue
+        info = ms.info(name)
+        if math.prod(info.shape) != math.prod(shape) or info.dtype != "float32":
+            raise ConvertInputError(f"{ms.path}: tensor {name} is {info.dtype} {list(info.shape)}",
+                                    expected=f"float32 {list(shape)} (from {rank.path})", found=f"{info.dtype} "
+                                    f"{list(info.shape)}", fix="check that --param-map-path is the pt_meta of the "
+                                    "run these MindSpore files come from, and --noop")
+        out.append(((chunk, key, state), name))
+    if missing:
+        raise ConvertInputError(f"{ms.path}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}",
+                                expected=f"every parameter{'' if options.convert_param_only else ' and moment'} of "
+                                         f"{rank.path}", found=f"{len(index)} parameters and moments",
+                                fix="check --param-map-path (the pt_meta of this run), --noop, the rank sizes; "
+                                    "or pass --convert-param-only for a file without optimizer state")
+    used = {name for _, name in out}
+    unused = [name for (state, _), name in index.items()
+              if name not in used and (state == "param" or not options.convert_param_only)]
+    if unused:
+        # a parameter the Megatron rank does not have means the two sides disagree on the model
+        # (no-op layers, another run): converting anyway would put values at the wrong layers
+        raise ConvertInputError(f"{ms.path}: {len(unused)} tensors have no place in {rank.path}'s Megatron rank, "
+                                f"e.g. {', '.join(unused[:3])}", expected="exactly this rank's parameters",
+                                fix="pass --noop with the MindSpore model's no-op layers, or check --param-map-path "
+                                    "and the rank sizes")
+    return tuple(out)
+
+
+def plan_rank(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp: int, pp: int, options: Options,
+              iteration: int) -> BackPlan:
+    meta = rank.meta
+    facts = naming_facts(meta["args"], keys=[k for s in rank.skeletons for k, _ in skeleton_specs(s)])
+    sources = map_sources(rank, ms, topo, (tp, pp), options, facts)
+    args = meta["args"]
+    args_updates = []
+    consumed = consumed_samples(meta, iteration, options, ms.path)
+    if consumed is not None and consumed != getattr(args, "consumed_train_samples", None):
+        args_updates.append(("consumed_train_samples", consumed))
+    dp_cp = options.dp_size * options.cp_size
+    for key, value in (("data_parallel_size", options.dp_size), ("context_parallel_size", options.cp_size),
+                       ("world_size", options.tp_size * options.pp_size * options.dp_size * options.cp_size)):
+        if getattr(args, key, value) != value:
+            args_updates.append((key, value))
+    optimizer = meta.get("optimizer") or {}
+    groups = optimizer.get("optimizer", {}).get("param_groups", ()) if isinstance(optimizer, dict) else ()
+    iteration_dir = options.megatron_path / f"iter_{iteration:07d}"
+    return BackPlan(
+        folder=RankFolder(pp=pp, tp=tp, path=ms.path.parent), source_file=ms.path, fmt=options.fmt,
+        pt_meta_file=rank.path, out_dir=iteration_dir / folder_name(tp, pp, options.pp_size),
+        write_distrib=not options.convert_param_only, dp_cp=dp_cp, sources=sources, iteration=iteration,
+        args_updates=tuple(args_updates), group_updates=group_updates(ms, groups),
+        scheduler_updates=scheduler_updates(ms, dict(meta.get("opt_param_scheduler") or {})),
+        manifest_file=iteration_dir / MANIFEST_DIR / f"manifest_tp{tp:02}_pp{pp:03}.json",
+        num_chunks=len(rank.skeletons))
+
+
+@dataclass
+class Job:
+    plans: list[BackPlan]
+    iteration: int
+
+
+def prepare(options: Options) -> Job:
+    """Find -> read pt_meta and scalars -> map names -> plans. Raises ConvertInputError before any
+    output exists; a failure to read an input is reported as such, naming the file."""
+    try:
+        return _prepare(options)
+    except OSError as err:
+        raise ConvertInputError(f"cannot read {err.filename or 'an input file'}: {err.strerror or err}",
+                                fix="check --ms-path / --param-map-path, their permissions and the disk") from None
+
+
+def _prepare(options: Options) -> Job:
+    if not options.param_map_path.is_dir():
+        raise ConvertInputError(f"--param-map-path {options.param_map_path}: no such folder",
+                                fix="pass the pt_meta folder convert_pt2ckpt.py wrote")
+    ranks = [(tp, pp) for pp in range(options.pp_size) for tp in range(options.tp_size)]
+    metas = {r: read_rank_meta(pt_meta_file(options.param_map_path, *r), not options.convert_param_only, *r,
+                               options.vpp_size) for r in ranks}
+    topo = resolve_topology(options, metas)
+    files = {r: pick_ms_file(options.ms_path / f"rank_{topo.ms_rank(*r)}", options.fmt) for r in ranks}
+    plans, iterations = [], {}
+    with contextlib.ExitStack() as stack:
+        opened = {r: stack.enter_context(open_mindspore_file(files[r], options.fmt)) for r in ranks}
+        for r in ranks:
+            log.info("rank tp %d pp %d: reading %s", r[0], r[1], files[r])
+            iterations[files[r]] = iteration_of(opened[r], options)
+        if len(set(iterations.values())) != 1:
+            shown = ", ".join(f"{path}: {it}" for path, it in list(iterations.items())[:4])
+            raise ConvertInputError(f"the MindSpore files hold different step_num values ({shown})",
+                                    expected="one iteration", fix="copy every rank's file of the same save, or pass "
+                                                                  "--iteration N")
+        iteration = next(iter(iterations.values()))
+        for r in ranks:
+            plan = plan_rank(metas[r], opened[r], topo, r[0], r[1], options, iteration)
+            sources = [plan.source_file, plan.pt_meta_file]
+            plans.append(dataclasses.replace(plan, fingerprint=fingerprint_of(plan, sources)))
+    return Job(plans, iteration)
+
+
+# ---------------------------------------------------------------------------------------------
+# Executing a plan (worker process)
+
+
+def restored_entries(meta: dict, plan: BackPlan) -> dict:
+    """model_optim_rng.pt's non-model entries: pt_meta's, with the values training changed."""
+    entries = {key: meta.get(key) for key in DOCUMENTED_KEYS}
+    updates = dict(plan.args_updates)
+    iteration = plan.iteration if plan.iteration != meta.get("iteration") else None
+    entries = apply_training_updates(entries, TrainingUpdates(
+        iteration=iteration, consumed_train_samples=updates.pop("consumed_train_samples", None)))
+    if updates:
+        args = copy.copy(entries["args"])
+        for key, value in updates.items():
+            setattr(args, key, value)
+        entries["args"] = args
+    if plan.group_updates:
+        entries["optimizer"] = copy.deepcopy(entries["optimizer"])
+        groups = entries["optimizer"]["optimizer"]["param_groups"]
+        for i, key, value in plan.group_updates:
+            groups[i][key] = value
+    if plan.scheduler_updates:
+        entries["opt_param_scheduler"] = dict(entries["opt_param_scheduler"], **dict(plan.scheduler_updates))
+    return entries
+
+
+class RankSources:
+    """The MindSpore tensors of one plan, by (chunk, local state-dict key, state), as flat fp32 views."""
+
+    def __init__(self, plan: BackPlan, ms: MindSporeFile):
+        self.ms = ms
+        self.names = dict(plan.sources)
+        self.peak_anon_bytes = 0  # sampled as each tensor is handed out, while a bucket is being filled
+
+    def value(self, chunk: int, key: str, state: str) -> torch.Tensor:
+        name = self.names.get((chunk, key, state))
+        if name is None:
+            raise ValueError(f"{self.ms.path}: no source planned for chunk {chunk} {key} {state}")
+        self.peak_anon_bytes = max(self.peak_anon_bytes, anon_memory_bytes())
+        return self.ms.read(name).reshape(-1)
+
+    def state_value(self, chunk: int, ddp_name: str, state: str) -> torch.Tensor:
+        return self.value(chunk, state_key_for(ddp_name), state)
+
+    def model_value(self, chunk: int, key: str) -> torch.Tensor:
+        return self.value(chunk, key, "param")
+
+
+def execute_back_plan(plan: BackPlan, settings: RunSettings, write: bool = True) -> RankResult:
+    """Write one rank's distrib_optim.pt and model_optim_rng.pt (or, with write=False, only verify a
+    complete output of an earlier run). Files appear under their final names only when complete; an
+    output that fails --verify is removed."""
+    rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp, plan.num_chunks)
+    result = RankResult(plan.folder.name, "skipped")
+    with open_mindspore_file(plan.source_file, plan.fmt) as ms:
+        sources = RankSources(plan, ms)
+        if write:
+            write_manifest(plan, "writing")
+            plan.out_dir.mkdir(parents=True, exist_ok=True)
+            if plan.write_distrib:
+                write_torch_file(plan.out_dir / DISTRIB_FILE,
+                                 distrib_optim_tree(rank.layouts, rank.counts, plan.dp_cp, sources.state_value))
+            tree = model_optim_rng_tree(restored_entries(rank.meta, plan), rank.skeletons, sources.model_value,
+                                        rank.meta.get("state_keys"))
+            with megatron_enum_importable():
+                write_torch_file(plan.out_dir / MODEL_FILE, tree)
+            result.status, result.tensors = "converted", len(plan.sources)
+            result.bytes_written = sum(p.stat().st_size for p in plan.outputs)
+        if settings.verify:
+            try:
+                result.verified_tensors = verify_rank(plan, rank, sources)
+                result.verified_files = len(plan.outputs)
+            except VerificationError:
+                for path in plan.outputs:
+                    path.unlink(missing_ok=True)
+                write_manifest(plan, "writing")
+                raise
+        result.peak_anon_bytes = sources.peak_anon_bytes
+    if write:
+        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
+    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
+              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
+    return result
+
+
+class VerificationError(RuntimeError):
+    """A written .pt, read back with torch.load, differs from the MindSpore file."""
+
+
+def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources) -> int:
+    """Re-open the written files and compare every tensor with its MindSpore source, bit for bit
+    (buckets outside their parameters must be zeros); returns how many tensors were compared."""
+    problems: list[str] = []
+    compared = 0
+    model = load_pt(plan.out_dir / MODEL_FILE)
+    for chunk, skeleton in enumerate(rank.skeletons):
+        chunk_key = "model" if len(rank.skeletons) == 1 else f"model{chunk}"
+        flat = dict(_flat(model.get(chunk_key, {})))
+        for key, spec in skeleton_specs(skeleton):
+            got = flat.get(key)
+            want = sources.model_value(chunk, key).reshape(spec.shape).to(spec.dtype)
+            if got is None or not _bitwise_equal(got, want):
+                problems.append(f"{MODEL_FILE} {chunk_key}.{key}")
+            compared += 1
+    if model.get("iteration") != plan.iteration:
+        problems.append(f"{MODEL_FILE} iteration {model.get('iteration')} != {plan.iteration}")
+    if plan.write_distrib:
+        distrib = load_pt(plan.out_dir / DISTRIB_FILE)
+        for gbuf, (layout, target) in enumerate(zip(rank.layouts, target_counts(rank.counts, plan.dp_cp))):
+            [(dtype_key, by_state)] = distrib[gbuf].items()
+            for state in OPTIMIZER_STATES:
+                for bucket, tensor in enumerate(by_state[state]):
+                    covered = torch.zeros(tensor.numel(), dtype=torch.bool)
+                    source = rank.counts[gbuf]
+                    for span in layout.params:
+                        if span.bucket != bucket:
+                            continue
+                        offset = span.start - source.bucket_start(bucket)
+                        want = sources.state_value(layout.chunk, span.name, state)
+                        if not _bitwise_equal(tensor[offset:offset + span.numel], want):
+                            problems.append(f"{DISTRIB_FILE} {span.name} {state}")
+                        covered[offset:offset + span.numel] = True
+                        compared += 1
+                    if tensor.numel() != target.padded[bucket] or tensor[~covered].view(torch.int32).any():
+                        problems.append(f"{DISTRIB_FILE} buffer {gbuf} {state} bucket {bucket}: size or padding")
+    if problems:
+        raise VerificationError(f"verification of {plan.out_dir} failed (outputs removed): " + "; ".join(problems[:10]))
+    return compared
+
+
+def _flat(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _bitwise_equal(got: Any, want: torch.Tensor) -> bool:
+    if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.numel() != want.numel():
+        return False
+    return got.reshape(-1).contiguous().view(torch.uint8).equal(want.reshape(-1).contiguous().view(torch.uint8))
+
+
+# ---------------------------------------------------------------------------------------------
+# main
+
+
+def run_settings(options: Options) -> RunSettings:
+    return RunSettings(verify=options.verify, debug=options.debug, multiprocess_off=options.multiprocess_off,
+                       process_limit=options.process_limit, process_timeout=options.process_timeout)
+
+
+def prepare_outputs(options: Options) -> tuple[Job, dict]:
+    job = prepare(options)
+    statuses = {plan.folder: ("todo" if options.overwrite else rank_status(plan)) for plan in job.plans}
+    if not options.overwrite:
+        check_no_foreign_outputs(job.plans, statuses, flag="--megatron-path", root=options.megatron_path)
+    return job, statuses
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """parse -> options -> lock --megatron-path -> prepare -> run -> tracker file -> report."""
+    ns = build_parser().parse_args(argv)
+    configure_logging(ns.debug)
+    started = time.monotonic()
+    with signals_stop_the_run(), contextlib.ExitStack() as held:
+        try:
+            options = options_from_args(ns)
+            log.info("converting %s -> %s", options.ms_path, options.megatron_path)
+            held.enter_context(folder_lock(options.megatron_path, flag="--megatron-path"))
+            job, statuses = prepare_outputs(options)
+        except ConvertInputError as err:
+            log.error("%s", err)
+            return EXIT_BAD_INPUT
+        except OSError as err:
+            log.error("cannot write under --megatron-path %s: %s -> check the path, its permissions and free space",
+                      ns.megatron_path, err)
+            return EXIT_BAD_INPUT
+        except RunStopped as stop:
+            log.error("interrupted (%s) before any rank was converted; re-run the same command to convert them",
+                      stop.cause)
+            return stop.exit_code
+        return run_and_report(job, statuses, options, started)
+
+
+def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
+    if options.debug:
+        for plan in job.plans:
+            log.debug("%s", plan.describe())
+    results: list[RankResult] = []
+    with progress_reporting(len(job.plans)) as advance:
+        def on_done(plan: BackPlan, result: RankResult) -> None:
+            results.append(result)
+            advance()
+            report(plan, result)
+
+        tasks = []
+        for plan in job.plans:
+            if statuses[plan.folder] == "outdated":
+                log.info("'%s': its outputs were written by another version of the converter (this is %s); "
+                         "converting it again", plan.out_dir, __version__)
+            if statuses[plan.folder] != "done":
+                tasks.append(Task(plan, write=True))
+            elif options.verify:
+                tasks.append(Task(plan, write=False))
+            else:
+                on_done(plan, RankResult(plan.folder.name, "skipped"))
+        try:
+            run_tasks(tasks, run_settings(options), on_done, execute=execute_back_plan)
+        except RunStopped as stop:
+            log.error("interrupted (%s): stopped the workers and removed their partial files; "
+                      "re-run the same command to finish the remaining ranks", stop.cause)
+            _summary(results, len(job.plans), started)
+            return stop.exit_code
+    failed = any(r.status == "failed" for r in results)
+    if not failed:
+        # Last, so that Megatron never finds a tracker pointing at an incomplete iteration.
+        write_text_atomically(options.megatron_path / TRACKER_FILE, str(job.iteration))
+        log.info("wrote %s: %d", options.megatron_path / TRACKER_FILE, job.iteration)
+    if options.verify:
+        log.info("verified %d tensors in %d files", sum(r.verified_tensors for r in results),
+                 sum(r.verified_files for r in results))
+    _summary(results, len(job.plans), started)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def report(plan: BackPlan, result: RankResult) -> None:
+    """The line users grep: `successfully` once per output folder whose files are complete."""
+    if result.status == "failed":
+        log.error("failed to convert '%s': %s", plan.source_file, result.message)
+    elif result.status == "skipped":
+        log.info("convert '%s' to '%s' successfully (complete from an earlier run of this command; skipped).",
+                 plan.source_file, plan.out_dir)
+    else:
+        log.info("convert '%s' to '%s' successfully.", plan.source_file, plan.out_dir)
+
+
+def cli() -> None:
+    """Entry point of the installed `convert_ckpt2pt` command."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    cli()
