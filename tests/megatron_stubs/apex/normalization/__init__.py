@@ -1,0 +1,1 @@
+"""apex.normalization: only what megatron.core.fusions.fused_layer_norm imports."""

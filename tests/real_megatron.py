@@ -1,0 +1,243 @@
+"""Real Megatron on CPU: train, save, load and resume with megatron-core 0.6.0's own code.
+
+The fixture generator (tests/megatron_fixture.py) re-derives Megatron's layout rules; this harness
+runs Megatron itself — mcore GPTModel (local layer spec, dropout on), DistributedDataParallel with
+small buckets, the DistributedOptimizer (Adam, bf16 params, fp32 main params and grads) and the
+pipeline schedules — in `world_size` CPU processes over gloo, so its checkpoints are what
+Megatron-LM core_r0.6.0 writes (the non-distributed checkpoint format) and its loads are what
+Megatron reads.
+
+    from tests.real_megatron import MegatronSpec, save_real_checkpoint, dump_loaded_state, resume_and_train
+    spec = MegatronSpec(tp=2, dp=2, bucket_size=2000)
+    saved = save_real_checkpoint(tmp_path / "save", spec, steps=2)   # saved.path, saved.state
+    state = dump_loaded_state(tmp_path / "save", spec.with_dp(4))     # loaded with a different dp
+    losses, state = resume_and_train(tmp_path / "save", spec, steps=2)
+
+A state is {"tp{t}/pp{p}/chunk{v}/<name>": {"param", "exp_avg", "exp_avg_sq" (fp32), "model" (bf16),
+"bucket"}} merged over the dp-rank-0 processes, with names as in `named_parameters()` minus the
+`module` wrappers (layer numbers local to the chunk); per-(tp, pp) extras (param_groups,
+per_bucket_numel, layer offsets) are under "ranks" keyed (tp, pp). With MoE, expert-parallel parameters
+are keyed "tp{t}/pp{p}/ep{e}/chunk{v}/<name>" and their optimizer's extras are under (tp, pp, ep).
+
+Workers are subprocesses (tests/real_megatron_worker.py) in their own sessions, killed with their
+session when any of them fails or the job times out. Megatron's missing GPU dependencies (apex,
+amp_C, transformer_engine, pkg_resources) are stood in for by tests/megatron_stubs, which only the
+workers put on sys.path.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+WORKER = Path(__file__).resolve().parent / "real_megatron_worker.py"
+ACTIONS = ("train", "save", "load", "dump")
+
+
+@dataclass(frozen=True)
+class MegatronSpec:
+    tp: int = 1
+    pp: int = 1
+    vpp: int = 1
+    dp: int = 1
+    num_layers: int = 2
+    hidden: int = 32
+    heads: int = 4
+    ffn: int = 64
+    vocab: int = 64
+    make_vocab_size_divisible_by: int = 16
+    seq: int = 16
+    micro_batch: int = 2
+    num_microbatches: int = 2
+    bucket_size: int = 2000
+    overlap_grad_reduce: bool = True
+    untie_embeddings: bool = False
+    num_experts: int | None = None  # MoE (local spec, SequentialMLP experts) when set
+    ep: int = 1                     # expert parallel size; divides dp, as in Megatron
+    moe_topk: int = 2
+    dropout: float = 0.1
+    seed: int = 1234
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    warmup_iters: int = 2
+    decay_iters: int = 20
+
+    def __post_init__(self):
+        if self.num_layers % (self.pp * self.vpp):
+            raise ValueError(f"num_layers {self.num_layers} not divisible by pp*vpp {self.pp * self.vpp}")
+        if self.vpp > 1 and self.pp < 3:
+            raise ValueError("vpp > 1 needs pp > 2 (megatron.core 0.6.0 initialize_model_parallel)")
+        if self.vpp > 1 and self.num_microbatches % self.pp:
+            raise ValueError("the interleaved schedule needs num_microbatches divisible by pp")
+        if self.ep > 1 and (self.num_experts is None or self.num_experts % self.ep or self.dp % self.ep):
+            raise ValueError("ep > 1 needs num_experts divisible by ep and dp divisible by ep")
+        if self.heads % self.tp or self.ffn % self.tp:
+            raise ValueError("heads and ffn must be divisible by tp")
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def padded_vocab(self) -> int:
+        """Megatron's _vocab_size_with_padding: a multiple of make_vocab_size_divisible_by * tp."""
+        multiple = self.make_vocab_size_divisible_by * self.tp
+        return -(-self.vocab // multiple) * multiple
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.num_microbatches * self.dp
+
+    def with_dp(self, dp: int) -> "MegatronSpec":
+        """The same run at another dp size: the global batch stays, the micro-batches per step change
+        (as when a Megatron job is restarted on another number of GPUs)."""
+        per_step = self.micro_batch * dp
+        if self.global_batch % per_step:
+            raise ValueError(f"global batch {self.global_batch} not divisible by micro_batch*dp {per_step}")
+        return replace(self, dp=dp, num_microbatches=self.global_batch // per_step)
+
+    def job_fields(self) -> dict:
+        return {**asdict(self), "padded_vocab": self.padded_vocab, "global_batch": self.global_batch}
+
+
+@dataclass
+class RunResult:
+    losses: list[float]              # per step, from the last pipeline stage's dp rank 0
+    dumps: dict[str, dict]           # tag -> merged state (see the module docstring)
+
+
+@dataclass
+class SavedCheckpoint:
+    path: Path                       # the iter_XXXXXXX folder
+    state: dict                      # the saving processes' dump right after saving
+    losses: list[float]              # losses of every step run (before and after the save)
+    final_state: dict | None         # dump at the end when steps continued after the save
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _terminate(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # each worker leads its own session
+            except ProcessLookupError:
+                pass
+    for p in procs:
+        p.wait()
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+class WorkerFailed(RuntimeError):
+    pass
+
+
+def run_megatron(spec: MegatronSpec, actions: list[tuple[str, object]], *, timeout: float = 240) -> RunResult:
+    """Run `actions` (("train", n), ("save", root), ("load", root), ("dump", tag)) on spec.world_size
+    CPU processes; raise with the failing rank's log if any fails or the deadline passes."""
+    unknown = [a for a, _ in actions if a not in ACTIONS]
+    if unknown:
+        raise ValueError(f"unknown actions {unknown}; known: {ACTIONS}")
+    try:
+        return _run_once(spec, actions, timeout)
+    except WorkerFailed as e:
+        # The free port can be taken by another process before rank 0 binds it; nothing ran yet then.
+        if "EADDRINUSE" not in str(e):
+            raise
+        return _run_once(spec, actions, timeout)
+
+
+def _run_once(spec: MegatronSpec, actions: list[tuple[str, object]], timeout: float) -> RunResult:
+    with tempfile.TemporaryDirectory(prefix="real_megatron_") as tmp:
+        tmp = Path(tmp)
+        job = {"spec": spec.job_fields(), "actions": [(a, str(x) if isinstance(x, Path) else x) for a, x in actions],
+               "out_dir": str(tmp)}
+        torch.save(job, tmp / "job.pt")
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+               "WORLD_SIZE": str(spec.world_size), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        procs = []
+        try:
+            for rank in range(spec.world_size):
+                with open(tmp / f"rank{rank}.log", "wb") as log:
+                    procs.append(subprocess.Popen([sys.executable, str(WORKER), str(tmp / "job.pt"), str(rank)],
+                                                  stdout=log, stderr=subprocess.STDOUT,
+                                                  env={**env, "RANK": str(rank)}, start_new_session=True))
+            _wait_all(procs, tmp, time.monotonic() + timeout)
+        finally:
+            _terminate(procs)
+        results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(spec.world_size)]
+    return RunResult(losses=_losses(results), dumps=_merge_dumps(results))
+
+
+def _wait_all(procs: list[subprocess.Popen], tmp: Path, deadline: float) -> None:
+    while True:
+        codes = [p.poll() for p in procs]
+        failed = [r for r, code in enumerate(codes) if code not in (None, 0)]
+        if failed:
+            raise WorkerFailed(f"Megatron worker rank {failed[0]} exited with {codes[failed[0]]}:\n"
+                               + _tail(tmp / f"rank{failed[0]}.log"))
+        if all(code == 0 for code in codes):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError("Megatron workers timed out; rank 0 log:\n" + _tail(tmp / "rank0.log"))
+        time.sleep(0.05)
+
+
+def _losses(results: list[dict]) -> list[float]:
+    """The losses the last pipeline stage logged (the other stages report nan)."""
+    for result in reversed(results):
+        if result["losses"] and all(x == x for x in result["losses"]):
+            return result["losses"]
+    return results[0]["losses"]
+
+
+def _merge_dumps(results: list[dict]) -> dict[str, dict]:
+    merged: dict[str, dict] = {}
+    for result in results:
+        for tag, dump in result["dumps"].items():
+            into = merged.setdefault(tag, {"params": {}, "ranks": {}})
+            for part in ("params", "ranks"):
+                overlap = set(into[part]) & set(dump[part])
+                assert not overlap, (part, sorted(overlap)[:3])
+                into[part].update(dump[part])
+    return merged
+
+
+def save_real_checkpoint(root: Path, spec: MegatronSpec, steps: int, *, steps_after: int = 0,
+                         timeout: float = 240) -> SavedCheckpoint:
+    """Train `steps` iterations, save to `root` as Megatron does, dump the state; optionally train
+    `steps_after` more iterations and dump again."""
+    actions = [("train", steps), ("save", Path(root)), ("dump", "saved")]
+    if steps_after:
+        actions += [("train", steps_after), ("dump", "final")]
+    run = run_megatron(spec, actions, timeout=timeout)
+    return SavedCheckpoint(path=Path(root) / f"iter_{steps:07d}", state=run.dumps["saved"], losses=run.losses,
+                           final_state=run.dumps.get("final"))
+
+
+def dump_loaded_state(root: Path, spec: MegatronSpec, *, timeout: float = 240) -> dict:
+    """Load the checkpoint in `root` with Megatron's code (dp may differ from the saving run) and dump."""
+    return run_megatron(spec, [("load", Path(root)), ("dump", "loaded")], timeout=timeout).dumps["loaded"]
+
+
+def resume_and_train(root: Path, spec: MegatronSpec, steps: int, *, timeout: float = 240) -> tuple[list[float], dict]:
+    """Load the checkpoint in `root`, train `steps` more iterations; (per-step losses, final state)."""
+    run = run_megatron(spec, [("load", Path(root)), ("train", steps), ("dump", "final")], timeout=timeout)
+    return run.losses, run.dumps["final"]
