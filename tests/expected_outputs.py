@@ -167,7 +167,9 @@ def expected_scalars(model_file: Path) -> dict[str, np.ndarray]:
     """The extra scalars the output format specifies, from the rank's own model_optim_rng.pt."""
     sd = load_trusted(model_file)
     out = {"step_num": np.array(sd["iteration"], np.int64), "epoch_num": np.array(0, np.int64)}
-    for i, group in enumerate(sd["optimizer"]["optimizer"]["param_groups"]):
+    # a MoE run's ChainedOptimizer saves [dense, experts]; their groups are numbered on in that order
+    optimizers = sd["optimizer"] if isinstance(sd["optimizer"], list) else [sd["optimizer"]]
+    for i, group in enumerate(g for o in optimizers for g in o["optimizer"]["param_groups"]):
         for k, v in group.items():
             if not isinstance(v, (int, float)) or k == "params":
                 continue
