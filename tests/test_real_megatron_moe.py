@@ -168,8 +168,9 @@ def test_every_dp_rank_holds_the_dense_state_and_its_ep_ranks_stacked_experts(re
     _convert(spec, saved, tmp_path / "ms", *extra)
     expected = expected_from_dump(spec, saved.state, spec.dp)
     assert len(expected) == spec.pp * spec.dp
-    compared = assert_rank_files_match(tmp_path / "ms", expected, scalars=expected_scalars_per_rank(spec, saved.path, spec.dp))
-    assert compared == sum(len(t) for t in expected.values())
+    scalars = expected_scalars_per_rank(spec, saved.path, spec.dp)
+    compared = assert_rank_files_match(tmp_path / "ms", expected, scalars=scalars)
+    assert compared == sum(len(t) for t in expected.values()) + sum(len(s) for s in scalars.values())
 
 
 def test_names_are_the_mindspeed_moe_models(pp2_dp2, tmp_path):

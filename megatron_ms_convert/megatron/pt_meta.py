@@ -64,6 +64,8 @@ def pt_meta_record(model_sd: dict, model_file: Path, distrib: Any | None, layout
         "layouts": [layout_record(layout) for layout in layouts],
     })
     dense, expert = (distrib + [None, None])[:2] if isinstance(distrib, list) else (distrib, None)
+    if isinstance(distrib, list) and dense is None:
+        meta["layouts"] = []  # the folder's file holds no dense state; ep rank 0's record has its layout
     for prefix, state in (("", dense), ("expert_", expert)):
         for key in ("per_bucket_numel", "per_bucket_numel_unpadded"):
             meta[prefix + key] = state.get(key) if isinstance(state, dict) else None
