@@ -316,6 +316,14 @@ def resolve_expert_parallel(options: Options, args: Any, where: Path) -> ExpertP
                                 expected=f"a multiple of {ep_size} (MindSpore's ep rank is dp rank mod ep size)",
                                 found=str(options.dp_size), fix=f"pass --dp-size {ep_size * max(1, options.dp_size // ep_size)} "
                                                                 f"or another multiple of {ep_size}")
+    if num_experts and ep_size > 1 and options.cp_size > 1:
+        raise ConvertInputError(f"--cp-size {options.cp_size} with expert parallel size {ep_size}",
+                                expected="--cp-size 1 (MindSpeed-Core-MS refuses expert with context parallelism)",
+                                found=str(options.cp_size), fix="pass --cp-size 1")
+    dispatcher = getattr(args, "moe_token_dispatcher_type", None)
+    if num_experts and dispatcher not in (None, "alltoall"):
+        log.info("note: the run used the %r MoE token dispatcher; MindSpeed-Core-MS has only 'alltoall', which "
+                 "routes the same parameters: set it in the MindSpore run", dispatcher)
     return ExpertParallel(ep_size, num_experts or None)
 
 
