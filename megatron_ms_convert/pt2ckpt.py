@@ -621,26 +621,26 @@ def write_param_map_copies(job: Job, options: Options) -> None:
 def write_layout_files(job: Job, target: Path, dp_ranks: Sequence[int], skip: set = frozenset(),
                        expert_dp_ranks: Sequence[int] | None = None) -> int:
     """The layouts of every plan as param_map files, dense ones for `dp_ranks`, expert ones (named by
-    ep rank) for `expert_dp_ranks` (default: `dp_ranks`); files named in `skip` are left alone, and a
-    dense layout is skipped as a whole when any map file was copied (it came from them)."""
+    ep rank) for `expert_dp_ranks` (default: `dp_ranks`). Files named in `skip` (copied from the given
+    map) are left alone, and so are the dense layouts when there are any: they came from that map."""
     target.mkdir(parents=True, exist_ok=True)
-    count = 0
+    expert_dp_ranks = dp_ranks if expert_dp_ranks is None else expert_dp_ranks
+    files: dict[str, str] = {}
     for plan in job.plans:
-        named = [(layout, lambda dp, layout=layout: param_map_file_name(
-                    layout.buffer_index, dp, plan.folder.tp, plan.folder.pp, layout.chunk), dp_ranks)
-                 for layout in plan.layouts if not skip]
-        named += [(layout, lambda dp, layout=layout: expert_param_map_file_name(
-                     layout.buffer_index, plan.folder.ep, dp, plan.folder.tp, plan.folder.pp, layout.chunk),
-                   dp_ranks if expert_dp_ranks is None else expert_dp_ranks)
-                  for layout in plan.expert_layouts]
-        for layout, file_name, ranks in named:
+        tp, pp, ep = plan.folder.tp, plan.folder.pp, plan.folder.ep
+        for layout in () if skip else plan.layouts:
             text = param_map_json(layout)
-            for dp in ranks:
-                if file_name(dp) in skip:
-                    continue
-                write_text_atomically(target / file_name(dp), text)
-                count += 1
-    return count
+            files.update({param_map_file_name(layout.buffer_index, dp, tp, pp, layout.chunk): text for dp in dp_ranks})
+        for layout in plan.expert_layouts:
+            text = param_map_json(layout)
+            files.update({expert_param_map_file_name(layout.buffer_index, ep, dp, tp, pp, layout.chunk): text
+                          for dp in expert_dp_ranks})
+    written = 0
+    for name, text in files.items():
+        if name not in skip:
+            write_text_atomically(target / name, text)
+            written += 1
+    return written
 
 
 def save_param_maps(job: Job, options: Options) -> None:

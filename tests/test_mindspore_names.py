@@ -193,8 +193,9 @@ def test_position_table_rows_other_than_seq_length_are_warned_about(tp1_fixture,
                      set(expected_scalars(tp1_fixture.megatron_path / "mp_rank_00" / "model_optim_rng.pt")))
 
 
-def test_moe_checkpoint_is_refused_with_the_way_out(tmp_path):
-    """A parameter the MindSpore model does not have stops the run before any output, naming it."""
+def test_a_parameter_the_model_lacks_is_refused_with_the_way_out(tmp_path):
+    """A parameter the MindSpore model does not have (a router in a legacy model) stops the run before
+    any output, naming it."""
     import torch
 
     from tests.megatron_fixture import _megatron_enums_module, load_megatron_file

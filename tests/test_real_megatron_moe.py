@@ -9,7 +9,8 @@ d gets the dense tensors plus the local experts of ep rank d mod ep, stacked und
 
 Two runs cover the axes: pp 1 with dp 4 (expert data-parallel size 2: dense and expert buckets both
 padded) and pp 2 with dp 2; each converts with the patch's full param_map, with the dense-only map the
-documented patch writes (the expert layout inferred), and with no map.
+documented patch writes (the expert layout inferred), and with no map. A third, pp 3 with virtual
+pipeline 2, has an expert buffer per model chunk.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from tests.real_megatron import MegatronSpec, save_real_checkpoint  # noqa: E402
 _MOE = dict(ep=2, num_experts=4, hidden=34, heads=2, ffn=65, bucket_size=1500)
 PP1_DP4 = MegatronSpec(dp=4, micro_batch=1, **_MOE)
 PP2_DP2 = MegatronSpec(pp=2, dp=2, **_MOE)
+PP3_VPP2 = MegatronSpec(pp=3, vpp=2, dp=2, num_layers=6, num_microbatches=3, **_MOE)
 
 # Megatron mcore (local spec) component -> MindSpeed-Core-MS legacy model component, per the facts
 _COMPONENTS = {"decoder": "language_model.encoder", "embedding": "language_model.embedding",
@@ -58,11 +60,17 @@ def ms_param_name(name: str, layer_offset: int) -> str:
     return ".".join(_COMPONENTS.get(p, p) for p in parts)
 
 
-def _split_key(key: str) -> tuple[int, int, int | None, str]:
-    """(tp, pp, ep or None for dense, name) of a dump key."""
+def _split_key(key: str) -> tuple[int, int, int | None, int, str]:
+    """(tp, pp, ep or None for dense, chunk, name) of a dump key."""
     parts = key.split("/")
     ep = int(parts.pop(2)[2:]) if parts[2].startswith("ep") else None
-    return int(parts[0][2:]), int(parts[1][2:]), ep, parts[3]
+    return int(parts[0][2:]), int(parts[1][2:]), ep, int(parts[2][5:]), parts[3]
+
+
+def layer_offset(spec: MegatronSpec, pp: int, chunk: int) -> int:
+    """Megatron's first layer of chunk `chunk` on stage `pp` (round robin over virtual chunks)."""
+    per_chunk = spec.num_layers // (spec.pp * spec.vpp)
+    return chunk * (spec.num_layers // spec.vpp) + pp * per_chunk
 
 
 def _local_expert(name: str) -> tuple[str, int | None]:
@@ -78,13 +86,12 @@ def _local_expert(name: str) -> tuple[str, int | None]:
 def expected_from_dump(spec: MegatronSpec, state: dict, dp_size: int, param_only: bool = False) -> dict[int, dict]:
     """rank -> {MindSpore name: array}: dense tensors of (tp, pp) plus, stacked, the local experts of ep
     rank dp mod ep, for every dp rank."""
-    per_stage = spec.num_layers // spec.pp
     dense: dict[tuple, dict] = {}
     experts: dict[tuple, dict] = {}
     fields = {"param": "model"} if param_only else {"param": "param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
     for key, entry in state["params"].items():
-        tp, pp, ep, name = _split_key(key)
-        ms = ms_param_name(name, pp * per_stage)
+        tp, pp, ep, chunk, name = _split_key(key)
+        ms = ms_param_name(name, layer_offset(spec, pp, chunk))
         for out_state, field in fields.items():
             full = ms if out_state == "param" else f"{out_state}.{ms}"
             value = entry[field].float().numpy()
@@ -134,6 +141,11 @@ def pp2_dp2(tmp_path_factory):
     return save_real_checkpoint(tmp_path_factory.mktemp("moe_pp2_dp2") / "save", PP2_DP2, steps=2, param_map=True)
 
 
+@pytest.fixture(scope="module")
+def pp3_vpp2(tmp_path_factory):
+    return save_real_checkpoint(tmp_path_factory.mktemp("moe_pp3_vpp2") / "save", PP3_VPP2, steps=2, param_map=True)
+
+
 def _runs(request):
     return {"pp1_dp4": (PP1_DP4, request.getfixturevalue("pp1_dp4")),
             "pp2_dp2": (PP2_DP2, request.getfixturevalue("pp2_dp2"))}
@@ -171,6 +183,15 @@ def test_every_dp_rank_holds_the_dense_state_and_its_ep_ranks_stacked_experts(re
     scalars = expected_scalars_per_rank(spec, saved.path, spec.dp)
     compared = assert_rank_files_match(tmp_path / "ms", expected, scalars=scalars)
     assert compared == sum(len(t) for t in expected.values()) + sum(len(s) for s in scalars.values())
+
+
+def test_virtual_pipeline_chunks_each_have_their_expert_buffers(pp3_vpp2, tmp_path):
+    maps = {p.name for p in (pp3_vpp2.path.parent / "param_map").glob("param_map_expert_buffer0_ep1dp0tp0pp2vpp*.json")}
+    assert maps == {"param_map_expert_buffer0_ep1dp0tp0pp2vpp0.json", "param_map_expert_buffer0_ep1dp0tp0pp2vpp1.json"}
+    _convert(PP3_VPP2, pp3_vpp2, tmp_path / "ms", "--vpp-size", 2, "--param-map-path", pp3_vpp2.path.parent / "param_map")
+    expected = expected_from_dump(PP3_VPP2, pp3_vpp2.state, PP3_VPP2.dp)
+    assert len(expected) == 6
+    assert_rank_files_match(tmp_path / "ms", expected, scalars=expected_scalars_per_rank(PP3_VPP2, pp3_vpp2.path, 2))
 
 
 def test_names_are_the_mindspeed_moe_models(pp2_dp2, tmp_path):
