@@ -14,7 +14,8 @@ from typing import Any, Sequence, Union
 from .errors import ConvertInputError
 from .megatron.layout import BucketCounts, BufferLayout
 from .mindspore.format import ITEMSIZE
-from .naming import NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, mindspore_name, stacked_expert_name
+from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, mindspore_name,
+                     stacked_expert_name)
 from .topology import RankFolder, Topology
 
 LR_DECAY_STYLES = ["constant", "WSD", "linear", "cosine", "inverse-square-root"]

@@ -314,8 +314,9 @@ def resolve_expert_parallel(options: Options, args: Any, where: Path) -> ExpertP
     if num_experts and options.dp_size % ep_size:
         raise ConvertInputError(f"--dp-size {options.dp_size} with expert parallel size {ep_size}",
                                 expected=f"a multiple of {ep_size} (MindSpore's ep rank is dp rank mod ep size)",
-                                found=str(options.dp_size), fix=f"pass --dp-size {ep_size * max(1, options.dp_size // ep_size)} "
-                                                                f"or another multiple of {ep_size}")
+                                found=str(options.dp_size),
+                                fix=f"pass --dp-size {ep_size * max(1, options.dp_size // ep_size)} "
+                                    f"or another multiple of {ep_size}")
     if num_experts and ep_size > 1 and options.cp_size > 1:
         raise ConvertInputError(f"--cp-size {options.cp_size} with expert parallel size {ep_size}",
                                 expected="--cp-size 1 (MindSpeed-Core-MS refuses expert with context parallelism)",
@@ -388,8 +389,7 @@ def optimizer_parts(info: RankInfo) -> list[OptimizerPart]:
     return parts
 
 
-def infer_rank_layouts(info: RankInfo, part: OptimizerPart | None = None) -> list[BufferLayout]:
-    part = part or optimizer_parts(info)[0]
+def infer_rank_layouts(info: RankInfo, part: OptimizerPart) -> list[BufferLayout]:
     args = info.args
     wrapped = bool(getattr(args, "fp16", False) or getattr(args, "bf16", False))
     grad_in_fp32 = bool(getattr(args, "accumulate_allreduce_grads_in_fp32", False))
@@ -438,8 +438,7 @@ def expert_files_of(info: RankInfo, expert_map_files, options: Options):
 
 
 def check_map_against_checkpoint(layouts: Sequence[BufferLayout], info: RankInfo, tensors, trust: str | None,
-                                 part: OptimizerPart | None = None) -> None:
-    part = part or optimizer_parts(info)[0]
+                                 part: OptimizerPart) -> None:
     try:
         inferred = infer_rank_layouts(info, part)
         check_layouts(inferred, part.counts, tensors, part.distrib_file)

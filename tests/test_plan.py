@@ -198,7 +198,8 @@ def test_folder_names_with_expert_ranks_both_ways(name, pp, ep, want):
         assert folder_name(want[0], want[1], pp, want[2], ep) == name
 
 
-@pytest.mark.parametrize("name, pp, ep", [("mp_rank_00_000_001", 1, 2), ("mp_rank_00_001", 2, 2), ("mp_rank_00_001", 1, 1)])
+@pytest.mark.parametrize("name, pp, ep", [("mp_rank_00_000_001", 1, 2), ("mp_rank_00_001", 2, 2),
+                                         ("mp_rank_00_001", 1, 1)])
 def test_folder_names_of_other_sizes_name_the_flags(name, pp, ep):
     from megatron_ms_convert.topology import parse_folder_ranks
     with pytest.raises(ConvertInputError, match=r"--pp-size \(and --ep-size\)"):

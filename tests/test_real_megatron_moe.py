@@ -119,7 +119,8 @@ def expected_scalars_per_rank(spec: MegatronSpec, iter_dir, dp_size: int) -> dic
             for dp in range(dp_size):
                 folder = (f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if spec.pp > 1 else "")
                           + f"_{ep_rank_of_dp(dp, spec.ep):03d}")
-                out[ms_rank(tp, pp, spec.tp, dp_size, 1, dp=dp)] = expected_scalars(iter_dir / folder / "model_optim_rng.pt")
+                model_file = iter_dir / folder / "model_optim_rng.pt"
+                out[ms_rank(tp, pp, spec.tp, dp_size, 1, dp=dp)] = expected_scalars(model_file)
     return out
 
 
@@ -188,7 +189,8 @@ def test_every_dp_rank_holds_the_dense_state_and_its_ep_ranks_stacked_experts(re
 def test_virtual_pipeline_chunks_each_have_their_expert_buffers(pp3_vpp2, tmp_path):
     maps = {p.name for p in (pp3_vpp2.path.parent / "param_map").glob("param_map_expert_buffer0_ep1dp0tp0pp2vpp*.json")}
     assert maps == {"param_map_expert_buffer0_ep1dp0tp0pp2vpp0.json", "param_map_expert_buffer0_ep1dp0tp0pp2vpp1.json"}
-    _convert(PP3_VPP2, pp3_vpp2, tmp_path / "ms", "--vpp-size", 2, "--param-map-path", pp3_vpp2.path.parent / "param_map")
+    _convert(PP3_VPP2, pp3_vpp2, tmp_path / "ms", "--vpp-size", 2,
+             "--param-map-path", pp3_vpp2.path.parent / "param_map")
     expected = expected_from_dump(PP3_VPP2, pp3_vpp2.state, PP3_VPP2.dp)
     assert len(expected) == 6
     assert_rank_files_match(tmp_path / "ms", expected, scalars=expected_scalars_per_rank(PP3_VPP2, pp3_vpp2.path, 2))
@@ -229,7 +231,8 @@ def test_pt_meta_keeps_what_the_way_back_needs_per_ep_rank(pp2_dp2, tmp_path):
     for pp in range(2):
         for ep in range(2):
             meta = torch.load(meta_dir / f"args_tp00_pp{pp:03d}_ep{ep:03d}.pt", weights_only=False)
-            assert (meta["ep_rank"], meta["ep_size"], meta["num_local_experts"], meta["distrib_form"]) == (ep, 2, 2, "list")
+            moe = (meta["ep_rank"], meta["ep_size"], meta["num_local_experts"], meta["distrib_form"])
+            assert moe == (ep, 2, 2, "list")
             assert meta["folder_name"] == f"mp_rank_00_{pp:03d}_{ep:03d}"
             want = pp2_dp2.state["ranks"][(0, pp, ep)]
             assert meta["expert_per_bucket_numel"] == want["per_bucket_numel"]

@@ -259,7 +259,8 @@ def decode_optimizer_part(distrib: Any, path: Path, element: int | None) -> list
     if not isinstance(distrib, list) or len(distrib) != 2:
         raise ConvertInputError(f"{path}: not a MoE optimizer state",
                                 expected="a list [dense state, expert state] (Megatron's ChainedOptimizer)",
-                                found=type(distrib).__name__ + (f" of {len(distrib)}" if isinstance(distrib, list) else ""),
+                                found=type(distrib).__name__
+                                + (f" of {len(distrib)}" if isinstance(distrib, list) else ""),
                                 fix="check --megatron-path (is this a MoE checkpoint?)")
     if distrib[element] is None:
         which = "dense" if element == DENSE else "expert"
