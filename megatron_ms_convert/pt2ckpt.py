@@ -538,7 +538,8 @@ def prepare(options: Options) -> Job:
 
 def _prepare(options: Options) -> Job:
     iteration_dir = reader.resolve_iteration_dir(options.megatron_path)
-    experts = resolve_expert_parallel(options, reader.saved_args_of(iteration_dir), iteration_dir)
+    args, args_file = reader.saved_args_of(iteration_dir)
+    experts = resolve_expert_parallel(options, args, args_file or iteration_dir)
     folders = reader.find_rank_folders(iteration_dir, options.tp_size, options.pp_size, experts.ep_size)
     need_distrib = not options.convert_param_only
     use_map = need_distrib and options.param_map_path is not None and options.trust_layout != "checkpoint"

@@ -152,15 +152,15 @@ def resolve_iteration_dir(megatron_path: Path) -> Path:
     )
 
 
-def saved_args_of(iteration_dir: Path) -> Any:
-    """The args saved in the first `mp_rank_*` folder's model_optim_rng.pt (None when it has none).
-    Which 3-digit parts a folder name has depends on the run's pipeline and expert parallel sizes, so
-    they are read before the folder names are."""
+def saved_args_of(iteration_dir: Path) -> tuple[Any, Path | None]:
+    """(args, the file they came from) of the first `mp_rank_*` folder's model_optim_rng.pt (args None
+    when it has none). Which 3-digit parts a folder name has depends on the run's pipeline and expert
+    parallel sizes, so they are read before the folder names are."""
     folders = sorted(p for p in Path(iteration_dir).iterdir() if p.name.startswith("mp_rank_") and p.is_dir())
     if not folders:
-        return None
+        return None, None
     model_sd = load_pt(folders[0] / MODEL_FILE)
-    return model_sd.get("args") if isinstance(model_sd, dict) else None
+    return (model_sd.get("args") if isinstance(model_sd, dict) else None), folders[0] / MODEL_FILE
 
 
 def find_rank_folders(iteration_dir: Path, tp_size: int, pp_size: int, ep_size: int = 1) -> list[RankFolder]:
