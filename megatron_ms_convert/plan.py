@@ -91,7 +91,10 @@ class RankInfo:
     dense_distrib_file: Path | None = None
 
     def dense_tensors(self) -> list[tuple[tuple[str, tuple[int, ...], str], ...]]:
-        """Per chunk, the tensors of the dense grad buffers (all of them without MoE)."""
+        """Per chunk, the tensors of the dense grad buffers: all of them unless the experts have their
+        own optimizer (expert parallelism > 1; without it Megatron keeps experts in the dense buffers)."""
+        if not self.expert_counts:
+            return list(self.chunk_tensors)
         return [tuple(t for t in tensors if not is_expert_key(t[0])) for tensors in self.chunk_tensors]
 
     def expert_tensors(self) -> list[tuple[tuple[str, tuple[int, ...], str], ...]]:

@@ -509,7 +509,7 @@ def plan_rank(info: RankInfo, topo: Topology, options: Options, layouts: Sequenc
     moe = ((("ep_rank", info.folder.ep), ("ep_size", experts.ep_size), ("num_local_experts", experts.num_local_experts))
            if experts.moe else ())
     distrib_parts = (((info.dense_distrib_file, reader.DENSE), (info.folder.distrib_file, reader.EXPERT))
-                     if experts.moe and not options.convert_param_only else ())
+                     if info.expert_counts and not options.convert_param_only else ())
     return RankPlan(folder=info.folder, fmt=options.fmt, outputs=output_paths(options, topo, info.folder),
                     meta_file=options.ms_path / PT_META / f"args_{stem}.pt", tensors=tuple(tensors),
                     reads_distrib=not options.convert_param_only, param_name_list=name_lists,
@@ -546,7 +546,7 @@ def _prepare(options: Options) -> Job:
     map_files = list_param_map_files(options.param_map_path) if use_map else None
     expert_map_files = list_expert_param_map_files(options.param_map_path) if use_map else None
     infos = [read_rank_info(folder, need_distrib) for folder in folders]
-    if experts.moe and need_distrib:
+    if experts.ep_size > 1 and need_distrib:
         infos = with_dense_state_of_ep_rank_0(infos)
     topo = resolve_topology(options, infos[0], experts)
     iterations = {info.iteration for info in infos}
@@ -566,8 +566,8 @@ def _prepare(options: Options) -> Job:
 
 
 def with_dense_state_of_ep_rank_0(infos: Sequence[RankInfo]) -> list[RankInfo]:
-    """MoE: only ep rank 0's folder holds the dense optimizer state of its (tp, pp); the other ep ranks'
-    folders take their dense bucket sizes (and file) from it."""
+    """Expert parallelism: only ep rank 0's folder holds the dense optimizer state of its (tp, pp); the
+    other ep ranks' folders take their dense bucket sizes (and file) from it."""
     dense = {(i.folder.tp, i.folder.pp): i for i in infos if i.folder.ep == 0}
     out = []
     for info in infos:
@@ -577,7 +577,7 @@ def with_dense_state_of_ep_rank_0(infos: Sequence[RankInfo]) -> list[RankInfo]:
                                        states=tuple(s for s in info.states if s in first.states))
         if not info.expert_counts:
             raise ConvertInputError(f"{info.folder.distrib_file}: holds no expert optimizer state",
-                                    expected="a list [dense state, expert state] (the run's args have num_experts)",
+                                    expected="a list [dense state, expert state] (expert parallel size > 1)",
                                     found="a single optimizer state", fix="check --megatron-path")
         out.append(info)
     return out

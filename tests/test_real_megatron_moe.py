@@ -10,7 +10,8 @@ d gets the dense tensors plus the local experts of ep rank d mod ep, stacked und
 Two runs cover the axes: pp 1 with dp 4 (expert data-parallel size 2: dense and expert buckets both
 padded) and pp 2 with dp 2; each converts with the patch's full param_map, with the dense-only map the
 documented patch writes (the expert layout inferred), and with no map. A third, pp 3 with virtual
-pipeline 2, has an expert buffer per model chunk.
+pipeline 2, has an expert buffer per model chunk; a fourth has experts but no expert parallelism, so
+Megatron keeps them in the dense buffers with one optimizer.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ _MOE = dict(ep=2, num_experts=4, hidden=34, heads=2, ffn=65, bucket_size=1500)
 PP1_DP4 = MegatronSpec(dp=4, micro_batch=1, **_MOE)
 PP2_DP2 = MegatronSpec(pp=2, dp=2, **_MOE)
 PP3_VPP2 = MegatronSpec(pp=3, vpp=2, dp=2, num_layers=6, num_microbatches=3, **_MOE)
+EP1 = MegatronSpec(dp=2, **{**_MOE, "ep": 1})  # experts without expert parallelism: in the dense buffers
 
 # Megatron mcore (local spec) component -> MindSpeed-Core-MS legacy model component, per the facts
 _COMPONENTS = {"decoder": "language_model.encoder", "embedding": "language_model.embedding",
@@ -95,11 +97,11 @@ def expected_from_dump(spec: MegatronSpec, state: dict, dp_size: int, param_only
         for out_state, field in fields.items():
             full = ms if out_state == "param" else f"{out_state}.{ms}"
             value = entry[field].float().numpy()
-            if ep is None:
+            stacked, k = _local_expert(full)
+            if k is None:
                 dense.setdefault((tp, pp), {})[full] = value
-            else:
-                stacked, k = _local_expert(full)
-                experts.setdefault((tp, pp, ep), {}).setdefault(stacked, {})[k] = value
+            else:  # without expert parallelism the experts are in the dense buffers (no ep in the key)
+                experts.setdefault((tp, pp, ep or 0), {}).setdefault(stacked, {})[k] = value
     n_local = spec.num_experts // spec.ep
     out = {}
     for (tp, pp), tensors in dense.items():
@@ -118,7 +120,7 @@ def expected_scalars_per_rank(spec: MegatronSpec, iter_dir, dp_size: int) -> dic
         for pp in range(spec.pp):
             for dp in range(dp_size):
                 folder = (f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if spec.pp > 1 else "")
-                          + f"_{ep_rank_of_dp(dp, spec.ep):03d}")
+                          + (f"_{ep_rank_of_dp(dp, spec.ep):03d}" if spec.ep > 1 else ""))
                 model_file = iter_dir / folder / "model_optim_rng.pt"
                 out[ms_rank(tp, pp, spec.tp, dp_size, 1, dp=dp)] = expected_scalars(model_file)
     return out
@@ -145,6 +147,11 @@ def pp2_dp2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pp3_vpp2(tmp_path_factory):
     return save_real_checkpoint(tmp_path_factory.mktemp("moe_pp3_vpp2") / "save", PP3_VPP2, steps=2, param_map=True)
+
+
+@pytest.fixture(scope="module")
+def ep1(tmp_path_factory):
+    return save_real_checkpoint(tmp_path_factory.mktemp("moe_ep1") / "save", EP1, steps=2)
 
 
 def _runs(request):
@@ -194,6 +201,15 @@ def test_virtual_pipeline_chunks_each_have_their_expert_buffers(pp3_vpp2, tmp_pa
     expected = expected_from_dump(PP3_VPP2, pp3_vpp2.state, PP3_VPP2.dp)
     assert len(expected) == 6
     assert_rank_files_match(tmp_path / "ms", expected, scalars=expected_scalars_per_rank(PP3_VPP2, pp3_vpp2.path, 2))
+
+
+def test_experts_without_expert_parallelism_are_stacked_from_the_dense_buffers(ep1, tmp_path):
+    assert [p.name for p in ep1.path.iterdir()] == ["mp_rank_00"]
+    assert set(ep1.state["ranks"]) == {(0, 0)}  # one optimizer: Megatron keeps the experts in the dense buffers
+    _convert(EP1, ep1, tmp_path / "ms")
+    expected = expected_from_dump(EP1, ep1.state, EP1.dp)
+    assert len(expected) == 2 and any(".local_experts.0." in n for n in expected[1])
+    assert_rank_files_match(tmp_path / "ms", expected, scalars=expected_scalars_per_rank(EP1, ep1.path, EP1.dp))
 
 
 def test_names_are_the_mindspeed_moe_models(pp2_dp2, tmp_path):
