@@ -3,8 +3,8 @@ with patch/param_map.patch applied, converted and loaded with the real mindspore
 
 Expected values are the state Megatron's own processes dumped when they saved (dense parameters from
 the dense optimizer's dp rank 0, each ep rank's experts from its expert-data-parallel rank 0); expected
-names come from MindSpeed-Core-MS's model facts (tests/mindspeed_model_facts.py) and a Megatron ->
-MindSpore translation written here, not from the converter's table. Every MindSpore rank R of dp rank
+names come from MindSpeed-Core-MS's model facts (tests/mindspeed_model_facts.py) and the oracle's
+Megatron -> MindSpore translation (tests/expected_outputs.py), not from the converter's table. Every MindSpore rank R of dp rank
 d gets the dense tensors plus the local experts of ep rank d mod ep, stacked under local expert 0.
 
 Two runs cover the axes: pp 1 with dp 4 (expert data-parallel size 2: dense and expert buckets both
@@ -27,7 +27,8 @@ if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("meg
     raise ImportError("tests/test_real_megatron_moe.py needs the test dependency megatron-core==0.6.0: "
                       "python3 -m pip install -r requirements.txt")
 
-from tests.expected_outputs import assert_rank_files_match, expected_scalars, load_ms, ms_rank, run_cli  # noqa: E402
+from tests.expected_outputs import (assert_rank_files_match, expected_scalars, load_ms, mcore_mindspeed_name,  # noqa: E402
+                                    ms_rank, run_cli)
 from tests.mindspeed_model_facts import (MindSpeedStage, checkpoint_names, ep_rank_of_dp,  # noqa: E402
                                          param_names)
 from tests.real_megatron import MegatronSpec, save_real_checkpoint  # noqa: E402
@@ -39,28 +40,6 @@ PP1_DP4 = MegatronSpec(dp=4, micro_batch=1, **_MOE)
 PP2_DP2 = MegatronSpec(pp=2, dp=2, **_MOE)
 PP3_VPP2 = MegatronSpec(pp=3, vpp=2, dp=2, num_layers=6, num_microbatches=3, **_MOE)
 EP1 = MegatronSpec(dp=2, **{**_MOE, "ep": 1})  # experts without expert parallelism: in the dense buffers
-
-# Megatron mcore (local spec) component -> MindSpeed-Core-MS legacy model component, per the facts
-_COMPONENTS = {"decoder": "language_model.encoder", "embedding": "language_model.embedding",
-               "output_layer": "language_model.output_layer", "self_attention": "attention",
-               "linear_qkv": "qkv_proj", "linear_proj": "out_proj", "input_layernorm": "input_norm",
-               "pre_mlp_layernorm": "post_attention_norm", "final_layernorm": "final_norm",
-               "linear_fc1": "mapping", "linear_fc2": "projection", "router": "router.gating"}
-_NORM_LEAVES = {"weight": "gamma", "bias": "beta"}
-
-
-def ms_param_name(name: str, layer_offset: int) -> str:
-    """MindSpeed name of a Megatron mcore parameter name (chunk-local layer numbers + offset)."""
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        if parts[i - 1] == "layers" and parts[i].isdigit():
-            parts[i] = str(int(parts[i]) + layer_offset)
-    if parts[-2:] == ["position_embeddings", "weight"]:
-        parts[-1] = "embedding_table"
-    if parts[-2] in ("input_layernorm", "pre_mlp_layernorm", "final_layernorm"):
-        parts[-1] = _NORM_LEAVES[parts[-1]]
-    return ".".join(_COMPONENTS.get(p, p) for p in parts)
-
 
 def _split_key(key: str) -> tuple[int, int, int | None, int, str]:
     """(tp, pp, ep or None for dense, chunk, name) of a dump key."""
@@ -93,7 +72,7 @@ def expected_from_dump(spec: MegatronSpec, state: dict, dp_size: int, param_only
     fields = {"param": "model"} if param_only else {"param": "param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
     for key, entry in state["params"].items():
         tp, pp, ep, chunk, name = _split_key(key)
-        ms = ms_param_name(name, layer_offset(spec, pp, chunk))
+        ms = mcore_mindspeed_name(name, layer_offset(spec, pp, chunk))
         for out_state, field in fields.items():
             full = ms if out_state == "param" else f"{out_state}.{ms}"
             value = entry[field].float().numpy()
@@ -194,7 +173,7 @@ def test_every_dp_rank_holds_the_dense_state_and_its_ep_ranks_stacked_experts(re
 
 
 def test_virtual_pipeline_chunks_each_have_their_expert_buffers(pp3_vpp2, tmp_path):
-    maps = {p.name for p in (pp3_vpp2.path.parent / "param_map").glob("param_map_expert_buffer0_ep1dp0tp0pp2vpp*.json")}
+    maps = {p.name for p in (pp3_vpp2.path.parent / "param_map").glob("param_map_expert_buffer0_ep1dp0tp0pp2vpp?.json")}
     assert maps == {"param_map_expert_buffer0_ep1dp0tp0pp2vpp0.json", "param_map_expert_buffer0_ep1dp0tp0pp2vpp1.json"}
     _convert(PP3_VPP2, pp3_vpp2, tmp_path / "ms", "--vpp-size", 2,
              "--param-map-path", pp3_vpp2.path.parent / "param_map")
