@@ -14,10 +14,12 @@ way `check_layouts` holds them against distrib_optim.pt before a byte is written
 """
 
 from megatron_ms_convert.megatron.layout import (BucketBounds, BucketCounts, BufferLayout, BufferSidecar, ParamSpan,
-                                                 check_layouts, ddp_name_for, infer_layouts, layout_differences,
+                                                 check_layouts, ddp_name_for, expert_param_map_file_name,
+                                                 infer_layouts, layout_differences, list_expert_param_map_files,
                                                  list_param_map_files, param_map_file_name, param_map_json,
                                                  parse_param_map, read_rank_layouts, read_sidecar, state_key_for)
 
 __all__ = ["BucketBounds", "BucketCounts", "BufferLayout", "BufferSidecar", "ParamSpan", "check_layouts",
-           "ddp_name_for", "infer_layouts", "layout_differences", "list_param_map_files", "param_map_file_name",
+           "ddp_name_for", "expert_param_map_file_name", "infer_layouts", "layout_differences",
+           "list_expert_param_map_files", "list_param_map_files", "param_map_file_name",
            "param_map_json", "parse_param_map", "read_rank_layouts", "read_sidecar", "state_key_for"]

@@ -7,8 +7,12 @@ Megatron model families, and a name it does not list is an error rather than a g
 
 `NAME_RULES` is the table. Each rule pairs a Megatron name (model-relative, as `named_parameters()`
 gives it without `module.` components, or the key `state_dict_for_save_checkpoint` uses) with the
-MindSpore name. Placeholders: `<i>` a global layer number, `<wb>` `weight` or `bias` kept as is,
-`<norm>` a norm's `weight`/`bias`, which the MindSpore side spells by its norm class (`NORM_PARAMS`).
+MindSpore name. Placeholders: `<i>` a global layer number, `<e>` a local expert index (MoE; the same
+on both sides), `<wb>` `weight` or `bias` kept as is, `<norm>` a norm's `weight`/`bias`, which the
+MindSpore side spells by its norm class (`NORM_PARAMS`).
+
+Expert parameters keep their local index in names; MindSpeed-Core-MS's checkpoints hold a rank's local
+experts stacked under the name of local expert 0 (`stacked_expert_name`), which the plan builds.
 
 `mindspore_name` goes there; `megatron_name` comes back and also reads the names the documented tool
 writes (`--name-style documented`), which drop `module`, rename a few legacy components
@@ -81,6 +85,12 @@ NAME_RULES: tuple[NameRule, ...] = (
              "te"),
     NameRule("mcore", _MCORE_LAYER + "mlp.linear_fc1.<wb>", _MS_LAYER + "mlp.mapping.<wb>"),
     NameRule("mcore", _MCORE_LAYER + "mlp.linear_fc2.<wb>", _MS_LAYER + "mlp.projection.<wb>"),
+    # MoE (SequentialMLP experts; the router has no bias on either side)
+    NameRule("mcore", _MCORE_LAYER + "mlp.router.weight", _MS_LAYER + "mlp.router.gating.weight"),
+    NameRule("mcore", _MCORE_LAYER + "mlp.experts.local_experts.<e>.linear_fc1.<wb>",
+             _MS_LAYER + "mlp.experts.local_experts.<e>.mapping.<wb>"),
+    NameRule("mcore", _MCORE_LAYER + "mlp.experts.local_experts.<e>.linear_fc2.<wb>",
+             _MS_LAYER + "mlp.experts.local_experts.<e>.projection.<wb>"),
     NameRule("mcore", "decoder.final_layernorm.<norm>", "language_model.encoder.final_norm.<norm>"),
     NameRule("mcore", "output_layer.weight", "language_model.output_layer.weight"),
 )
@@ -151,6 +161,40 @@ def local_layer_numbers(keys: Sequence[str]) -> set[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Experts
+
+
+def is_expert_key(name: str) -> bool:
+    """Whether a Megatron parameter belongs to the experts (expert-parallel: its own grad buffers and
+    optimizer) rather than to the dense model; the router is dense."""
+    parts = name.split(".")
+    return "experts" in parts or "local_experts" in parts
+
+
+def local_expert_index(name: str) -> int | None:
+    """The number after a `local_experts` component (a rank-local expert index), None without one."""
+    parts = name.split(".")
+    for before, part in zip(parts, parts[1:]):
+        if before == "local_experts" and part.isdigit():
+            return int(part)
+    return None
+
+
+def stacked_expert_name(name: str) -> str:
+    """The name MindSpeed-Core-MS stores a rank's local experts under, stacked on a new axis 0: that
+    of local expert 0.
+
+    >>> stacked_expert_name("exp_avg.x.layers.3.mlp.experts.local_experts.5.mapping.weight")
+    'exp_avg.x.layers.3.mlp.experts.local_experts.0.mapping.weight'
+    """
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if parts[i - 1] == "local_experts" and parts[i].isdigit():
+            parts[i] = "0"
+    return ".".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
 # Patterns
 
 
@@ -158,14 +202,15 @@ def local_layer_numbers(keys: Sequence[str]) -> set[int]:
 def _pattern(template: str, norm_values: tuple[str, ...]) -> re.Pattern:
     regex = re.escape(template)
     regex = regex.replace(re.escape("<i>"), r"(?P<i>\d+)")
+    regex = regex.replace(re.escape("<e>"), r"(?P<e>\d+)")
     regex = regex.replace(re.escape("<wb>"), r"(?P<wb>weight|bias)")
     regex = regex.replace(re.escape("<norm>"), "(?P<norm>" + "|".join(map(re.escape, norm_values)) + ")")
     return re.compile(regex + r"\Z")
 
 
-def _fill(template: str, i: str | None, wb: str | None, norm: str | None) -> str:
+def _fill(template: str, i: str | None, wb: str | None, norm: str | None, e: str | None = None) -> str:
     out = template
-    for key, value in (("<i>", i), ("<wb>", wb), ("<norm>", norm)):
+    for key, value in (("<i>", i), ("<e>", e), ("<wb>", wb), ("<norm>", norm)):
         if key in out:
             out = out.replace(key, value)
     return out
@@ -211,7 +256,7 @@ def mindspeed_name(name: str, facts: NamingFacts, where: str = "") -> str:
         if match:
             found = match.groupdict()
             norm = norms[found["norm"]] if found.get("norm") else None
-            return _fill(rule.mindspore, found.get("i"), found.get("wb"), norm)
+            return _fill(rule.mindspore, found.get("i"), found.get("wb"), norm, found.get("e"))
     raise ConvertInputError(
         f"{where + ': ' if where else ''}parameter {name}",
         expected=f"a parameter of a {facts.family} GPT model with {facts.normalization} that MindSpeed-Core-MS's "
@@ -252,7 +297,7 @@ def _from_mindspeed(name: str, facts: NamingFacts) -> str | None:
         if match:
             found = match.groupdict()
             norm = back[found["norm"]] if found.get("norm") else None
-            return _fill(rule.megatron, found.get("i"), found.get("wb"), norm)
+            return _fill(rule.megatron, found.get("i"), found.get("wb"), norm, found.get("e"))
     return None
 
 

@@ -14,7 +14,8 @@ from typing import Any, Sequence, Union
 from .errors import ConvertInputError
 from .megatron.layout import BucketCounts, BufferLayout
 from .mindspore.format import ITEMSIZE
-from .naming import NamingFacts, local_layer_numbers, mindspore_name
+from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, mindspore_name,
+                     stacked_expert_name)
 from .topology import RankFolder, Topology
 
 LR_DECAY_STYLES = ["constant", "WSD", "linear", "cosine", "inverse-square-root"]
@@ -25,7 +26,9 @@ SCHEDULER_INT64 = {"lr_warmup_steps", "num_steps", "lr_decay_steps", "wd_incr_st
 
 @dataclass(frozen=True)
 class BucketSlice:
-    """Elements [start, end) of bucket `bucket` of optimizer state `state` in grad buffer `gbuf_idx`."""
+    """Elements [start, end) of bucket `bucket` of optimizer state `state` in grad buffer `gbuf_idx`
+    of optimizer `optimizer` (an index into RankPlan.distrib_sources(): 0 = the dense optimizer,
+    1 = the experts' in a MoE run)."""
 
     gbuf_idx: int
     dtype_key: tuple[str, str]
@@ -33,6 +36,7 @@ class BucketSlice:
     bucket: int
     start: int
     end: int
+    optimizer: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,15 @@ class Scalar:
     value: Union[int, float]
 
 
-Source = Union[BucketSlice, ModelTensor, Scalar]
+@dataclass(frozen=True)
+class Stacked:
+    """Several same-shaped sources stacked on a new axis 0: a rank's local experts, as MindSpeed-Core-MS
+    saves them under the name of local expert 0."""
+
+    parts: tuple[Union[BucketSlice, ModelTensor], ...]
+
+
+Source = Union[BucketSlice, ModelTensor, Scalar, Stacked]
 
 
 @dataclass(frozen=True)
@@ -73,6 +85,21 @@ class RankInfo:
     scheduler: dict
     counts: tuple[BucketCounts, ...] = ()
     states: tuple[str, ...] = ()
+    # MoE runs: the experts' optimizer (element 1 of distrib_optim.pt's list); `counts` is then the
+    # dense optimizer's, which only ep rank 0's folder holds
+    expert_counts: tuple[BucketCounts, ...] = ()
+    dense_distrib_file: Path | None = None
+
+    def dense_tensors(self) -> list[tuple[tuple[str, tuple[int, ...], str], ...]]:
+        """Per chunk, the tensors of the dense grad buffers: all of them unless the experts have their
+        own optimizer (expert parallelism > 1; without it Megatron keeps experts in the dense buffers)."""
+        if not self.expert_counts:
+            return list(self.chunk_tensors)
+        return [tuple(t for t in tensors if not is_expert_key(t[0])) for tensors in self.chunk_tensors]
+
+    def expert_tensors(self) -> list[tuple[tuple[str, tuple[int, ...], str], ...]]:
+        """Per chunk, the tensors of the expert-parallel grad buffers."""
+        return [tuple(t for t in tensors if is_expert_key(t[0])) for tensors in self.chunk_tensors]
 
     def tensors_by_key(self, chunk: int) -> dict[str, tuple[tuple[int, ...], str]]:
         return {key: (shape, dtype) for key, shape, dtype in self.chunk_tensors[chunk]}
@@ -90,9 +117,17 @@ class RankPlan:
     reads_distrib: bool
     param_name_list: tuple[tuple[str, ...], ...] | None = None
     layouts: tuple[BufferLayout, ...] = field(default=(), compare=False)
+    # MoE: (distrib_optim.pt, list element) per optimizer; empty = the folder's own file, not a list
+    distrib_parts: tuple[tuple[Path, int], ...] = ()
+    expert_layouts: tuple[BufferLayout, ...] = field(default=(), compare=False)
+    moe: tuple[tuple[str, int], ...] = ()  # (('ep_rank', e), ('ep_size', n), ('num_local_experts', k)) for pt_meta
     # identifies the source files and the plan, so a re-run can tell its own finished work apart
     fingerprint: str = field(default="", compare=False)
     manifest_file: Path | None = None
+
+    def distrib_sources(self) -> tuple[tuple[Path, int | None], ...]:
+        """Where each optimizer's buckets are: (file, element of its list or None for a plain dict)."""
+        return self.distrib_parts or ((self.folder.distrib_file, None),)
 
     @property
     def output_files(self) -> tuple[Path, ...]:
@@ -131,9 +166,11 @@ def output_dtype(source_dtype: str) -> str:
 
 
 def _source_text(source: Source) -> str:
+    if isinstance(source, Stacked):
+        return "stack(" + ", ".join(_source_text(p) for p in source.parts) + ")"
     if isinstance(source, BucketSlice):
-        return (f"distrib_optim[{source.gbuf_idx}][{source.dtype_key}][{source.state}][{source.bucket}]"
-                f"[{source.start}:{source.end}]")
+        return (f"distrib_optim{'[expert]' if source.optimizer else ''}[{source.gbuf_idx}][{source.dtype_key}]"
+                f"[{source.state}][{source.bucket}][{source.start}:{source.end}]")
     if isinstance(source, ModelTensor):
         return f"model_optim_rng[{source.chunk_key}][{source.key}]"
     return repr(source.value)
@@ -213,24 +250,63 @@ def _is_number(value: Any) -> bool:
 
 
 def plan_optimizer_tensors(info: RankInfo, layouts: Sequence[BufferLayout], topo: Topology,
-                           states: Sequence[str], facts: NamingFacts) -> list[PlannedTensor]:
-    """fp32 master weights and Adam moments of every parameter, sliced out of their buckets."""
+                           states: Sequence[str], facts: NamingFacts,
+                           expert_layouts: Sequence[BufferLayout] = ()) -> list[PlannedTensor]:
+    """fp32 master weights and Adam moments of every parameter, sliced out of their buckets (the dense
+    optimizer's, then the experts' in a MoE run)."""
     missing = [s for s in states if s not in info.states]
     if missing:
         raise ConvertInputError(f"{info.folder.distrib_file}: no optimizer state {missing}",
                                 expected=f"--dist-opt-content from {list(info.states)}", found=str(missing),
                                 fix="pass --dist-opt-content with states the file holds")
     out = []
-    for gbuf, layout in enumerate(layouts):
-        count = info.counts[gbuf]
-        layer_map = topo.layer_map(info.folder.pp, layout.chunk)
-        for span in layout.params:
-            base = count.bucket_start(span.bucket)
-            for state in states:
-                source = BucketSlice(gbuf, count.dtype_key, state, span.bucket, span.start - base, span.end - base)
-                name = mindspore_name(span.name, facts, layer_map, state, where=str(info.folder.model_file))
-                out.append(PlannedTensor(name, span.shape, "float32", source))
+    for optimizer, (these, counts) in enumerate(((layouts, info.counts), (expert_layouts, info.expert_counts))):
+        for gbuf, layout in enumerate(these):
+            count = counts[gbuf]
+            layer_map = topo.layer_map(info.folder.pp, layout.chunk)
+            for span in layout.params:
+                base = count.bucket_start(span.bucket)
+                for state in states:
+                    source = BucketSlice(gbuf, count.dtype_key, state, span.bucket, span.start - base,
+                                         span.end - base, optimizer)
+                    name = mindspore_name(span.name, facts, layer_map, state, where=str(info.folder.model_file))
+                    out.append(PlannedTensor(name, span.shape, "float32", source))
     return out
+
+
+def stack_local_experts(tensors: Sequence[PlannedTensor], num_local: int, where: Path) -> list[PlannedTensor]:
+    """MindSpeed-Core-MS's checkpoint form of a rank's experts: the tensors of local experts 0..n-1 of
+    one parameter (or moment) become one tensor of shape (n, *shape) under the name of local expert 0,
+    at the place of the first of them. Every local expert must be there, with one shape."""
+    groups: dict[str, list[PlannedTensor]] = {}
+    out: list[PlannedTensor | str] = []
+    for t in tensors:
+        index = local_expert_index(t.name)
+        if index is None:
+            out.append(t)
+            continue
+        stacked = stacked_expert_name(t.name)
+        if stacked not in groups:
+            groups[stacked] = []
+            out.append(stacked)
+        groups[stacked].append(t)
+    result = []
+    for item in out:
+        if isinstance(item, PlannedTensor):
+            result.append(item)
+            continue
+        members = sorted(groups[item], key=lambda t: local_expert_index(t.name))
+        indices = [local_expert_index(t.name) for t in members]
+        shapes = {t.shape for t in members}
+        if indices != list(range(num_local)) or len(shapes) != 1:
+            raise ConvertInputError(f"{where}: local experts {indices} of {item} (shapes {sorted(shapes)})",
+                                    expected=f"local experts 0..{num_local - 1} (num_experts / ep size) of one shape",
+                                    found=f"{len(indices)} experts",
+                                    fix="set --ep-size to the training run's expert_model_parallel_size")
+        first = members[0]
+        result.append(PlannedTensor(item, (num_local, *first.shape), first.dtype,
+                                    Stacked(tuple(t.source for t in members))))
+    return result
 
 
 def plan_model_tensors(info: RankInfo, topo: Topology,

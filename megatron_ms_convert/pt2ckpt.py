@@ -30,11 +30,12 @@ from .errors import ConvertInputError
 from .folder_lock import folder_lock
 from .megatron import checkpoint as reader
 from .naming import STYLES, NamingFacts, naming_facts
-from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, infer_layouts, layout_differences,
-                              list_param_map_files, param_map_file_name, param_map_json, read_rank_layouts,
-                              state_key_for)
+from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_param_map_file_name, infer_layouts,
+                              layout_differences, list_expert_param_map_files, list_param_map_files,
+                              param_map_file_name, param_map_json, read_rank_layouts, state_key_for)
+from .naming import is_expert_key, local_expert_index
 from .plan import (RankInfo, RankPlan, check_layer_counts, check_unique_names, optimizer_scalars,
-                   plan_model_tensors, plan_optimizer_tensors)
+                   plan_model_tensors, plan_optimizer_tensors, stack_local_experts)
 from .shard import Shard, lock_name, own_share
 from .runner import (RankResult, RunSettings, RunStopped, Task, check_no_foreign_outputs, plan_fingerprint,
                      rank_status, run_tasks, signals_stop_the_run)
@@ -76,6 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--tp-size", type=int, default=1, help="Degree of tensor model parallelism.")
     group.add_argument("--dp-size", type=int, default=1, help="Degree of data model parallelism.")
     group.add_argument("--cp-size", type=int, default=1, help="Degree of context model parallelism.")
+    group.add_argument("--ep-size", type=int, default=None,
+                       help="Degree of expert parallelism of the training run (MoE; default: the checkpoint's "
+                            "expert_model_parallel_size, else 1). MindSpore rank dp gets the experts of ep rank "
+                            "dp %% ep-size.")
     group.add_argument("--parallel-init-order", type=str, default="tp-cp-ep-dp-pp",
                        help="expected parallel initialized order, only support tp-cp-ep-dp-pp now")
     group.add_argument("--vpp-size", type=int, default=1,
@@ -161,12 +166,14 @@ class Options:
     name_style: str = "mindspeed"
     shard: Shard | None = None
     check: bool = False
+    ep_size: int | None = None
 
 
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
     """The flags as Options; `environ` is the launcher's environment, read by --shard auto."""
-    for flag in ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout"):
-        if getattr(ns, flag) < 1:
+    for flag in ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
+                 "ep_size"):
+        if getattr(ns, flag, None) is not None and getattr(ns, flag) < 1:
             raise ConvertInputError(f"--{flag.replace('_', '-')} {getattr(ns, flag)}", expected="a whole number >= 1",
                                     fix=f"pass --{flag.replace('_', '-')} 1 or more")
     if ns.parallel_init_order != "tp-cp-ep-dp-pp":
@@ -198,6 +205,7 @@ def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None 
         name_style=ns.name_style,
         shard=Shard.parse(ns.shard, environ) if ns.shard else None,
         check=ns.check,
+        ep_size=getattr(ns, "ep_size", None),
     )
 
 
@@ -220,9 +228,7 @@ def read_rank_info(folder: RankFolder, need_distrib: bool) -> RankInfo:
     chunk_tensors = tuple(
         tuple((key, tuple(t.shape), str(t.dtype)) for key, t in reader.model_tensors(model_sd[ck]).items())
         for ck in chunk_keys)
-    optimizer = model_sd.get("optimizer") or {}
-    inner = optimizer.get("optimizer", {}) if isinstance(optimizer, dict) else {}
-    param_groups = tuple(_plain_numbers(g) for g in inner.get("param_groups", ())) if isinstance(inner, dict) else ()
+    param_groups = tuple(_plain_numbers(g) for g in saved_param_groups(model_sd.get("optimizer")))
     iteration = model_sd.get("iteration")
     if iteration is None and folder.path.parent.name == "release":
         iteration = 0  # as Megatron does when it loads a release checkpoint without one
@@ -234,8 +240,27 @@ def read_rank_info(folder: RankFolder, need_distrib: bool) -> RankInfo:
                     scheduler=dict(model_sd.get("opt_param_scheduler") or {}))
     if not need_distrib:
         return info
-    counts, states = read_bucket_counts(reader.load_pt(folder.distrib_file), folder.distrib_file)
-    return dataclasses.replace(info, counts=counts, states=states)
+    distrib = reader.load_pt(folder.distrib_file)
+    if not isinstance(distrib, list):
+        counts, states = read_bucket_counts(distrib, folder.distrib_file)
+        return dataclasses.replace(info, counts=counts, states=states)
+    # MoE: [dense, expert]; the dense state is None on ep ranks > 0 (filled in from ep rank 0's folder)
+    expert_buffers = reader.decode_optimizer_part(distrib, folder.distrib_file, reader.EXPERT)
+    dense_buffers = (reader.decode_optimizer_part(distrib, folder.distrib_file, reader.DENSE)
+                     if folder.ep == 0 else [])
+    return dataclasses.replace(info, counts=_counts_of(dense_buffers), expert_counts=_counts_of(expert_buffers),
+                               states=_common_states(dense_buffers + expert_buffers),
+                               dense_distrib_file=folder.distrib_file if folder.ep == 0 else None)
+
+
+def saved_param_groups(optimizer: Any) -> list[dict]:
+    """The optimizer's param groups as model_optim_rng.pt saved them; a MoE run's ChainedOptimizer saves
+    a list (dense optimizer, experts' optimizer), whose groups are numbered on in that order."""
+    groups = []
+    for part in optimizer if isinstance(optimizer, list) else [optimizer]:
+        inner = part.get("optimizer", {}) if isinstance(part, dict) else {}
+        groups += list(inner.get("param_groups", ())) if isinstance(inner, dict) else []
+    return groups
 
 
 def _plain_numbers(group: dict) -> dict:
@@ -247,16 +272,79 @@ def _plain_numbers(group: dict) -> dict:
 def read_bucket_counts(distrib: Any, path: Path) -> tuple[tuple[BucketCounts, ...], tuple[str, ...]]:
     """Bucket sizes per grad buffer and the optimizer states every buffer holds."""
     buffers = reader.decode_distrib_optim(distrib, path)
-    counts = tuple(BucketCounts(b.gbuf_idx, b.dtype_names, b.padded, b.unpadded) for b in buffers)
-    states = [s for s in (buffers[0].states if buffers else ()) if all(s in b.states for b in buffers)]
-    return counts, tuple(states)
+    return _counts_of(buffers), _common_states(buffers)
+
+
+def _counts_of(buffers) -> tuple[BucketCounts, ...]:
+    return tuple(BucketCounts(b.gbuf_idx, b.dtype_names, b.padded, b.unpadded) for b in buffers)
+
+
+def _common_states(buffers) -> tuple[str, ...]:
+    return tuple(s for s in (buffers[0].states if buffers else ()) if all(s in b.states for b in buffers))
 
 
 # ---------------------------------------------------------------------------------------------
 # Planning
 
 
-def resolve_topology(options: Options, first: RankInfo) -> Topology:
+@dataclass(frozen=True)
+class ExpertParallel:
+    """The run's expert parallelism: ep_size (1 without it) and num_experts (None: no MoE)."""
+
+    ep_size: int = 1
+    num_experts: int | None = None
+
+    @property
+    def moe(self) -> bool:
+        return bool(self.num_experts)
+
+    @property
+    def num_local_experts(self) -> int:
+        return (self.num_experts or 0) // self.ep_size
+
+
+def resolve_expert_parallel(options: Options, args: Any, where: Path) -> ExpertParallel:
+    """The pipeline and expert parallel sizes decide which 3-digit parts the folder names have, so they
+    are checked against the saved args (read from `where`) before the folders are listed."""
+    saved_pp = getattr(args, "pipeline_model_parallel_size", None)
+    saved_ep = getattr(args, "expert_model_parallel_size", None)
+    num_experts = getattr(args, "num_experts", None)
+    if saved_pp is not None and saved_pp != options.pp_size:
+        raise ConvertInputError(f"--pp-size {options.pp_size} contradicts {where}",
+                                expected=f"--pp-size {saved_pp} (the training run's value)", found=str(options.pp_size),
+                                fix=f"pass --pp-size {saved_pp}")
+    if options.ep_size is not None and saved_ep is not None and options.ep_size != saved_ep:
+        raise ConvertInputError(f"--ep-size {options.ep_size} contradicts {where}",
+                                expected=f"--ep-size {saved_ep} (the training run's expert_model_parallel_size)",
+                                found=str(options.ep_size), fix=f"pass --ep-size {saved_ep} or drop --ep-size")
+    ep_size = options.ep_size or saved_ep or 1
+    if ep_size > 1 and not num_experts and args is not None:
+        raise ConvertInputError(f"--ep-size {ep_size} for {where}", expected="a MoE run (num_experts in its args)",
+                                found="no num_experts", fix="drop --ep-size")
+    if num_experts and (num_experts < 2 or num_experts % ep_size):
+        raise ConvertInputError(f"{where}: num_experts {num_experts} with expert parallel size {ep_size}",
+                                expected="at least 2 experts, divisible by the expert parallel size",
+                                found=f"{num_experts} % {ep_size} = {num_experts % ep_size}",
+                                fix=f"pass --ep-size {saved_ep}" if saved_ep else
+                                    "pass --ep-size with the training run's expert_model_parallel_size")
+    if num_experts and options.dp_size % ep_size:
+        raise ConvertInputError(f"--dp-size {options.dp_size} with expert parallel size {ep_size}",
+                                expected=f"a multiple of {ep_size} (MindSpore's ep rank is dp rank mod ep size)",
+                                found=str(options.dp_size),
+                                fix=f"pass --dp-size {ep_size * max(1, options.dp_size // ep_size)} "
+                                    f"or another multiple of {ep_size}")
+    if num_experts and ep_size > 1 and options.cp_size > 1:
+        raise ConvertInputError(f"--cp-size {options.cp_size} with expert parallel size {ep_size}",
+                                expected="--cp-size 1 (MindSpeed-Core-MS refuses expert with context parallelism)",
+                                found=str(options.cp_size), fix="pass --cp-size 1")
+    dispatcher = getattr(args, "moe_token_dispatcher_type", None)
+    if num_experts and dispatcher not in (None, "alltoall"):
+        log.info("note: the run used the %r MoE token dispatcher; MindSpeed-Core-MS has only 'alltoall', which "
+                 "routes the same parameters: set it in the MindSpore run", dispatcher)
+    return ExpertParallel(ep_size, num_experts or None)
+
+
+def resolve_topology(options: Options, first: RankInfo, experts: ExpertParallel = ExpertParallel()) -> Topology:
     """Check the flags against the args stored in the checkpoint and fill in what the flags leave open."""
     args = first.args
     stored = {
@@ -295,39 +383,81 @@ def resolve_topology(options: Options, first: RankInfo) -> Topology:
         log.info("note: --dp-size %d differs from the training run's data_parallel_size %d; MindSpore rank "
                  "numbers follow --dp-size", options.dp_size, saved_dp)
     return Topology(options.tp_size, options.pp_size, options.dp_size, options.cp_size, options.vpp_size,
-                    num_layers, tuple(stage_list))
+                    num_layers, tuple(stage_list), ep_size=experts.ep_size, moe=experts.moe)
 
 
-def infer_rank_layouts(info: RankInfo) -> list[BufferLayout]:
+@dataclass(frozen=True)
+class OptimizerPart:
+    """The grad buffers of one optimizer of a rank: the dense one, or the experts' in a MoE run."""
+
+    kind: str  # "dense" or "expert"
+    chunk_params: tuple  # per model chunk, (key, shape, dtype) of the parameters in these buffers
+    counts: tuple[BucketCounts, ...]
+    distrib_file: str
+
+
+def optimizer_parts(info: RankInfo) -> list[OptimizerPart]:
+    dense_file = str(info.dense_distrib_file or info.folder.distrib_file)
+    parts = [OptimizerPart("dense", tuple(info.dense_tensors()), info.counts, dense_file)]
+    if info.expert_counts:
+        parts.append(OptimizerPart("expert", tuple(info.expert_tensors()), info.expert_counts,
+                                   str(info.folder.distrib_file)))
+    return parts
+
+
+def infer_rank_layouts(info: RankInfo, part: OptimizerPart) -> list[BufferLayout]:
     args = info.args
     wrapped = bool(getattr(args, "fp16", False) or getattr(args, "bf16", False))
     grad_in_fp32 = bool(getattr(args, "accumulate_allreduce_grads_in_fp32", False))
-    return infer_layouts(info.chunk_tensors, info.counts, grad_in_fp32=grad_in_fp32, wrapped=wrapped,
-                         source=f"layout inferred from {info.folder.model_file}")
+    what = "expert layout" if part.kind == "expert" else "layout"
+    return infer_layouts(part.chunk_params, part.counts, grad_in_fp32=grad_in_fp32, wrapped=wrapped,
+                         source=f"{what} inferred from {info.folder.model_file}")
 
 
-def rank_layouts(info: RankInfo, options: Options, map_files) -> list[BufferLayout]:
-    """The bucket layouts of one rank: the param_map's when given, cross-checked against the layout the
-    checkpoint itself implies; the inferred one otherwise. A map and an inferred layout that both pass
-    every check yet differ mean one of them is wrong, so that is an error unless --trust-layout says
-    which to believe."""
+def rank_layouts(info: RankInfo, options: Options, map_files,
+                 expert_map_files=None) -> tuple[list[BufferLayout], list[BufferLayout]]:
+    """The bucket layouts of one rank, dense and (MoE) expert ones: the param_map's when given,
+    cross-checked against the layout the checkpoint itself implies; the inferred one otherwise. A map
+    and an inferred layout that both pass every check yet differ mean one of them is wrong, so that is
+    an error unless --trust-layout says which to believe. Expert buffers use the expert param_map
+    files when the folder has any (the documented patch records none: then they are inferred)."""
     tensors = [info.tensors_by_key(c) for c in range(len(info.chunk_keys))]
-    if map_files is None:
-        layouts = infer_rank_layouts(info)
-        check_layouts(layouts, info.counts, tensors, str(info.folder.distrib_file))
-    else:
-        layouts = read_rank_layouts(map_files, info.folder.tp, info.folder.pp, len(info.chunk_keys),
-                                    options.param_map_path)
-        check_layouts(layouts, info.counts, tensors, str(info.folder.distrib_file))
-        check_map_against_checkpoint(layouts, info, tensors, options.trust_layout)
-    warn_unmapped_tensors(layouts, info)
-    return layouts
+    out = []
+    for part in optimizer_parts(info):
+        files = map_files if part.kind == "dense" else expert_files_of(info, expert_map_files, options)
+        if files is None:
+            layouts = infer_rank_layouts(info, part)
+            check_layouts(layouts, part.counts, tensors, part.distrib_file)
+        else:
+            layouts = read_rank_layouts(files, info.folder.tp, info.folder.pp, len(info.chunk_keys),
+                                        options.param_map_path)
+            check_layouts(layouts, part.counts, tensors, part.distrib_file)
+            check_map_against_checkpoint(layouts, info, tensors, options.trust_layout, part)
+        out.append(layouts)
+    dense, expert = (out + [[]])[:2]
+    warn_unmapped_tensors(dense + expert, info)
+    return dense, expert
 
 
-def check_map_against_checkpoint(layouts: Sequence[BufferLayout], info: RankInfo, tensors, trust: str | None) -> None:
+def expert_files_of(info: RankInfo, expert_map_files, options: Options):
+    """This ep rank's expert param_map files, None when the folder holds no expert maps at all."""
+    if not expert_map_files:
+        return None
+    files = expert_map_files.get(info.folder.ep)
+    if files is None:
+        raise ConvertInputError(
+            f"--param-map-path {options.param_map_path}: no param_map_expert_buffer*_ep{info.folder.ep}* files",
+            expected=f"expert param_map files for every ep rank (ep {info.folder.ep} of {info.folder.name})",
+            found=f"files for ep ranks {sorted(expert_map_files)}",
+            fix="restore the missing files, or delete all param_map_expert_buffer* files to infer the expert layout")
+    return files
+
+
+def check_map_against_checkpoint(layouts: Sequence[BufferLayout], info: RankInfo, tensors, trust: str | None,
+                                 part: OptimizerPart) -> None:
     try:
-        inferred = infer_rank_layouts(info)
-        check_layouts(inferred, info.counts, tensors, str(info.folder.distrib_file))
+        inferred = infer_rank_layouts(info, part)
+        check_layouts(inferred, part.counts, tensors, part.distrib_file)
     except ConvertInputError as err:  # e.g. a frozen parameter: only the map knows the layout
         log.warning("%s: the layout cannot be inferred to cross-check the param_map, which is used as given (%s)",
                     info.folder.model_file, err)
@@ -375,23 +505,32 @@ def warn_position_table_rows(infos: Sequence[RankInfo]) -> None:
 def output_paths(options: Options, topo: Topology, folder: RankFolder) -> tuple[Path, ...]:
     filename = f"{options.file_prefix}.{options.fmt}"
     return tuple(options.ms_path / f"rank_{rank}" / filename
-                 for rank in topo.target_ranks(folder.tp, folder.pp, options.generate_all_dp_cp))
+                 for rank in topo.target_ranks(folder.tp, folder.pp, options.generate_all_dp_cp, ep=folder.ep))
 
 
 def plan_rank(info: RankInfo, topo: Topology, options: Options, layouts: Sequence[BufferLayout],
-              facts: NamingFacts) -> RankPlan:
+              facts: NamingFacts, expert_layouts: Sequence[BufferLayout] = (),
+              experts: ExpertParallel = ExpertParallel()) -> RankPlan:
     check_layer_counts(info, topo)
     if options.convert_param_only:
         tensors, name_lists = plan_model_tensors(info, topo, facts)
     else:
-        tensors, name_lists = plan_optimizer_tensors(info, layouts, topo, options.dist_opt_content, facts), None
+        tensors = plan_optimizer_tensors(info, layouts, topo, options.dist_opt_content, facts, expert_layouts)
+        name_lists = None
+    if experts.moe:
+        tensors = stack_local_experts(tensors, experts.num_local_experts, info.folder.model_file)
     tensors = tensors + optimizer_scalars(info.iteration, info.param_groups, info.scheduler, info.folder.model_file)
     check_unique_names(tensors, info.folder.path)
-    stem = f"tp{info.folder.tp:02}_pp{info.folder.pp:03}"
+    stem = f"tp{info.folder.tp:02}_pp{info.folder.pp:03}" + (f"_ep{info.folder.ep:03}" if topo.ep_size > 1 else "")
+    moe = ((("ep_rank", info.folder.ep), ("ep_size", experts.ep_size), ("num_local_experts", experts.num_local_experts))
+           if experts.moe else ())
+    distrib_parts = (((info.dense_distrib_file, reader.DENSE), (info.folder.distrib_file, reader.EXPERT))
+                     if info.expert_counts and not options.convert_param_only else ())
     return RankPlan(folder=info.folder, fmt=options.fmt, outputs=output_paths(options, topo, info.folder),
                     meta_file=options.ms_path / PT_META / f"args_{stem}.pt", tensors=tuple(tensors),
                     reads_distrib=not options.convert_param_only, param_name_list=name_lists,
-                    layouts=tuple(layouts), manifest_file=options.ms_path / PT_META / f"manifest_{stem}.json")
+                    layouts=tuple(layouts), manifest_file=options.ms_path / PT_META / f"manifest_{stem}.json",
+                    distrib_parts=distrib_parts, expert_layouts=tuple(expert_layouts), moe=moe)
 
 
 @dataclass
@@ -399,6 +538,7 @@ class Job:
     plans: list[RankPlan]
     param_map_files: dict | None
     first_args: Any
+    topology: Topology | None = None
 
 
 def prepare(options: Options) -> Job:
@@ -414,12 +554,17 @@ def prepare(options: Options) -> Job:
 
 def _prepare(options: Options) -> Job:
     iteration_dir = reader.resolve_iteration_dir(options.megatron_path)
-    folders = reader.find_rank_folders(iteration_dir, options.tp_size, options.pp_size)
+    args, args_file = reader.saved_args_of(iteration_dir)
+    experts = resolve_expert_parallel(options, args, args_file or iteration_dir)
+    folders = reader.find_rank_folders(iteration_dir, options.tp_size, options.pp_size, experts.ep_size)
     need_distrib = not options.convert_param_only
     use_map = need_distrib and options.param_map_path is not None and options.trust_layout != "checkpoint"
     map_files = list_param_map_files(options.param_map_path) if use_map else None
+    expert_map_files = list_expert_param_map_files(options.param_map_path) if use_map else None
     infos = [read_rank_info(folder, need_distrib) for folder in folders]
-    topo = resolve_topology(options, infos[0])
+    if experts.ep_size > 1 and need_distrib:
+        infos = with_dense_state_of_ep_rank_0(infos)
+    topo = resolve_topology(options, infos[0], experts)
     iterations = {info.iteration for info in infos}
     if len(iterations) != 1:
         raise ConvertInputError(f"{iteration_dir}: rank folders hold different iterations {sorted(iterations)}",
@@ -429,10 +574,46 @@ def _prepare(options: Options) -> Job:
     warn_position_table_rows(infos)
     plans = []
     for info in infos:
-        layouts = rank_layouts(info, options, map_files) if need_distrib else []
-        plan = plan_rank(info, topo, options, layouts, facts)
+        check_expert_keys(info, experts)
+        layouts, expert_layouts = rank_layouts(info, options, map_files, expert_map_files) if need_distrib else ([], [])
+        plan = plan_rank(info, topo, options, layouts, facts, expert_layouts, experts)
         plans.append(dataclasses.replace(plan, fingerprint=plan_fingerprint(plan)))
-    return Job(plans, map_files, infos[0].args)
+    return Job(plans, map_files, infos[0].args, topo)
+
+
+def with_dense_state_of_ep_rank_0(infos: Sequence[RankInfo]) -> list[RankInfo]:
+    """Expert parallelism: only ep rank 0's folder holds the dense optimizer state of its (tp, pp); the
+    other ep ranks' folders take their dense bucket sizes (and file) from it."""
+    dense = {(i.folder.tp, i.folder.pp): i for i in infos if i.folder.ep == 0}
+    out = []
+    for info in infos:
+        first = dense[(info.folder.tp, info.folder.pp)]
+        if info.folder.ep != 0:
+            info = dataclasses.replace(info, counts=first.counts, dense_distrib_file=first.dense_distrib_file,
+                                       states=tuple(s for s in info.states if s in first.states))
+        if not info.expert_counts:
+            raise ConvertInputError(f"{info.folder.distrib_file}: holds no expert optimizer state",
+                                    expected="a list [dense state, expert state] (expert parallel size > 1)",
+                                    found="a single optimizer state", fix="check --megatron-path")
+        out.append(info)
+    return out
+
+
+def check_expert_keys(info: RankInfo, experts: ExpertParallel) -> None:
+    """The expert parameters of a folder must be exactly its num_experts / ep_size local experts."""
+    found = {local_expert_index(key) for tensors in info.chunk_tensors for key, _, _ in tensors if is_expert_key(key)}
+    if not experts.moe:
+        if found:
+            raise ConvertInputError(f"{info.folder.model_file}: holds expert parameters",
+                                    expected="no experts (the saved args have no num_experts)",
+                                    found=f"{len(found)} local experts", fix="check --megatron-path")
+        return
+    if found != set(range(experts.num_local_experts)):
+        raise ConvertInputError(
+            f"{info.folder.model_file}: local experts {sorted(found, key=str)}",
+            expected=f"local experts 0..{experts.num_local_experts - 1} (num_experts {experts.num_experts} / "
+                     f"ep size {experts.ep_size})", found=f"{len(found)} local experts",
+            fix="pass --ep-size with the training run's expert_model_parallel_size (SequentialMLP experts only)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -443,31 +624,49 @@ def write_param_map_copies(job: Job, options: Options) -> None:
     """pt_meta/ gets the param_map used: copies of the given files, or the inferred layout as files."""
     meta_dir = options.ms_path / PT_META
     meta_dir.mkdir(parents=True, exist_ok=True)
+    copied = set()
     if job.param_map_files is not None:
-        for path in sorted(options.param_map_path.glob("param_map_buffer*.json")):
-            write_common_file(meta_dir / path.name, path.read_bytes(), mode=0o644)
-    else:
-        write_layout_files(job, meta_dir, dp_ranks=[0])
+        for pattern in ("param_map_buffer*.json", "param_map_expert_buffer*.json"):
+            for path in sorted(options.param_map_path.glob(pattern)):
+                write_common_file(meta_dir / path.name, path.read_bytes(), mode=0o644)
+                copied.add(path.name)
+    # what no map file recorded (all of it without a map; the experts with a dense-only map) is inferred
+    write_layout_files(job, meta_dir, dp_ranks=[0], skip=copied)
 
 
-def write_layout_files(job: Job, target: Path, dp_ranks: Sequence[int]) -> int:
+def write_layout_files(job: Job, target: Path, dp_ranks: Sequence[int], skip: set = frozenset(),
+                       expert_dp_ranks: Sequence[int] | None = None) -> int:
+    """The layouts of every plan as param_map files, dense ones for `dp_ranks`, expert ones (named by
+    ep rank) for `expert_dp_ranks` (default: `dp_ranks`). Files named in `skip` (copied from the given
+    map) are left alone, and so are the dense layouts when there are any: they came from that map."""
     target.mkdir(parents=True, exist_ok=True)
-    count = 0
+    expert_dp_ranks = dp_ranks if expert_dp_ranks is None else expert_dp_ranks
+    files: dict[str, str] = {}
     for plan in job.plans:
-        for layout in plan.layouts:
+        tp, pp, ep = plan.folder.tp, plan.folder.pp, plan.folder.ep
+        for layout in () if skip else plan.layouts:
             text = param_map_json(layout)
-            for dp in dp_ranks:
-                name = param_map_file_name(layout.buffer_index, dp, plan.folder.tp, plan.folder.pp, layout.chunk)
-                write_common_file(target / name, text.encode())
-                count += 1
-    return count
+            files.update({param_map_file_name(layout.buffer_index, dp, tp, pp, layout.chunk): text for dp in dp_ranks})
+        for layout in plan.expert_layouts:
+            text = param_map_json(layout)
+            files.update({expert_param_map_file_name(layout.buffer_index, ep, dp, tp, pp, layout.chunk): text
+                          for dp in expert_dp_ranks})
+    written = 0
+    for name, text in files.items():
+        if name not in skip:
+            write_common_file(target / name, text.encode())
+            written += 1
+    return written
 
 
 def save_param_maps(job: Job, options: Options) -> None:
-    """--save-param-map: one file per data-parallel rank of the training run, as the patch writes them."""
+    """--save-param-map: one file per data-parallel rank of the training run, as the patch writes them
+    (expert files per rank of the experts' data-parallel group, whose size is dp x cp / ep)."""
     args = job.first_args
     dp_world = (getattr(args, "data_parallel_size", 1) or 1) * (getattr(args, "context_parallel_size", 1) or 1)
-    count = write_layout_files(job, options.save_param_map, dp_ranks=range(dp_world))
+    ep_size = job.topology.ep_size if job.topology is not None else 1
+    count = write_layout_files(job, options.save_param_map, dp_ranks=range(dp_world),
+                               expert_dp_ranks=range(max(1, dp_world // ep_size)))
     log.info("wrote %d param_map files to %s", count, options.save_param_map)
 
 
@@ -532,7 +731,7 @@ def own_share_table(plans: Sequence[RankPlan], count: int) -> list[tuple[RankPla
 
 def source_bytes(plan: RankPlan) -> int:
     """What a rank costs to convert: the bytes of its source files."""
-    files = [plan.folder.model_file] + ([plan.folder.distrib_file] if plan.reads_distrib else [])
+    files = {plan.folder.model_file} | ({path for path, _ in plan.distrib_sources()} if plan.reads_distrib else set())
     return sum(path.stat().st_size for path in files)
 
 

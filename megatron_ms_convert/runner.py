@@ -40,7 +40,7 @@ from .errors import ConvertInputError
 from .megatron import checkpoint as reader
 from .megatron.pt_meta import pt_meta_record
 from .mindspore.writer import TensorEntry, write_mindspore_file
-from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan
+from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan, Stacked
 
 log = logging.getLogger("convert_pt2ckpt")
 
@@ -64,8 +64,9 @@ def plan_fingerprint(plan: RankPlan) -> str:
     """Hash of the plan and of the source files' identity (path, size, mtime): equal fingerprints mean
     an existing output was written by this same conversion. The plan's paths must be canonical
     (resolved), so that spelling a path another way does not make a conversion look like another."""
-    sources = [plan.folder.model_file] + ([plan.folder.distrib_file] if plan.reads_distrib else [])
-    sources += [Path(layout.source) for layout in plan.layouts if Path(layout.source).is_file()]
+    sources = [plan.folder.model_file] + ([path for path, _ in plan.distrib_sources()] if plan.reads_distrib else [])
+    sources += [Path(layout.source) for layout in (*plan.layouts, *plan.expert_layouts)
+                if Path(layout.source).is_file()]
     return fingerprint_of(plan, sources)  # the repr includes the layouts
 
 
@@ -141,23 +142,28 @@ class SourceTensors:
 
     def __init__(self, plan: RankPlan):
         self.model_sd = reader.load_pt(plan.folder.model_file)
-        self.buffers = (reader.decode_distrib_optim(reader.load_pt(plan.folder.distrib_file), plan.folder.distrib_file)
-                        if plan.reads_distrib else None)
+        # per optimizer (dense, then the experts' in a MoE run), its grad buffers
+        self.buffers = ([reader.decode_optimizer_part(reader.load_pt(path), path, element)
+                         for path, element in plan.distrib_sources()] if plan.reads_distrib else None)
         self._by_name = {t.name: t for t in plan.tensors}
         self._flat: dict[str, dict[str, torch.Tensor]] = {}
 
     def array(self, planned: PlannedTensor) -> np.ndarray:
-        source = planned.source
+        return self._array(planned.source, planned.shape, planned.dtype)
+
+    def _array(self, source, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        if isinstance(source, Stacked):
+            return np.stack([self._array(part, shape[1:], dtype) for part in source.parts])
         if isinstance(source, BucketSlice):
-            bucket = self.buffers[source.gbuf_idx].states[source.state][source.bucket]
-            tensor = bucket[source.start:source.end].view(planned.shape)
+            bucket = self.buffers[source.optimizer][source.gbuf_idx].states[source.state][source.bucket]
+            tensor = bucket[source.start:source.end].view(shape)
         elif isinstance(source, ModelTensor):
             if source.chunk_key not in self._flat:
                 self._flat[source.chunk_key] = reader.model_tensors(self.model_sd[source.chunk_key])
             tensor = self._flat[source.chunk_key][source.key]
         else:
-            return np.array(source.value, dtype=planned.dtype).reshape(planned.shape)
-        want = getattr(torch, planned.dtype)
+            return np.array(source.value, dtype=dtype).reshape(shape)
+        want = getattr(torch, dtype)
         if tensor.dtype != want:
             tensor = tensor.to(want)
         return tensor.numpy()
@@ -239,7 +245,8 @@ def write_meta_file(plan: RankPlan, model_sd: dict) -> None:
     the documented keys plus the skeletons, layouts and bucket sizes that make it exact. The bucket
     sizes come from the pickle of distrib_optim.pt (mmap'd: its tensors are not read), when it was read."""
     distrib = reader.load_pt(plan.folder.distrib_file) if plan.reads_distrib else None
-    meta = pt_meta_record(model_sd, plan.folder.model_file, distrib, plan.layouts, plan.param_name_list)
+    meta = pt_meta_record(model_sd, plan.folder.model_file, distrib, plan.layouts, plan.param_name_list,
+                          expert_layouts=plan.expert_layouts, moe=dict(plan.moe) if plan.moe else None)
     del distrib
     with atomic_target(plan.meta_file) as partial, reader.megatron_enum_importable():
         torch.save(meta, partial)

@@ -1,7 +1,9 @@
 """Who holds what: Megatron's rank folders and MindSpore's rank numbers, in both directions.
 
-A Megatron checkpoint has one `mp_rank_TT[_PPP]` folder per (tensor, pipeline) rank; MindSpore has
-one `rank_R` folder per global rank, numbered in the initialisation order tp-cp-ep-dp-pp. Layer
+A Megatron checkpoint has one `mp_rank_TT[_PPP][_EEE]` folder per (tensor, pipeline, expert) rank
+(the pipeline part when pp > 1, the expert part when expert parallelism is > 1); MindSpore has one
+`rank_R` folder per global rank, numbered in the initialisation order tp-cp-ep-dp-pp, where the
+expert-parallel rank is carved out of the data-parallel one (ep rank = dp rank mod ep size). Layer
 numbers are local to a pipeline stage (and virtual chunk) in Megatron and global in MindSpore.
 
     >>> topo = Topology(tp_size=2, pp_size=2, dp_size=2, cp_size=1, vpp_size=1, num_layers=4, stage_list=(2, 2))
@@ -9,6 +11,8 @@ numbers are local to a pipeline stage (and virtual chunk) in Megatron and global
     (5, (1, 1, 0, 0))
     >>> folder_name(1, 1, pp_size=2), parse_folder_name("mp_rank_01_001", pp_size=2)
     ('mp_rank_01_001', (1, 1))
+    >>> folder_name(0, 1, pp_size=2, ep=1, ep_size=2), parse_folder_ranks("mp_rank_00_001", pp_size=1, ep_size=2)
+    ('mp_rank_00_001_001', (0, 0, 1))
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class Topology:
     vpp_size: int
     num_layers: int
     stage_list: tuple[int, ...]
+    ep_size: int = 1
+    moe: bool = False  # expert parameters in the checkpoint: every dp rank needs its own file
+
 
     def layers_in_chunk(self, pp: int) -> int:
         if self.vpp_size > 1:
@@ -80,19 +87,30 @@ class Topology:
         pp, dp = divmod(rest, self.dp_size)
         return tp, pp, dp, cp
 
-    def target_ranks(self, tp: int, pp: int, all_dp_cp: bool) -> list[int]:
+    def target_ranks(self, tp: int, pp: int, all_dp_cp: bool, ep: int = 0) -> list[int]:
+        """The MindSpore ranks that load the file of source rank (tp, pp, ep). Dense runs: dp = cp = 0,
+        or every dp/cp rank with all_dp_cp. MoE runs: every dp rank whose ep rank (dp mod ep_size) is
+        `ep`, since each loads its own file and a missing one stops it (cp 0, or every cp with all_dp_cp)."""
+        cps = range(self.cp_size) if all_dp_cp else [0]
+        if self.moe:
+            return [self.ms_rank(tp, pp, dp, cp) for dp in self.dp_ranks_of_ep(ep) for cp in cps]
         if not all_dp_cp:
             return [self.ms_rank(tp, pp)]
-        return [self.ms_rank(tp, pp, dp, cp) for dp in range(self.dp_size) for cp in range(self.cp_size)]
+        return [self.ms_rank(tp, pp, dp, cp) for dp in range(self.dp_size) for cp in cps]
+
+    def dp_ranks_of_ep(self, ep: int) -> list[int]:
+        """The target dp ranks whose expert-parallel rank is `ep` (ep rank = dp rank mod ep_size)."""
+        return [dp for dp in range(self.dp_size) if dp % self.ep_size == ep]
 
 
 @dataclass(frozen=True, order=True)
 class RankFolder:
-    """One `mp_rank_TT[_PPP]` folder: the model files of one (tensor, pipeline) rank."""
+    """One `mp_rank_TT[_PPP][_EEE]` folder: the model files of one (tensor, pipeline, expert) rank."""
 
     pp: int
     tp: int
     path: Path
+    ep: int = 0
 
     @property
     def name(self) -> str:
@@ -107,27 +125,39 @@ class RankFolder:
         return self.path / DISTRIB_FILE
 
 
-def folder_name(tp: int, pp: int, pp_size: int) -> str:
-    """Megatron's folder name of a (tp, pp) rank: the pipeline part only when pp_size > 1."""
-    return f"mp_rank_{tp:02d}" if pp_size == 1 else f"mp_rank_{tp:02d}_{pp:03d}"
+def folder_name(tp: int, pp: int, pp_size: int, ep: int = 0, ep_size: int = 1) -> str:
+    """Megatron's folder name of a (tp, pp, ep) rank: the pipeline part only when pp_size > 1, the
+    expert part only when ep_size > 1."""
+    name = f"mp_rank_{tp:02d}"
+    if pp_size > 1:
+        name += f"_{pp:03d}"
+    if ep_size > 1:
+        name += f"_{ep:03d}"
+    return name
 
 
 def parse_folder_name(name: str, pp_size: int) -> tuple[int, int] | None:
-    """(tp, pp) of an `mp_rank_*` folder name, None when the name is not one; expert-parallel names
-    are refused because their optimizer state is a ChainedOptimizer list this tool does not convert."""
+    """(tp, pp) of an `mp_rank_*` folder name of a run without expert parallelism, None when the name
+    is not one."""
+    ranks = parse_folder_ranks(name, pp_size, ep_size=1)
+    return None if ranks is None else ranks[:2]
+
+
+def parse_folder_ranks(name: str, pp_size: int, ep_size: int) -> tuple[int, int, int] | None:
+    """(tp, pp, ep) of an `mp_rank_*` folder name, None when the name is not one. A 3-digit part is the
+    pipeline rank when pp_size > 1 and then the expert rank when ep_size > 1; which parts exist depends
+    on the sizes alone, so a name with other parts belongs to a run of other sizes."""
     match = _RANK_FOLDER.match(name)
     if not match:
         return None
-    tp, second, third = match.group(1), match.group(2), match.group(3)
-    if third is not None or (second is not None and pp_size == 1):
+    parts = [int(p) for p in match.groups()[1:] if p is not None]
+    want = int(pp_size > 1) + int(ep_size > 1)
+    if len(parts) != want:
+        expected = "mp_rank_TT" + ("_PPP" if pp_size > 1 else "") + ("_EEE" if ep_size > 1 else "")
         raise ConvertInputError(
-            f"folder {name}: looks like an expert-parallel (MoE) rank or a pipeline rank",
-            expected="mp_rank_TT for --pp-size 1" if pp_size == 1 else "mp_rank_TT_PPP",
-            found=name,
-            fix="set --pp-size to the training run's pipeline size (expert parallelism is not supported)",
-        )
-    if second is None and pp_size > 1:
-        raise ConvertInputError(f"folder {name}: has no pipeline rank",
-                                expected=f"mp_rank_TT_PPP folders for --pp-size {pp_size}", found=name,
-                                fix="set --pp-size 1 or check --megatron-path")
-    return int(tp), int(second or 0)
+            f"folder {name}: has {len(parts)} rank parts after the tensor rank",
+            expected=f"{expected} for --pp-size {pp_size} and expert parallel size {ep_size}", found=name,
+            fix="set --pp-size (and --ep-size) to the training run's pipeline (and expert) parallel sizes")
+    pp = parts.pop(0) if pp_size > 1 else 0
+    ep = parts.pop(0) if ep_size > 1 else 0
+    return int(match.group(1)), pp, ep

@@ -77,6 +77,29 @@ def tensors_from_codes(params: list[dict]) -> dict[str, torch.Tensor]:
     return out
 
 
+# megatron-core (local spec) component -> MindSpeed-Core-MS legacy model component (mindspeed_model_facts)
+_COMPONENTS = {"decoder": "language_model.encoder", "embedding": "language_model.embedding",
+               "output_layer": "language_model.output_layer", "self_attention": "attention",
+               "linear_qkv": "qkv_proj", "linear_proj": "out_proj", "input_layernorm": "input_norm",
+               "pre_mlp_layernorm": "post_attention_norm", "final_layernorm": "final_norm",
+               "linear_fc1": "mapping", "linear_fc2": "projection", "router": "router.gating"}
+_NORM_LEAVES = {"weight": "gamma", "bias": "beta"}
+
+
+def mcore_mindspeed_name(name: str, layer_offset: int = 0) -> str:
+    """MindSpeed-Core-MS name of a megatron-core (local layer spec, LayerNorm) parameter name, layer
+    numbers shifted by layer_offset; written from the MindSpeed model facts, not the converter's table."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if parts[i - 1] == "layers" and parts[i].isdigit():
+            parts[i] = str(int(parts[i]) + layer_offset)
+    if parts[-2:] == ["position_embeddings", "weight"]:
+        parts[-1] = "embedding_table"
+    if parts[-2] in ("input_layernorm", "pre_mlp_layernorm", "final_layernorm"):
+        parts[-1] = _NORM_LEAVES[parts[-1]]
+    return ".".join(_COMPONENTS.get(p, p) for p in parts)
+
+
 def documented_name(dotted: str) -> str:
     """The documented tool's name: `module` dropped, five legacy components renamed."""
     return ".".join(_RENAMES.get(p, p) for p in dotted.split(".") if p != "module")
@@ -167,7 +190,9 @@ def expected_scalars(model_file: Path) -> dict[str, np.ndarray]:
     """The extra scalars the output format specifies, from the rank's own model_optim_rng.pt."""
     sd = load_trusted(model_file)
     out = {"step_num": np.array(sd["iteration"], np.int64), "epoch_num": np.array(0, np.int64)}
-    for i, group in enumerate(sd["optimizer"]["optimizer"]["param_groups"]):
+    # a MoE run's ChainedOptimizer saves [dense, experts]; their groups are numbered on in that order
+    optimizers = sd["optimizer"] if isinstance(sd["optimizer"], list) else [sd["optimizer"]]
+    for i, group in enumerate(g for o in optimizers for g in o["optimizer"]["param_groups"]):
         for k, v in group.items():
             if not isinstance(v, (int, float)) or k == "params":
                 continue

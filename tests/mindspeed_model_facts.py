@@ -56,6 +56,32 @@ OUTPUT_LAYER = f"{LM}.output_layer.weight"
 # core/optimizer/distrib_optimizer.py:534  the optimizer loads "", "exp_avg.", "exp_avg_sq." + name
 MOMENT_PREFIXES = ("exp_avg.", "exp_avg_sq.")
 
+# MoE (legacy/model/moe/, MoEConfig):
+# legacy/model/transformer.py:935-937  moe_config.num_experts > 1 -> self.mlp = MoELayer(moe_config)
+#   (instead of ParallelMLP, :942); the layer's norms stay input_norm / post_attention_norm
+# legacy/model/moe/moe_layer.py:116   num_local_experts = num_experts // ep_world_size; :113-114 refuses
+#   num_experts not divisible by the expert-parallel size
+# legacy/model/moe/moe_layer.py:117   local_expert_indices = [rank_id * num_local_experts + i ...]
+#   (rank_id = get_expert_model_parallel_rank(), :106): local expert i of ep rank e is global expert e*n + i
+# legacy/model/moe/moe_layer.py:123   self.router = TopKRouter(config=config)
+# legacy/model/moe/router.py:98-101   self.gating = mint.nn.Linear(hidden_size, num_experts, bias=False):
+#   one [num_experts, hidden] weight, no bias
+ROUTER = "mlp.router.gating.weight"
+# legacy/model/moe/moe_layer.py:125-128  moe_grouped_gemm -> GroupedMLP, else SequentialMLP
+# legacy/model/moe/experts.py:104-107  self.local_experts = nn.SequentialCell(); appends
+#   ParallelMLP(config, is_expert=True) per local expert: cells named local_experts.0, .1, ...
+# legacy/model/mlp.py:105, :127        ParallelMLP's self.mapping / self.projection (as for dense layers)
+EXPERT_LINEARS = ("mapping", "projection")
+LOCAL_EXPERT = "mlp.experts.local_experts.{k}"
+# legacy/model/moe/moe_layer.py:130-137  only moe_token_dispatcher_type == "alltoall" (no parameters)
+# core/dist_checkpointing/checkpointing.py:174-186  save: for every name with "local_experts.0", the
+#   num_experts // ep local experts' arrays are np.stack'ed on a new axis 0 under that name (parameters
+#   and optimizer moments alike); :205-210 load splits param[k] back into local_experts.<k>
+STACKED_EXPERT = "local_experts.0"
+# core/parallel_state.py:104-113  with order tp-cp-ep-dp-pp the ep group is carved out of dp (dp // ep
+#   ranks of dp-without-ep above it): a rank's ep rank is its dp rank mod ep; :329-331 dp must be
+#   divisible by ep; :334-336 ep > 1 with cp > 1 is refused
+
 
 @dataclass(frozen=True)
 class MindSpeedStage:
@@ -71,6 +97,7 @@ class MindSpeedStage:
     untied: bool = False
     linear_bias: bool = True  # qkv_has_bias / out_proj_has_bias / mlp_has_bias (Megatron: add_bias_linear)
     num_layer_list: tuple[int, ...] | None = None  # parallel_config.num_layer_list (uneven stages)
+    num_local_experts: int = 0  # MoE: num_experts // expert-parallel size (0: dense MLP)
 
     @property
     def pre_process(self) -> bool:
@@ -110,7 +137,13 @@ def param_names(stage: MindSpeedStage) -> set[str]:
     for i in stage.layers():
         layer = LAYER.format(i=i)
         names |= {f"{layer}.{norm}.{p}" for norm in LAYER_NORMS for p in norms}
-        names |= {f"{layer}.{lin}.{p}" for lin in LAYER_LINEARS for p in linear}
+        if stage.num_local_experts:
+            names |= {f"{layer}.{lin}.{p}" for lin in LAYER_LINEARS if not lin.startswith("mlp.") for p in linear}
+            names.add(f"{layer}.{ROUTER}")
+            names |= {f"{layer}.{LOCAL_EXPERT.format(k=k)}.{lin}.{p}" for k in range(stage.num_local_experts)
+                      for lin in EXPERT_LINEARS for p in linear}
+        else:
+            names |= {f"{layer}.{lin}.{p}" for lin in LAYER_LINEARS for p in linear}
     if stage.post_process:
         names |= {f"{FINAL_NORM}.{p}" for p in norms}
         if stage.untied or stage.pp > 1:
@@ -141,6 +174,17 @@ def stages_of(meta: dict, pp_rank: int) -> list[MindSpeedStage]:
                            untied=meta.get("untie_embeddings", False),
                            num_layer_list=tuple(stage_list) if uneven else None)
             for chunk in range(meta["vpp"])]
+
+
+def checkpoint_names(names: set[str]) -> set[str]:
+    """The names a MindSpeed-Core-MS checkpoint holds for these model names: local experts stacked under
+    local expert 0's name (checkpointing.py:174-186)."""
+    return {n for n in names if ".local_experts." not in n or f".{STACKED_EXPERT}." in n}
+
+
+def ep_rank_of_dp(dp_rank: int, ep: int) -> int:
+    """parallel_state.py:104-113 (order tp-cp-ep-dp-pp)."""
+    return dp_rank % ep
 
 
 def check_rank_names(loaded: set[str], stages: list[MindSpeedStage], scalars: set[str],

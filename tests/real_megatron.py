@@ -28,6 +28,7 @@ workers put on sys.path.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,6 +41,7 @@ from pathlib import Path
 import torch
 
 WORKER = Path(__file__).resolve().parent / "real_megatron_worker.py"
+PARAM_MAP_PATCH = Path(__file__).resolve().parent.parent / "patch" / "param_map.patch"
 ACTIONS = ("train", "save", "load", "dump")
 
 
@@ -149,29 +151,48 @@ class WorkerFailed(RuntimeError):
     pass
 
 
-def run_megatron(spec: MegatronSpec, actions: list[tuple[str, object]], *, timeout: float = 240) -> RunResult:
+def patched_megatron_core(into: Path) -> Path:
+    """A copy of the installed megatron.core with patch/param_map.patch applied (its megatron/core
+    hunks; megatron/training is not part of the package), under `into`; returns the folder to put
+    first on the workers' path."""
+    import megatron.core
+    installed = Path(megatron.core.__file__).resolve().parent.parent
+    shutil.copytree(installed, into / "megatron", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run(["git", "apply", "--include=megatron/core/*", str(PARAM_MAP_PATCH)], cwd=into, check=True,
+                   capture_output=True)
+    return into
+
+
+def run_megatron(spec: MegatronSpec, actions: list[tuple[str, object]], *, timeout: float = 240,
+                 param_map_dir: Path | None = None) -> RunResult:
     """Run `actions` (("train", n), ("save", root), ("load", root), ("dump", tag)) on spec.world_size
-    CPU processes; raise with the failing rank's log if any fails or the deadline passes."""
+    CPU processes; raise with the failing rank's log if any fails or the deadline passes. With
+    param_map_dir the workers run megatron.core patched with patch/param_map.patch, which writes the
+    param_map files there while the model is built."""
     unknown = [a for a, _ in actions if a not in ACTIONS]
     if unknown:
         raise ValueError(f"unknown actions {unknown}; known: {ACTIONS}")
     try:
-        return _run_once(spec, actions, timeout)
+        return _run_once(spec, actions, timeout, param_map_dir)
     except WorkerFailed as e:
         # The free port can be taken by another process before rank 0 binds it; nothing ran yet then.
         if "EADDRINUSE" not in str(e):
             raise
-        return _run_once(spec, actions, timeout)
+        return _run_once(spec, actions, timeout, param_map_dir)
 
 
-def _run_once(spec: MegatronSpec, actions: list[tuple[str, object]], timeout: float) -> RunResult:
+def _run_once(spec: MegatronSpec, actions: list[tuple[str, object]], timeout: float,
+              param_map_dir: Path | None = None) -> RunResult:
     with tempfile.TemporaryDirectory(prefix="real_megatron_") as tmp:
         tmp = Path(tmp)
         job = {"spec": spec.job_fields(), "actions": [(a, str(x) if isinstance(x, Path) else x) for a, x in actions],
-               "out_dir": str(tmp)}
+               "out_dir": str(tmp), "param_map_dir": str(param_map_dir) if param_map_dir else None}
         torch.save(job, tmp / "job.pt")
         env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
                "WORLD_SIZE": str(spec.world_size), "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+        if param_map_dir:
+            patched = patched_megatron_core(tmp / "patched")
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(patched), os.environ.get("PYTHONPATH")]))
         procs = []
         try:
             for rank in range(spec.world_size):
@@ -221,13 +242,14 @@ def _merge_dumps(results: list[dict]) -> dict[str, dict]:
 
 
 def save_real_checkpoint(root: Path, spec: MegatronSpec, steps: int, *, steps_after: int = 0,
-                         timeout: float = 240) -> SavedCheckpoint:
+                         timeout: float = 240, param_map: bool = False) -> SavedCheckpoint:
     """Train `steps` iterations, save to `root` as Megatron does, dump the state; optionally train
-    `steps_after` more iterations and dump again."""
+    `steps_after` more iterations and dump again. With param_map, Megatron runs with
+    patch/param_map.patch applied and records `root/param_map`, as the patched trainer does."""
     actions = [("train", steps), ("save", Path(root)), ("dump", "saved")]
     if steps_after:
         actions += [("train", steps_after), ("dump", "final")]
-    run = run_megatron(spec, actions, timeout=timeout)
+    run = run_megatron(spec, actions, timeout=timeout, param_map_dir=Path(root) / "param_map" if param_map else None)
     return SavedCheckpoint(path=Path(root) / f"iter_{steps:07d}", state=run.dumps["saved"], losses=run.losses,
                            final_state=run.dumps.get("final"))
 

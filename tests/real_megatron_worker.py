@@ -76,8 +76,10 @@ def transformer_config(spec: Spec) -> TransformerConfig:
         num_moe_experts=spec.num_experts, moe_router_topk=spec.moe_topk, expert_model_parallel_size=spec.ep)
 
 
-def build_model(spec: Spec, config: TransformerConfig) -> list:
-    """get_model(): one GPTModel per virtual chunk, Float16Module, then DDP (bucketing off for chunks > 0)."""
+def build_model(spec: Spec, config: TransformerConfig, param_map_dir: str | None = None) -> list:
+    """get_model(): one GPTModel per virtual chunk, Float16Module, then DDP (bucketing off for chunks > 0).
+    With param_map_dir, DDP is the one patch/param_map.patch made (the harness puts a patched copy of
+    megatron.core first on the path) and records its buffers' layouts there, as the patched get_model does."""
     chunks = []
     for v in range(spec.vpp):
         if spec.vpp > 1:
@@ -99,7 +101,8 @@ def build_model(spec: Spec, config: TransformerConfig) -> list:
                 expert_data_parallel_group=mpu.get_data_modulo_expert_parallel_group(),
                 accumulate_allreduce_grads_in_fp32=True, overlap_grad_reduce=spec.overlap_grad_reduce,
                 use_distributed_optimizer=True, disable_bucketing=(i > 0), check_for_nan_in_grad=True,
-                bucket_size=spec.bucket_size)
+                bucket_size=spec.bucket_size,
+                **({"param_map_dir": param_map_dir, "model_chunk_idx": i} if param_map_dir else {}))
             for i, model in enumerate(chunks)]
 
 
@@ -154,10 +157,10 @@ class ParamScheduler:
 class Trainer:
     """The state of one rank: model chunks, optimizer, scheduler, counters."""
 
-    def __init__(self, spec: Spec):
+    def __init__(self, spec: Spec, param_map_dir: str | None = None):
         self.spec = spec
         self.config = transformer_config(spec)
-        self.model = build_model(spec, self.config)
+        self.model = build_model(spec, self.config, param_map_dir)
         self.optimizer = build_optimizer(spec, self.model)
         self.scheduler = ParamScheduler(self.optimizer, spec)
         self.iteration = 0
@@ -421,7 +424,7 @@ def run(job: dict, rank: int) -> dict:
     mpu.initialize_model_parallel(spec.tp, spec.pp, spec.vpp if spec.vpp > 1 else None,
                                   expert_model_parallel_size=spec.ep)
     set_random_seed(spec.seed)
-    t = Trainer(spec)
+    t = Trainer(spec, job.get("param_map_dir"))
     result = {"losses": [], "dumps": {}}
     for action, arg in job["actions"]:
         if action == "train":

@@ -193,8 +193,9 @@ def test_position_table_rows_other_than_seq_length_are_warned_about(tp1_fixture,
                      set(expected_scalars(tp1_fixture.megatron_path / "mp_rank_00" / "model_optim_rng.pt")))
 
 
-def test_moe_checkpoint_is_refused_with_the_way_out(tmp_path):
-    """A parameter the MindSpore model does not have stops the run before any output, naming it."""
+def test_a_parameter_the_model_lacks_is_refused_with_the_way_out(tmp_path):
+    """A parameter the MindSpore model does not have (a router in a legacy model) stops the run before
+    any output, naming it."""
     import torch
 
     from tests.megatron_fixture import _megatron_enums_module, load_megatron_file
@@ -228,3 +229,23 @@ def test_args_without_the_family_leave_it_to_the_names():
     assert naming_facts(None, keys=["decoder.layers.0.self_attention.linear_qkv.weight"]).family == "mcore"
     assert naming_facts(None, keys=["language_model.encoder.final_norm.weight"]).family == "legacy"
     assert naming_facts(None).normalization == "LayerNorm" and naming_facts(None).tied
+
+
+def test_moe_layer_names_are_the_mindspeed_moe_models_and_read_back():
+    """A megatron-core MoE layer (local spec, SequentialMLP experts, as named_parameters() gives it)
+    gets exactly the MindSpeed MoE layer's names (tests/mindspeed_model_facts.py), and back."""
+    from tests.mindspeed_model_facts import checkpoint_names
+    n_local = 3
+    layer = ["input_layernorm.weight", "input_layernorm.bias", "self_attention.linear_qkv.weight",
+             "self_attention.linear_qkv.bias", "self_attention.linear_proj.weight", "self_attention.linear_proj.bias",
+             "pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias", "mlp.router.weight"]
+    layer += [f"mlp.experts.local_experts.{k}.{fc}.{wb}" for k in range(n_local) for fc in ("linear_fc1", "linear_fc2")
+              for wb in ("weight", "bias")]
+    facts = NamingFacts(family="mcore")
+    names = {mindspore_name(f"module.decoder.layers.0.{p}", facts, lambda i: i + 1): p for p in layer}
+    stage = MindSpeedStage(num_layers=2, num_local_experts=n_local)
+    want = {n for n in param_names(stage) if ".layers.1." in n}
+    assert set(names) == want
+    assert checkpoint_names(want) == {n for n in want if ".local_experts." not in n or ".local_experts.0." in n}
+    for ms, megatron in names.items():
+        assert megatron_name(f"exp_avg.{ms}", facts) == ("exp_avg", f"decoder.layers.1.{megatron}")

@@ -171,3 +171,50 @@ def test_map_copies_of_dp_ranks_must_agree(tmp_path):
     write_map(tmp_path, "param_map_buffer0_dp1tp0pp0vpp0.json", GOOD[:2])
     with pytest.raises(ConvertInputError, match="dp1tp0pp0vpp0.json: differs"):
         read_rank_layouts(list_param_map_files(tmp_path), 0, 0, 1, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
+# MoE (expert parallelism)
+
+
+def test_moe_files_go_to_every_dp_rank_of_their_ep_rank():
+    # tp 2, pp 2, target dp 4, ep 2: R = pp*8 + dp*2 + tp; ep rank = dp mod 2
+    t = topo(tp_size=2, pp_size=2, dp_size=4, ep_size=2, moe=True)
+    assert t.target_ranks(1, 1, all_dp_cp=False, ep=0) == [9, 13]   # dp 0 and 2
+    assert t.target_ranks(0, 0, all_dp_cp=False, ep=1) == [2, 6]    # dp 1 and 3
+    assert t.target_ranks(0, 0, all_dp_cp=True, ep=1) == [2, 6]     # cp 1: nothing more
+    with_cp = topo(dp_size=2, cp_size=2, moe=True)                  # ep 1: every dp, and the cp ranks
+    assert with_cp.target_ranks(0, 0, all_dp_cp=False) == [0, 2]
+    assert with_cp.target_ranks(0, 0, all_dp_cp=True) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("name, pp, ep, want", [
+    ("mp_rank_03_001", 1, 2, (3, 0, 1)), ("mp_rank_00_002_001", 4, 2, (0, 2, 1)), ("mp_rank_01_002", 4, 1, (1, 2, 0)),
+    ("mp_rank_01", 1, 1, (1, 0, 0)), ("mp_rank_x", 1, 2, None)])
+def test_folder_names_with_expert_ranks_both_ways(name, pp, ep, want):
+    from megatron_ms_convert.topology import folder_name, parse_folder_ranks
+    assert parse_folder_ranks(name, pp, ep) == want
+    if want is not None:
+        assert folder_name(want[0], want[1], pp, want[2], ep) == name
+
+
+@pytest.mark.parametrize("name, pp, ep", [("mp_rank_00_000_001", 1, 2), ("mp_rank_00_001", 2, 2),
+                                         ("mp_rank_00_001", 1, 1)])
+def test_folder_names_of_other_sizes_name_the_flags(name, pp, ep):
+    from megatron_ms_convert.topology import parse_folder_ranks
+    with pytest.raises(ConvertInputError, match=r"--pp-size \(and --ep-size\)"):
+        parse_folder_ranks(name, pp, ep)
+
+
+def test_local_experts_are_stacked_under_expert_0_in_index_order():
+    from megatron_ms_convert.plan import BucketSlice, PlannedTensor, Stacked, stack_local_experts
+    def slice_(i):
+        return BucketSlice(0, BF16, "param", 0, 10 * i, 10 * i + 6, optimizer=1)
+    name = "language_model.encoder.layers.2.mlp.experts.local_experts.{}.mapping.weight"
+    tensors = [PlannedTensor("router", (4, 3), "float32", slice_(9))]
+    tensors += [PlannedTensor(name.format(i), (2, 3), "float32", slice_(i)) for i in (1, 0, 2)]
+    router, stacked = stack_local_experts(tensors, 3, Path("m.pt"))
+    assert router == tensors[0]
+    assert stacked == PlannedTensor(name.format(0), (3, 2, 3), "float32", Stacked((slice_(0), slice_(1), slice_(2))))
+    with pytest.raises(ConvertInputError, match="--ep-size"):
+        stack_local_experts(tensors, 4, Path("m.pt"))

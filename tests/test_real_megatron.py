@@ -20,7 +20,8 @@ if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("meg
     raise ImportError("tests/test_real_megatron.py needs the test dependency megatron-core==0.6.0: "
                       "python3 -m pip install -r requirements.txt")
 
-from tests.expected_outputs import assert_rank_files_match, expected_scalars, ms_rank, run_cli  # noqa: E402
+from tests.expected_outputs import (assert_rank_files_match, expected_scalars, mcore_mindspeed_name,  # noqa: E402
+                                    ms_rank, run_cli)
 from tests.real_megatron import MegatronSpec, dump_loaded_state, run_megatron, save_real_checkpoint  # noqa: E402
 
 # ffn / tp = 33 makes bucket sizes odd, so dp 2 pads them and dp 4 pads them differently.
@@ -29,7 +30,6 @@ PP_VPP = MegatronSpec(pp=3, vpp=2, dp=1, num_layers=6, ffn=66, num_microbatches=
 # hidden 34 leaves dense buckets of 2 mod 4 elements (unpadded at dp 2, padded at dp 4); ffn 65 leaves
 # odd expert buckets (expert dp 1 at dp 2, 2 at dp 4).
 MOE_EP2 = MegatronSpec(dp=2, ep=2, num_experts=4, hidden=34, heads=2, ffn=65, bucket_size=1500)
-_MS_RENAMES = {"self_attention": "attention"}  # mcore names need no other legacy rename
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,7 @@ def ms_name(spec: MegatronSpec, key: str) -> tuple[int, int, str]:
     """(tp, pp, MindSpore name) of a dump key 'tp{t}/pp{p}/chunk{v}/<name>'."""
     tp, pp, chunk, name = key.split("/", 3)
     tp, pp, chunk = int(tp[2:]), int(pp[2:]), int(chunk[5:])
-    parts = name.split(".")
-    for i in range(1, len(parts)):
-        if parts[i - 1] == "layers" and parts[i].isdigit():
-            parts[i] = str(int(parts[i]) + global_layer_offset(spec, pp, chunk))
-    return tp, pp, ".".join(_MS_RENAMES.get(p, p) for p in parts)
+    return tp, pp, mcore_mindspeed_name(name, global_layer_offset(spec, pp, chunk))
 
 
 def expected_from_dump(spec: MegatronSpec, state: dict) -> dict[int, dict]:

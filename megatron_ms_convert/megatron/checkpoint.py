@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..errors import ConvertInputError
-from ..topology import RankFolder, folder_name, parse_folder_name
+from ..topology import MODEL_FILE, RankFolder, folder_name, parse_folder_ranks
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
@@ -152,34 +152,48 @@ def resolve_iteration_dir(megatron_path: Path) -> Path:
     )
 
 
-def find_rank_folders(iteration_dir: Path, tp_size: int, pp_size: int) -> list[RankFolder]:
-    """Every (tp, pp) folder, checked against --tp-size/--pp-size before any work starts."""
-    found: dict[tuple[int, int], Path] = {}
+def saved_args_of(iteration_dir: Path) -> tuple[Any, Path | None]:
+    """(args, the file they came from) of the first `mp_rank_*` folder's model_optim_rng.pt (args None
+    when it has none). Which 3-digit parts a folder name has depends on the run's pipeline and expert
+    parallel sizes, so they are read before the folder names are."""
+    folders = sorted(p for p in Path(iteration_dir).iterdir() if p.name.startswith("mp_rank_") and p.is_dir())
+    if not folders:
+        return None, None
+    model_sd = load_pt(folders[0] / MODEL_FILE)
+    return (model_sd.get("args") if isinstance(model_sd, dict) else None), folders[0] / MODEL_FILE
+
+
+def find_rank_folders(iteration_dir: Path, tp_size: int, pp_size: int, ep_size: int = 1) -> list[RankFolder]:
+    """Every (tp, pp, ep) folder, checked against --tp-size/--pp-size/--ep-size before any work starts."""
+    found: dict[tuple[int, int, int], Path] = {}
     for entry in sorted(iteration_dir.iterdir()):
-        ranks = parse_folder_name(entry.name, pp_size)
+        ranks = parse_folder_ranks(entry.name, pp_size, ep_size)
         if ranks is None:
             continue
         if not entry.is_dir():
             raise ConvertInputError(f"{entry}: expected a folder", found="a file", fix="check --megatron-path")
         found[ranks] = entry
-    expected = {(t, p) for t in range(tp_size) for p in range(pp_size)}
+    expected = {(t, p, e) for t in range(tp_size) for p in range(pp_size) for e in range(ep_size)}
     missing = sorted(expected - found.keys())
     extra = sorted(found.keys() - expected)
     if missing or extra:
         def names(ranks):
-            return ", ".join(folder_name(t, p, pp_size) for t, p in ranks)
+            return ", ".join(folder_name(t, p, pp_size, e, ep_size) for t, p, e in ranks)
         found_text = f"{len(found)} folders"
         if missing:
             found_text += f"; missing {names(missing)}"
         if extra:
             found_text += f"; unexpected {names(extra)}"
+        sizes = f"tp {tp_size} x pp {pp_size}" + (f" x ep {ep_size}" if ep_size > 1 else "")
         raise ConvertInputError(
-            f"{iteration_dir}: rank folders do not match --tp-size {tp_size} --pp-size {pp_size}",
-            expected=f"{len(expected)} folders mp_rank_00.. for tp {tp_size} x pp {pp_size}",
+            f"{iteration_dir}: rank folders do not match --tp-size {tp_size} --pp-size {pp_size}"
+            + (f" --ep-size {ep_size}" if ep_size > 1 else ""),
+            expected=f"{len(expected)} folders mp_rank_00.. for {sizes}",
             found=found_text,
-            fix="set --tp-size/--pp-size to the training run's sizes, or restore the missing folders",
+            fix="set --tp-size/--pp-size" + ("/--ep-size" if ep_size > 1 else "")
+                + " to the training run's sizes, or restore the missing folders",
         )
-    return sorted(RankFolder(pp=p, tp=t, path=path) for (t, p), path in found.items())
+    return sorted(RankFolder(pp=p, tp=t, path=path, ep=e) for (t, p, e), path in found.items())
 
 
 def model_chunk_keys(model_sd: dict, model_file: Path) -> list[str]:
@@ -233,6 +247,30 @@ class DistribBuffer:
         return str(self.dtype_key[0]), str(self.dtype_key[1])
 
 
+DENSE, EXPERT = 0, 1  # the elements of a MoE run's distrib_optim.pt list (ChainedOptimizer order)
+
+
+def decode_optimizer_part(distrib: Any, path: Path, element: int | None) -> list[DistribBuffer]:
+    """The grad buffers of one optimizer of a loaded distrib_optim.pt: the whole file (element None),
+    or element DENSE / EXPERT of a MoE run's list `[dense_state, expert_state]` (the ChainedOptimizer
+    saves one state per optimizer, None where this rank is not its dp group's rank 0)."""
+    if element is None:
+        return decode_distrib_optim(distrib, path)
+    if not isinstance(distrib, list) or len(distrib) != 2:
+        raise ConvertInputError(f"{path}: not a MoE optimizer state",
+                                expected="a list [dense state, expert state] (Megatron's ChainedOptimizer)",
+                                found=type(distrib).__name__
+                                + (f" of {len(distrib)}" if isinstance(distrib, list) else ""),
+                                fix="check --megatron-path (is this a MoE checkpoint?)")
+    if distrib[element] is None:
+        which = "dense" if element == DENSE else "expert"
+        raise ConvertInputError(f"{path}: holds no {which} optimizer state (None)",
+                                expected=f"the {which} state in this folder",
+                                found="None (saved by a rank that is not the optimizer's dp rank 0)",
+                                fix="re-copy the folder from the training run, or check --ep-size")
+    return decode_distrib_optim(distrib[element], path)
+
+
 def decode_distrib_optim(distrib: Any, path: Path) -> list[DistribBuffer]:
     """The grad buffers of a loaded distrib_optim.pt, checked for internal consistency: one dtype key
     per buffer, as many unpadded as padded bucket sizes, and every state's bucket tensors of the
@@ -240,7 +278,8 @@ def decode_distrib_optim(distrib: Any, path: Path) -> list[DistribBuffer]:
     if isinstance(distrib, list):
         raise ConvertInputError(f"{path}: holds a list of optimizer states (ChainedOptimizer, MoE)",
                                 expected="one DistributedOptimizer state dict", found="a list",
-                                fix="expert-parallel (MoE) checkpoints are not supported")
+                                fix="a MoE checkpoint needs the run's args (num_experts) in model_optim_rng.pt; "
+                                    "check --megatron-path")
     if not isinstance(distrib, dict) or "per_bucket_numel" not in distrib:
         raise ConvertInputError(f"{path}: not a distributed-optimizer parameter state",
                                 expected="per_bucket_numel, per_bucket_numel_unpadded and grad buffers 0, 1, ...",

@@ -24,6 +24,9 @@ from typing import Iterable, Sequence
 from ..errors import ConvertInputError
 
 PARAM_MAP_FILE = re.compile(r"^param_map_buffer(\d+)_dp(\d+)tp(\d+)pp(\d+)vpp(\d+)\.json$")
+# MoE: the expert-parallel buffers of expert-parallel rank ep; dp is the rank in the expert buffers'
+# own data-parallel group (data-parallel modulo expert-parallel)
+EXPERT_PARAM_MAP_FILE = re.compile(r"^param_map_expert_buffer(\d+)_ep(\d+)dp(\d+)tp(\d+)pp(\d+)vpp(\d+)\.json$")
 SIDECAR_SUFFIX = ".meta.json"
 SIDECAR_FORMAT = "convert_pt2ckpt.param_map_meta"
 
@@ -113,6 +116,10 @@ def param_map_file_name(buffer_index: int, dp: int, tp: int, pp: int, chunk: int
     return f"param_map_buffer{buffer_index}_dp{dp}tp{tp}pp{pp}vpp{chunk}.json"
 
 
+def expert_param_map_file_name(buffer_index: int, ep: int, dp: int, tp: int, pp: int, chunk: int) -> str:
+    return f"param_map_expert_buffer{buffer_index}_ep{ep}dp{dp}tp{tp}pp{pp}vpp{chunk}.json"
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading param_map files
 
@@ -135,6 +142,18 @@ def list_param_map_files(param_map_dir: Path) -> dict[tuple[int, int, int, int],
                                 expected="param_map_buffer{B}_dp{dp}tp{tp}pp{pp}vpp{v}.json files",
                                 found=f"{sum(1 for _ in param_map_dir.iterdir())} other entries",
                                 fix="point --param-map-path at <save>/param_map, or omit it to infer the layout")
+    return files
+
+
+def list_expert_param_map_files(param_map_dir: Path) -> dict[int, dict[tuple[int, int, int, int], dict[int, Path]]]:
+    """ep rank -> (tp, pp, chunk, buffer) -> {expert dp rank: file} for every expert param_map JSON in
+    the folder; empty when there are none (the documented patch records no expert buffers)."""
+    files: dict[int, dict[tuple[int, int, int, int], dict[int, Path]]] = {}
+    for path in sorted(Path(param_map_dir).iterdir()):
+        match = EXPERT_PARAM_MAP_FILE.match(path.name)
+        if match:
+            buffer_index, ep, dp, tp, pp, chunk = map(int, match.groups())
+            files.setdefault(ep, {}).setdefault((tp, pp, chunk, buffer_index), {})[dp] = path
     return files
 
 

@@ -15,6 +15,16 @@ with --convert-param-only), exactly as the documented tool writes them, plus:
 - `layouts`: every grad buffer's layout (chunk, buffer index, and per parameter
   [name, dtype, shape, start, end, bucket] in buffer order), empty when none was planned.
 
+MoE runs (expert parallelism; one record per `mp_rank_TT[_PPP]_EEE` folder, named
+`args_tpTT_ppPPP_epEEE.pt`) add what rebuilding that folder's files needs:
+
+- `distrib_form`: 'list' (distrib_optim.pt is `[dense_state, expert_state]`, the dense one None on
+  ep ranks > 0) or 'dict' (a run without experts); `ep_rank`, `ep_size`, `num_local_experts`;
+- `per_bucket_numel(_unpadded)` / `layouts` are then the dense optimizer's (None / empty on ep
+  ranks > 0, whose file holds no dense state), and `expert_per_bucket_numel(_unpadded)` /
+  `expert_layouts` the experts' (parameter names with local expert indices, as Megatron's DDP
+  names them). The MindSpore files hold these experts stacked under local expert 0's name.
+
 Everything is plain data, tensors and torch dtypes, so the file loads with `weights_only=True` and
 the Megatron allow-list. A record written by the documented tool lacks the additions: the readers
 below return None for them, and the way back falls back to rules.
@@ -36,8 +46,10 @@ DOCUMENTED_KEYS = ("args", "checkpoint_version", "iteration", "optimizer", "opt_
 
 
 def pt_meta_record(model_sd: dict, model_file: Path, distrib: Any | None, layouts: Sequence[BufferLayout],
-                   param_name_list: Sequence[Sequence[str]] | None) -> dict:
-    """The pt_meta dict of one rank from its loaded model_optim_rng.pt (and distrib_optim.pt, if any)."""
+                   param_name_list: Sequence[Sequence[str]] | None,
+                   expert_layouts: Sequence[BufferLayout] = (), moe: dict | None = None) -> dict:
+    """The pt_meta dict of one rank from its loaded model_optim_rng.pt (and distrib_optim.pt, if any);
+    `moe` ({'ep_rank', 'ep_size', 'num_local_experts'}) for a MoE run's folder."""
     meta = {key: model_sd.get(key) for key in DOCUMENTED_KEYS}
     if param_name_list is not None:
         meta["param_name_list"] = [list(names) for names in param_name_list]
@@ -49,10 +61,17 @@ def pt_meta_record(model_sd: dict, model_file: Path, distrib: Any | None, layout
         "model_skeletons": [encode_skeleton(model_skeleton(model_sd[key])) for key in chunk_keys],
         "folder_name": Path(model_file).parent.name,
         "iteration_dir": Path(model_file).parent.parent.name,
-        "per_bucket_numel": distrib.get("per_bucket_numel") if isinstance(distrib, dict) else None,
-        "per_bucket_numel_unpadded": distrib.get("per_bucket_numel_unpadded") if isinstance(distrib, dict) else None,
         "layouts": [layout_record(layout) for layout in layouts],
     })
+    dense, expert = (distrib + [None, None])[:2] if isinstance(distrib, list) else (distrib, None)
+    if isinstance(distrib, list) and dense is None:
+        meta["layouts"] = []  # the folder's file holds no dense state; ep rank 0's record has its layout
+    for prefix, state in (("", dense), ("expert_", expert)):
+        for key in ("per_bucket_numel", "per_bucket_numel_unpadded"):
+            meta[prefix + key] = state.get(key) if isinstance(state, dict) else None
+    if moe is not None or isinstance(distrib, list):
+        meta.update(distrib_form="list" if isinstance(distrib, list) else "dict",
+                    expert_layouts=[layout_record(layout) for layout in expert_layouts], **(moe or {}))
     return meta
 
 

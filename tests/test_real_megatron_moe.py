@@ -1,0 +1,283 @@
+"""MoE checkpoints with expert parallelism, written by the real megatron-core 0.6.0 (tests/real_megatron.py)
+with patch/param_map.patch applied, converted and loaded with the real mindspore.load_checkpoint.
+
+Expected values are the state Megatron's own processes dumped when they saved (dense parameters from
+the dense optimizer's dp rank 0, each ep rank's experts from its expert-data-parallel rank 0); expected
+names come from MindSpeed-Core-MS's model facts (tests/mindspeed_model_facts.py) and the oracle's
+Megatron -> MindSpore translation (tests/expected_outputs.py), not from the converter's table. Every MindSpore rank R of dp rank
+d gets the dense tensors plus the local experts of ep rank d mod ep, stacked under local expert 0.
+
+Two runs cover the axes: pp 1 with dp 4 (expert data-parallel size 2: dense and expert buckets both
+padded) and pp 2 with dp 2; each converts with the patch's full param_map, with the dense-only map the
+documented patch writes (the expert layout inferred), and with no map. A third, pp 3 with virtual
+pipeline 2, has an expert buffer per model chunk; a fourth has experts but no expert parallelism, so
+Megatron keeps them in the dense buffers with one optimizer.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
+    raise ImportError("tests/test_real_megatron_moe.py needs the test dependency megatron-core==0.6.0: "
+                      "python3 -m pip install -r requirements.txt")
+
+from tests.expected_outputs import (assert_rank_files_match, expected_scalars, load_ms, mcore_mindspeed_name,  # noqa: E402
+                                    ms_rank, run_cli)
+from tests.mindspeed_model_facts import (MindSpeedStage, checkpoint_names, ep_rank_of_dp,  # noqa: E402
+                                         param_names)
+from tests.real_megatron import MegatronSpec, save_real_checkpoint  # noqa: E402
+
+# hidden 34 leaves dense buckets of 2 mod 4 elements, ffn 65 odd expert buckets: at dp 4 (expert dp 2)
+# both buffers are padded.
+_MOE = dict(ep=2, num_experts=4, hidden=34, heads=2, ffn=65, bucket_size=1500)
+PP1_DP4 = MegatronSpec(dp=4, micro_batch=1, **_MOE)
+PP2_DP2 = MegatronSpec(pp=2, dp=2, **_MOE)
+PP3_VPP2 = MegatronSpec(pp=3, vpp=2, dp=2, num_layers=6, num_microbatches=3, **_MOE)
+EP1 = MegatronSpec(dp=2, **{**_MOE, "ep": 1})  # experts without expert parallelism: in the dense buffers
+
+def _split_key(key: str) -> tuple[int, int, int | None, int, str]:
+    """(tp, pp, ep or None for dense, chunk, name) of a dump key."""
+    parts = key.split("/")
+    ep = int(parts.pop(2)[2:]) if parts[2].startswith("ep") else None
+    return int(parts[0][2:]), int(parts[1][2:]), ep, int(parts[2][5:]), parts[3]
+
+
+def layer_offset(spec: MegatronSpec, pp: int, chunk: int) -> int:
+    """Megatron's first layer of chunk `chunk` on stage `pp` (round robin over virtual chunks)."""
+    per_chunk = spec.num_layers // (spec.pp * spec.vpp)
+    return chunk * (spec.num_layers // spec.vpp) + pp * per_chunk
+
+
+def _local_expert(name: str) -> tuple[str, int | None]:
+    """(name with local expert 0, the local index) of a name; index None for non-expert names."""
+    parts = name.split(".")
+    for i in range(1, len(parts)):
+        if parts[i - 1] == "local_experts":
+            k, parts[i] = int(parts[i]), "0"
+            return ".".join(parts), k
+    return name, None
+
+
+def expected_from_dump(spec: MegatronSpec, state: dict, dp_size: int, param_only: bool = False) -> dict[int, dict]:
+    """rank -> {MindSpore name: array}: dense tensors of (tp, pp) plus, stacked, the local experts of ep
+    rank dp mod ep, for every dp rank."""
+    dense: dict[tuple, dict] = {}
+    experts: dict[tuple, dict] = {}
+    fields = {"param": "model"} if param_only else {"param": "param", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+    for key, entry in state["params"].items():
+        tp, pp, ep, chunk, name = _split_key(key)
+        ms = mcore_mindspeed_name(name, layer_offset(spec, pp, chunk))
+        for out_state, field in fields.items():
+            full = ms if out_state == "param" else f"{out_state}.{ms}"
+            value = entry[field].float().numpy()
+            stacked, k = _local_expert(full)
+            if k is None:
+                dense.setdefault((tp, pp), {})[full] = value
+            else:  # without expert parallelism the experts are in the dense buffers (no ep in the key)
+                experts.setdefault((tp, pp, ep or 0), {}).setdefault(stacked, {})[k] = value
+    n_local = spec.num_experts // spec.ep
+    out = {}
+    for (tp, pp), tensors in dense.items():
+        for dp in range(dp_size):
+            mine = dict(tensors)
+            for stacked, by_k in experts[(tp, pp, ep_rank_of_dp(dp, spec.ep))].items():
+                assert sorted(by_k) == list(range(n_local))
+                mine[stacked] = np.stack([by_k[k] for k in range(n_local)])
+            out[ms_rank(tp, pp, spec.tp, dp_size, 1, dp=dp)] = mine
+    return out
+
+
+def expected_scalars_per_rank(spec: MegatronSpec, iter_dir, dp_size: int) -> dict[int, dict]:
+    out = {}
+    for tp in range(spec.tp):
+        for pp in range(spec.pp):
+            for dp in range(dp_size):
+                folder = (f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if spec.pp > 1 else "")
+                          + (f"_{ep_rank_of_dp(dp, spec.ep):03d}" if spec.ep > 1 else ""))
+                model_file = iter_dir / folder / "model_optim_rng.pt"
+                out[ms_rank(tp, pp, spec.tp, dp_size, 1, dp=dp)] = expected_scalars(model_file)
+    return out
+
+
+def dense_only_map(saved, into):
+    """The param_map the documented patch would have written: the dense buffers' files only."""
+    into.mkdir()
+    for path in (saved.path.parent / "param_map").glob("param_map_buffer*.json"):
+        shutil.copy(path, into / path.name)
+    return into
+
+
+@pytest.fixture(scope="module")
+def pp1_dp4(tmp_path_factory):
+    return save_real_checkpoint(tmp_path_factory.mktemp("moe_pp1_dp4") / "save", PP1_DP4, steps=2, param_map=True)
+
+
+@pytest.fixture(scope="module")
+def pp2_dp2(tmp_path_factory):
+    return save_real_checkpoint(tmp_path_factory.mktemp("moe_pp2_dp2") / "save", PP2_DP2, steps=2, param_map=True)
+
+
+@pytest.fixture(scope="module")
+def pp3_vpp2(tmp_path_factory):
+    return save_real_checkpoint(tmp_path_factory.mktemp("moe_pp3_vpp2") / "save", PP3_VPP2, steps=2, param_map=True)
+
+
+@pytest.fixture(scope="module")
+def ep1(tmp_path_factory):
+    return save_real_checkpoint(tmp_path_factory.mktemp("moe_ep1") / "save", EP1, steps=2)
+
+
+def _runs(request):
+    return {"pp1_dp4": (PP1_DP4, request.getfixturevalue("pp1_dp4")),
+            "pp2_dp2": (PP2_DP2, request.getfixturevalue("pp2_dp2"))}
+
+
+def _convert(spec, saved, out, *extra, dp_size=None):
+    proc = run_cli("--megatron-path", saved.path, "--ms-path", out, "--tp-size", spec.tp, "--pp-size", spec.pp,
+                   "--dp-size", dp_size or spec.dp, *extra)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_the_runs_are_expert_parallel_with_padded_buckets(pp1_dp4, pp2_dp2):
+    assert sorted(p.name for p in pp1_dp4.path.iterdir()) == ["mp_rank_00_000", "mp_rank_00_001"]
+    assert sorted(p.name for p in pp2_dp2.path.iterdir()) == [
+        "mp_rank_00_000_000", "mp_rank_00_000_001", "mp_rank_00_001_000", "mp_rank_00_001_001"]
+    for kind in ((0, 0), (0, 0, 0), (0, 0, 1)):  # dense, then each ep rank's experts
+        meta = pp1_dp4.state["ranks"][kind]
+        assert meta["per_bucket_numel"] != meta["per_bucket_numel_unpadded"], kind
+        assert len(next(iter(meta["per_bucket_numel"][0].values()))) > 1, kind
+    maps = sorted(p.name for p in (pp1_dp4.path.parent / "param_map").glob("param_map_expert_buffer*.json"))
+    assert "param_map_expert_buffer0_ep1dp1tp0pp0vpp0.json" in maps and len(maps) == 8  # 2 ep x 2 dp, sidecars
+
+
+@pytest.mark.parametrize("run", ["pp1_dp4", "pp2_dp2"])
+@pytest.mark.parametrize("layout", ["full_map", "dense_only_map", "no_map"])
+def test_every_dp_rank_holds_the_dense_state_and_its_ep_ranks_stacked_experts(request, tmp_path, run, layout):
+    spec, saved = _runs(request)[run]
+    extra = {"full_map": ["--param-map-path", saved.path.parent / "param_map"],
+             "dense_only_map": ["--param-map-path", dense_only_map(saved, tmp_path / "map")],
+             "no_map": []}[layout]
+    _convert(spec, saved, tmp_path / "ms", *extra)
+    expected = expected_from_dump(spec, saved.state, spec.dp)
+    assert len(expected) == spec.pp * spec.dp
+    scalars = expected_scalars_per_rank(spec, saved.path, spec.dp)
+    compared = assert_rank_files_match(tmp_path / "ms", expected, scalars=scalars)
+    assert compared == sum(len(t) for t in expected.values()) + sum(len(s) for s in scalars.values())
+
+
+def test_virtual_pipeline_chunks_each_have_their_expert_buffers(pp3_vpp2, tmp_path):
+    maps = {p.name for p in (pp3_vpp2.path.parent / "param_map").glob("param_map_expert_buffer0_ep1dp0tp0pp2vpp?.json")}
+    assert maps == {"param_map_expert_buffer0_ep1dp0tp0pp2vpp0.json", "param_map_expert_buffer0_ep1dp0tp0pp2vpp1.json"}
+    _convert(PP3_VPP2, pp3_vpp2, tmp_path / "ms", "--vpp-size", 2,
+             "--param-map-path", pp3_vpp2.path.parent / "param_map")
+    expected = expected_from_dump(PP3_VPP2, pp3_vpp2.state, PP3_VPP2.dp)
+    assert len(expected) == 6
+    assert_rank_files_match(tmp_path / "ms", expected, scalars=expected_scalars_per_rank(PP3_VPP2, pp3_vpp2.path, 2))
+
+
+def test_experts_without_expert_parallelism_are_stacked_from_the_dense_buffers(ep1, tmp_path):
+    assert [p.name for p in ep1.path.iterdir()] == ["mp_rank_00"]
+    assert set(ep1.state["ranks"]) == {(0, 0)}  # one optimizer: Megatron keeps the experts in the dense buffers
+    _convert(EP1, ep1, tmp_path / "ms")
+    expected = expected_from_dump(EP1, ep1.state, EP1.dp)
+    assert len(expected) == 2 and any(".local_experts.0." in n for n in expected[1])
+    assert_rank_files_match(tmp_path / "ms", expected, scalars=expected_scalars_per_rank(EP1, ep1.path, EP1.dp))
+
+
+def test_names_are_the_mindspeed_moe_models(pp2_dp2, tmp_path):
+    spec, saved = PP2_DP2, pp2_dp2
+    _convert(spec, saved, tmp_path / "ms")
+    for pp in range(spec.pp):
+        per_stage = spec.num_layers // spec.pp
+        stage = MindSpeedStage(num_layers=spec.num_layers, pp=spec.pp, pp_rank=pp,
+                               num_local_experts=spec.num_experts // spec.ep)
+        want = checkpoint_names(param_names(stage))
+        assert all(per_stage * pp <= int(n.split(".")[3]) < per_stage * (pp + 1) for n in want if ".layers." in n)
+        loaded = load_ms(tmp_path / "ms" / f"rank_{ms_rank(0, pp, 1, spec.dp, 1, dp=1)}" / "network.ckpt")
+        assert {n for n in loaded if n.startswith("language_model.")} == want
+        assert {n for n in loaded if n.startswith("exp_avg.")} == {f"exp_avg.{n}" for n in want}
+        stacked = [n for n in want if ".local_experts.0." in n]
+        assert stacked and all(loaded[n].shape[0] == spec.num_experts // spec.ep for n in stacked)
+
+
+def test_a_target_dp_size_other_than_the_runs_repeats_the_ep_pattern(pp2_dp2, tmp_path):
+    _convert(PP2_DP2, pp2_dp2, tmp_path / "ms", dp_size=4)
+    expected = expected_from_dump(PP2_DP2, pp2_dp2.state, 4)
+    assert len(expected) == 8
+    assert_rank_files_match(tmp_path / "ms", expected, scalars=expected_scalars_per_rank(PP2_DP2, pp2_dp2.path, 4))
+
+
+def test_param_only_stacks_the_bf16_weights(pp1_dp4, tmp_path):
+    _convert(PP1_DP4, pp1_dp4, tmp_path / "ms", "--convert-param-only")
+    expected = expected_from_dump(PP1_DP4, pp1_dp4.state, PP1_DP4.dp, param_only=True)
+    assert_rank_files_match(tmp_path / "ms", expected)
+
+
+def test_pt_meta_keeps_what_the_way_back_needs_per_ep_rank(pp2_dp2, tmp_path):
+    _convert(PP2_DP2, pp2_dp2, tmp_path / "ms")
+    meta_dir = tmp_path / "ms" / "pt_meta"
+    for pp in range(2):
+        for ep in range(2):
+            meta = torch.load(meta_dir / f"args_tp00_pp{pp:03d}_ep{ep:03d}.pt", weights_only=False)
+            moe = (meta["ep_rank"], meta["ep_size"], meta["num_local_experts"], meta["distrib_form"])
+            assert moe == (ep, 2, 2, "list")
+            assert meta["folder_name"] == f"mp_rank_00_{pp:03d}_{ep:03d}"
+            want = pp2_dp2.state["ranks"][(0, pp, ep)]
+            assert meta["expert_per_bucket_numel"] == want["per_bucket_numel"]
+            assert meta["expert_per_bucket_numel_unpadded"] == want["per_bucket_numel_unpadded"]
+            names = {p[0] for layout in meta["expert_layouts"] for p in layout["params"]}
+            assert names and all(".local_experts." in n for n in names)
+            if ep == 0:
+                assert meta["per_bucket_numel"] == pp2_dp2.state["ranks"][(0, pp)]["per_bucket_numel"]
+                assert meta["layouts"]
+            else:
+                assert meta["per_bucket_numel"] is None and meta["layouts"] == []
+    assert {p.name for p in meta_dir.glob("param_map_expert_buffer*.json")} == {
+        f"param_map_expert_buffer0_ep{ep}dp0tp0pp{pp}vpp0.json" for ep in range(2) for pp in range(2)}
+
+
+def _error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    [line] = [line for line in proc.stdout.splitlines() if " ERROR " in line]
+    return line
+
+
+def test_wrong_pp_size_names_the_right_one(pp1_dp4, tmp_path):
+    proc = run_cli("--megatron-path", pp1_dp4.path, "--ms-path", tmp_path / "ms", "--pp-size", 2, "--dp-size", 4)
+    assert "pass --pp-size 1" in _error_line(proc)
+    assert not list((tmp_path / "ms").glob("rank_*"))
+
+
+def test_a_missing_ep_folder_is_named(pp1_dp4, tmp_path):
+    copy = tmp_path / "iter"
+    shutil.copytree(pp1_dp4.path, copy)
+    shutil.rmtree(copy / "mp_rank_00_001")
+    line = _error_line(run_cli("--megatron-path", copy, "--ms-path", tmp_path / "ms", "--dp-size", 4))
+    assert "missing mp_rank_00_001" in line and "--ep-size" in line
+
+
+def test_experts_not_divisible_by_ep_name_the_flag(pp1_dp4, tmp_path):
+    """Args without expert_model_parallel_size leave the size to --ep-size; 4 experts do not split in 3."""
+    copy = tmp_path / "iter"
+    shutil.copytree(pp1_dp4.path, copy)
+    for folder in copy.iterdir():
+        sd = torch.load(folder / "model_optim_rng.pt", weights_only=False)
+        del sd["args"].expert_model_parallel_size
+        torch.save(sd, folder / "model_optim_rng.pt")
+    line = _error_line(run_cli("--megatron-path", copy, "--ms-path", tmp_path / "ms", "--dp-size", 6, "--ep-size", 3))
+    assert "num_experts 4" in line and "--ep-size" in line
+    line = _error_line(run_cli("--megatron-path", pp1_dp4.path, "--ms-path", tmp_path / "ms", "--dp-size", 4,
+                               "--ep-size", 4))
+    assert "pass --ep-size 2" in line
+
+
+def test_target_dp_size_must_be_a_multiple_of_ep(pp1_dp4, tmp_path):
+    line = _error_line(run_cli("--megatron-path", pp1_dp4.path, "--ms-path", tmp_path / "ms", "--dp-size", 3))
+    assert "--dp-size" in line and "multiple of 2" in line
