@@ -103,7 +103,7 @@ def assert_same_state(got: dict, want: dict) -> None:
 
 def convert_and_compare(spec: MegatronSpec, saved, out) -> int:
     proc = run_cli("--megatron-path", saved.path, "--ms-path", out, "--tp-size", spec.tp, "--pp-size", spec.pp,
-                   "--dp-size", spec.dp, "--vpp-size", spec.vpp, "--name-style", "documented")
+                   "--dp-size", spec.dp, "--vpp-size", spec.vpp)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     expected = expected_from_dump(spec, saved.state)
     assert len(expected) == spec.tp * spec.pp
