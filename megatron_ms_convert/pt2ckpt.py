@@ -36,7 +36,7 @@ from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_
 from .naming import is_expert_key, local_expert_index
 from .plan import (RankInfo, RankPlan, check_layer_counts, check_unique_names, optimizer_scalars,
                    plan_model_tensors, plan_optimizer_tensors, stack_local_experts)
-from .shard import Shard, lock_name, own_share
+from .shard import Shard, add_shard_flags, lock_name, log_check, own_share
 from .runner import (RankResult, RunSettings, RunStopped, Task, check_no_foreign_outputs, plan_fingerprint,
                      rank_status, run_tasks, signals_stop_the_run)
 from .topology import RankFolder, Topology
@@ -123,16 +123,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "with an error listing the differences)")
     group.add_argument("--save-param-map", type=str, default=None, metavar="DIR",
                        help="write the bucket layout used (inferred or given) as param_map JSON files to DIR")
-    group = parser.add_argument_group(title="Many hosts (not in the documented tool)")
-    group.add_argument("--shard", type=str, default=None, metavar="I/N|auto",
-                       help="convert only share I of N (0-based) of the rank folders, balanced by bytes; 'auto' "
-                            "takes I and N from Slurm, torchrun or MPI. Shards share one --ms-path")
-    group.add_argument("--check", action="store_true", default=False,
-                       help="convert nothing: report which rank folders of the whole conversion are complete, "
-                            "missing or from another conversion; exit 0 only when all are complete")
     group.add_argument("--name-style", choices=list(STYLES), default="mindspeed",
                        help="parameter names to write: 'mindspeed' = the names MindSpeed-Core-MS's GPTModel "
                             "loads; 'documented' = the documented tool's names (see docs/names.md)")
+    add_shard_flags(parser, "--ms-path")
     return parser
 
 
@@ -739,16 +733,8 @@ def check_conversion(options: Options) -> int:
     """--check: the state of every rank of the whole conversion, from the manifests; nothing written."""
     job = prepare(options)
     statuses = {plan.folder: rank_status(plan) for plan in job.plans}
-    words = {"done": "complete", "todo": "missing", "foreign": "from another conversion",
-             "outdated": "written by another version of the converter"}
-    for plan in job.plans:
-        line = "check: '%s' -> '%s': %s"
-        (log.info if statuses[plan.folder] == "done" else log.error)(line, plan.folder.path, plan.outputs[0],
-                                                                     words[statuses[plan.folder]])
-    counts = {word: sum(1 for s in statuses.values() if words[s] == word) for word in words.values()}
-    log.info("check: %d complete, %d missing, %d from another conversion, %d written by another version, "
-             "of %d folders", *counts.values(), len(job.plans))
-    return EXIT_OK if all(s == "done" for s in statuses.values()) else EXIT_FAILED
+    complete = log_check(job.plans, statuses, lambda plan: (plan.folder.path, plan.outputs[0]), log)
+    return EXIT_OK if complete else EXIT_FAILED
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,9 +10,11 @@ file sizes alone, so shards never need to talk to each other.
 
 from __future__ import annotations
 
+import argparse
+import logging
 import re
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Sequence
+from typing import Any, Callable, Hashable, Mapping, Sequence
 
 from .errors import ConvertInputError
 from .folder_lock import RUN_LOCK_NAME
@@ -144,3 +146,33 @@ def own_share(items: Sequence, shard: Shard | None, size_of) -> tuple:
         return tuple(items)
     mine = set(assign([(i, size_of(item)) for i, item in enumerate(items)], shard.count)[shard.index])
     return tuple(item for i, item in enumerate(items) if i in mine)
+
+
+def add_shard_flags(parser: argparse.ArgumentParser, output_flag: str) -> None:
+    """--shard and --check, the same in both directions."""
+    group = parser.add_argument_group(title="Many hosts (not in the documented tool)")
+    group.add_argument("--shard", type=str, default=None, metavar="I/N|auto",
+                       help="convert only share I of N (0-based) of the rank folders, balanced by bytes; 'auto' "
+                            f"takes I and N from Slurm, torchrun or MPI. Shards share one {output_flag}")
+    group.add_argument("--check", action="store_true", default=False,
+                       help="convert nothing: report which rank folders of the whole conversion are complete, "
+                            "missing or from another conversion; exit 0 only when all are complete")
+
+
+# rank_status's words, as --check reports them
+CHECK_WORDS = {"done": "complete", "todo": "missing", "foreign": "from another conversion",
+               "outdated": "written by another version of the converter"}
+
+
+def log_check(plans: Sequence[Any], statuses: Mapping[Any, str], describe: Callable[[Any], tuple[str, str]],
+              log: logging.Logger) -> bool:
+    """--check's report: one line per plan (source -> target: state) and a summary; True when every
+    plan's outputs are complete. `statuses` is keyed by plan.folder, as rank_status gives them."""
+    for plan in plans:
+        status = statuses[plan.folder]
+        source, target = describe(plan)
+        (log.info if status == "done" else log.error)("check: '%s' -> '%s': %s", source, target, CHECK_WORDS[status])
+    counts = [sum(1 for s in statuses.values() if s == key) for key in CHECK_WORDS]
+    log.info("check: %d complete, %d missing, %d from another conversion, %d written by another version, "
+             "of %d folders", *counts, len(plans))
+    return all(s == "done" for s in statuses.values())
