@@ -92,7 +92,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_ckpt2pt_"))
-    print("| hidden | layers | MindSpore MiB | written MiB | ckpt2pt s | I/O floor s | ratio | peak RssAnon per worker MiB |")
+    print("| hidden | layers | MindSpore MiB | written MiB | ckpt2pt s | I/O floor s | ratio "
+          "| peak RssAnon per worker MiB |")
     print("|---|---|---|---|---|---|---|---|")
     for hidden in args.hidden:
         for layers in args.layers:

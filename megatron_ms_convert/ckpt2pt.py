@@ -36,7 +36,7 @@ from . import __version__
 from .atomic import write_text_atomically
 from .errors import ConvertInputError
 from .folder_lock import folder_lock
-from .megatron.checkpoint import load_pt, megatron_enum_importable
+from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable
 from .megatron.layout import BucketCounts, BufferLayout, list_param_map_files, read_rank_layouts, state_key_for
 from .megatron.pt_meta import DOCUMENTED_KEYS, counts_from_meta, layouts_from_meta, skeletons_from_meta
 from .megatron.rebuild_rules import rule_counts, rule_skeletons
@@ -48,8 +48,8 @@ from .naming import (NamingFacts, local_layer_numbers, megatron_name, megatron_s
                      renumber_layers, split_state)
 from .plan import LR_DECAY_STYLES, SCHEDULER_FLOAT64, SCHEDULER_INT64, WD_INCR_STYLES
 from .pt2ckpt import _ShowDefaults, _summary, configure_logging, progress_reporting
-from .runner import (RankResult, RunSettings, RunStopped, Task, anon_memory_bytes, check_no_foreign_outputs, fingerprint_of,
-                     rank_status, run_tasks, signals_stop_the_run, write_manifest)
+from .runner import (RankResult, RunSettings, RunStopped, Task, anon_memory_bytes, check_no_foreign_outputs,
+                     fingerprint_of, rank_status, run_tasks, signals_stop_the_run, write_manifest)
 from .topology import DISTRIB_FILE, MODEL_FILE, RankFolder, Topology, folder_name
 
 log = logging.getLogger("convert_pt2ckpt")
@@ -250,7 +250,7 @@ def group_updates(ms: MindSporeFile, param_groups: Sequence[dict]) -> tuple[tupl
         for key, saved in group.items():
             if key == "params" or not isinstance(saved, (int, float)):
                 continue
-            name = "state_step" if key == "step" else ("learning_rate_group_%d" % i if key == "lr" else f"{key}_group_{i}")
+            name = {"step": "state_step", "lr": f"learning_rate_group_{i}"}.get(key, f"{key}_group_{i}")
             stored = read_scalar(ms, name)
             if stored is not None and changed(saved, stored) != saved:
                 out.append((i, key, changed(saved, stored)))
@@ -679,7 +679,7 @@ def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources) -> int:
     model = load_pt(plan.out_dir / MODEL_FILE)
     for chunk, skeleton in enumerate(rank.skeletons):
         chunk_key = "model" if len(rank.skeletons) == 1 else f"model{chunk}"
-        flat = dict(_flat(model.get(chunk_key, {})))
+        flat = dict(flatten_state_dict(model.get(chunk_key, {})))
         for key, spec in skeleton_specs(skeleton):
             got = flat.get(key)
             want = sources.model_value(chunk, key).reshape(spec.shape).to(spec.dtype)
@@ -710,14 +710,6 @@ def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources) -> int:
     if problems:
         raise VerificationError(f"verification of {plan.out_dir} failed (outputs removed): " + "; ".join(problems[:10]))
     return compared
-
-
-def _flat(tree: dict, prefix: str = ""):
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flat(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
 
 
 def _bitwise_equal(got: Any, want: torch.Tensor) -> bool:

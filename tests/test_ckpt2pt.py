@@ -79,8 +79,9 @@ def assert_same_checkpoint(back_iter: Path, original_iter: Path, *, ignore_args=
     assert sorted(p.name for p in back_iter.glob("mp_rank_*")) == folders
     buckets = 0
     for name in folders:
-        buckets += assert_distrib_equal(back_iter / name / "distrib_optim.pt", original_iter / name / "distrib_optim.pt")
-        got, want = load_pt(back_iter / name / "model_optim_rng.pt"), load_pt(original_iter / name / "model_optim_rng.pt")
+        ours, theirs = back_iter / name, original_iter / name
+        buckets += assert_distrib_equal(ours / "distrib_optim.pt", theirs / "distrib_optim.pt")
+        got, want = load_pt(ours / "model_optim_rng.pt"), load_pt(theirs / "model_optim_rng.pt")
         for field in ignore_args:
             delattr(got["args"], field)
             delattr(want["args"], field)
@@ -101,9 +102,9 @@ def round_trip(request, tmp_path_factory):
                          *size_flags(spec), "--param-map-path", fixture.param_map_dir, "--format", fmt,
                          "--name-style", style)
     assert forward.returncode == 0, forward.stdout
-    proc = in_process(ckpt2pt_main, "--ms-path", root / "ms", "--param-map-path", root / "ms" / "pt_meta", "--megatron-path",
-                    root / "back", *back_flags(spec.tp, spec.pp, spec.dp, spec.cp, spec.vpp),
-                    "--src-model-format", fmt, "--num-layers", spec.num_layers)
+    proc = in_process(ckpt2pt_main, "--ms-path", root / "ms", "--param-map-path", root / "ms" / "pt_meta",
+                      "--megatron-path", root / "back", *back_flags(spec.tp, spec.pp, spec.dp, spec.cp, spec.vpp),
+                      "--src-model-format", fmt, "--num-layers", spec.num_layers)
     return spec, fixture, root, proc
 
 
@@ -149,7 +150,8 @@ def test_another_data_parallel_size_equals_that_checkpoint(tmp_path):
         # ... and the model file is the source's with the data-parallel size of the new run
         got, want = load_pt(out / "model_optim_rng.pt"), load_pt(folder / "model_optim_rng.pt")
         assert (got["args"].data_parallel_size, got["args"].world_size) == (3, 3 * want["args"].world_size // 2)
-        got["args"].data_parallel_size, got["args"].world_size = want["args"].data_parallel_size, want["args"].world_size
+        got["args"].data_parallel_size = want["args"].data_parallel_size
+        got["args"].world_size = want["args"].world_size
         assert_same(got, want)
     assert moved  # the case really moved buckets
 
