@@ -22,20 +22,22 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import os
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
 from . import __version__
-from .atomic import write_text_atomically
+from .atomic import write_common_file
 from .errors import ConvertInputError
 from .folder_lock import folder_lock
+from .shard import Shard, add_shard_flags, lock_name, log_check, own_share
 from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable
 from .megatron.layout import BucketCounts, BufferLayout, list_param_map_files, read_rank_layouts, state_key_for
 from .megatron.pt_meta import DOCUMENTED_KEYS, counts_from_meta, layouts_from_meta, skeletons_from_meta
@@ -113,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="redo every rank even if a complete output of this conversion exists, and replace "
                             "outputs written from another source")
     group.add_argument("--debug", action="store_true", default=False, help="print debug info (the plans)")
+    add_shard_flags(parser, "--megatron-path")
     return parser
 
 
@@ -142,9 +145,12 @@ class Options:
     verify: bool
     overwrite: bool
     debug: bool
+    shard: Shard | None = None
+    check: bool = False
 
 
-def options_from_args(ns: argparse.Namespace) -> Options:
+def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
+    """The flags as Options; `environ` is the launcher's environment, read by --shard auto."""
     for flag in ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
                  "ms_dp_size", "ms_cp_size"):
         value = getattr(ns, flag)
@@ -168,7 +174,8 @@ def options_from_args(ns: argparse.Namespace) -> Options:
         fmt=ns.src_model_format, noop=noop, convert_param_only=ns.convert_param_only,
         process_limit=ns.process_limit, multiprocess_off=ns.multiprocess_off, process_timeout=ns.process_timeout,
         iteration=ns.iteration, consumed_train_samples=ns.consumed_train_samples, verify=ns.verify,
-        overwrite=ns.overwrite, debug=ns.debug)
+        overwrite=ns.overwrite, debug=ns.debug, shard=Shard.parse(ns.shard, environ) if ns.shard else None,
+        check=ns.check)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,8 +547,9 @@ def plan_rank(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp: int, pp: in
 
 @dataclass
 class Job:
-    plans: list[BackPlan]
+    plans: list[BackPlan]  # this shard's (all of them without --shard)
     iteration: int
+    all_plans: tuple[BackPlan, ...] = ()  # the whole conversion's, to tell when it is complete
 
 
 def prepare(options: Options) -> Job:
@@ -728,11 +736,37 @@ def run_settings(options: Options) -> RunSettings:
 
 
 def prepare_outputs(options: Options) -> tuple[Job, dict]:
+    """Plan the whole conversion and keep this shard's share of it; which of those an earlier run
+    finished, and no foreign outputs among them."""
     job = prepare(options)
+    mine = own_share(job.plans, options.shard, lambda plan: plan.source_file.stat().st_size)
+    job = dataclasses.replace(job, plans=list(mine), all_plans=tuple(job.plans))
+    if options.shard is not None:
+        log.info("shard %s (%s): %d of the folders", options.shard, options.shard.origin, len(job.plans))
     statuses = {plan.folder: ("todo" if options.overwrite else rank_status(plan)) for plan in job.plans}
     if not options.overwrite:
         check_no_foreign_outputs(job.plans, statuses, flag="--megatron-path", root=options.megatron_path)
     return job, statuses
+
+
+def check_conversion(options: Options) -> int:
+    """--check: the state of every output folder of the whole conversion, from the manifests."""
+    job = prepare(options)
+    statuses = {plan.folder: rank_status(plan) for plan in job.plans}
+    complete = log_check(job.plans, statuses, lambda plan: (plan.source_file, plan.out_dir), log)
+    return EXIT_OK if complete else EXIT_FAILED
+
+
+def write_tracker_when_complete(job: Job, options: Options) -> None:
+    """latest_checkpointed_iteration.txt, last: only once every folder of the whole conversion is
+    complete (with shards, whichever finishes last writes it; two finishing together write the same
+    bytes), so Megatron never finds a tracker pointing at an incomplete iteration."""
+    if all(rank_status(plan) == "done" for plan in (job.all_plans or job.plans)):
+        write_common_file(options.megatron_path / TRACKER_FILE, str(job.iteration).encode())
+        log.info("wrote %s: %d", options.megatron_path / TRACKER_FILE, job.iteration)
+    else:
+        log.info("not writing %s yet: other shards' folders are not complete (--check tells which)",
+                 options.megatron_path / TRACKER_FILE)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -742,9 +776,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.monotonic()
     with signals_stop_the_run(), contextlib.ExitStack() as held:
         try:
-            options = options_from_args(ns)
+            options = options_from_args(ns, os.environ)
+            if options.check:
+                return check_conversion(options)
             log.info("converting %s -> %s", options.ms_path, options.megatron_path)
-            held.enter_context(folder_lock(options.megatron_path, flag="--megatron-path"))
+            held.enter_context(folder_lock(options.megatron_path, lock_name(options.shard), flag="--megatron-path"))
             job, statuses = prepare_outputs(options)
         except ConvertInputError as err:
             log.error("%s", err)
@@ -787,17 +823,15 @@ def run_and_report(job: Job, statuses: dict, options: Options, started: float) -
         except RunStopped as stop:
             log.error("interrupted (%s): stopped the workers and removed their partial files; "
                       "re-run the same command to finish the remaining ranks", stop.cause)
-            _summary(results, len(job.plans), started)
+            _summary(results, len(job.plans), started, options.shard)
             return stop.exit_code
     failed = any(r.status == "failed" for r in results)
     if not failed:
-        # Last, so that Megatron never finds a tracker pointing at an incomplete iteration.
-        write_text_atomically(options.megatron_path / TRACKER_FILE, str(job.iteration))
-        log.info("wrote %s: %d", options.megatron_path / TRACKER_FILE, job.iteration)
+        write_tracker_when_complete(job, options)
     if options.verify:
         log.info("verified %d tensors in %d files", sum(r.verified_tensors for r in results),
                  sum(r.verified_files for r in results))
-    _summary(results, len(job.plans), started)
+    _summary(results, len(job.plans), started, options.shard)
     return EXIT_FAILED if failed else EXIT_OK
 
 

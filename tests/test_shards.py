@@ -154,3 +154,62 @@ def test_shard_auto_without_a_launcher_says_what_to_pass(tmp_path):
     [error] = [line for line in proc.stdout.splitlines() if " ERROR " in line]
     assert "no launcher's variables are set" in error and "--shard I/N" in error
     assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The way back: convert_ckpt2pt.py shares its output folders (Megatron's mp_rank_* folders) the same way
+
+BACK_CLI = CLI.parent / "convert_ckpt2pt.py"
+
+
+def back_command(ms, out, *extra) -> list[str]:
+    return [sys.executable, str(BACK_CLI), "--ms-path", str(ms), "--param-map-path", str(ms / "pt_meta"),
+            "--megatron-path", str(out), "--num-layers", "4", "--tp-size", "2", "--pp-size", "2", "--dp-size", "2",
+            "--cp-size", "1", "--vpp-size", "1", *map(str, extra)]
+
+
+@pytest.fixture(scope="module")
+def sample_ms(tmp_path_factory):
+    ms = tmp_path_factory.mktemp("sample_ms") / "ms"
+    proc = subprocess.run(command(ms), capture_output=True, text=True, env=clean_env())
+    assert proc.returncode == 0, proc.stdout
+    return ms
+
+
+@pytest.fixture(scope="module")
+def unsharded_back(sample_ms, tmp_path_factory):
+    out = tmp_path_factory.mktemp("unsharded_back") / "megatron"
+    proc = subprocess.run(back_command(sample_ms, out), capture_output=True, text=True, env=clean_env())
+    assert proc.returncode == 0, proc.stdout
+    return tree(out)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4])
+def test_concurrent_shards_of_the_way_back_write_exactly_the_files_of_one_run(sample_ms, unsharded_back, tmp_path,
+                                                                                count):
+    out = tmp_path / "megatron"
+    procs = [subprocess.Popen(back_command(sample_ms, out, "--shard", f"{i}/{count}"), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, env=clean_env()) for i in range(count)]
+    logs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0] * count, logs
+    assert tree(out) == unsharded_back  # the tracker file included, written once the last share finished
+    converted = [line for log in logs for line in log.splitlines() if "successfully" in line]
+    assert len(converted) == 4
+    for i, log in enumerate(logs):
+        assert f"summary (shard {i}/{count}):" in log
+    check = subprocess.run(back_command(sample_ms, out, "--check"), capture_output=True, text=True, env=clean_env())
+    assert check.returncode == 0 and "check: 4 complete, 0 missing" in check.stdout, check.stdout
+
+
+def test_the_tracker_file_waits_for_the_last_share_of_the_way_back(sample_ms, tmp_path):
+    out = tmp_path / "megatron"
+    first = subprocess.run(back_command(sample_ms, out, "--shard", "0/2"), capture_output=True, text=True,
+                           env=clean_env(), timeout=300)
+    assert first.returncode == 0, first.stdout
+    assert not (out / "latest_checkpointed_iteration.txt").exists()  # Megatron must not load half a checkpoint
+    check = subprocess.run(back_command(sample_ms, out, "--check"), capture_output=True, text=True, env=clean_env())
+    assert check.returncode == 1 and re.search(r"check: 2 complete, 2 missing", check.stdout), check.stdout
+    second = subprocess.run(back_command(sample_ms, out, "--shard", "1/2"), capture_output=True, text=True,
+                            env=clean_env(), timeout=300)
+    assert second.returncode == 0, second.stdout
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "10"
