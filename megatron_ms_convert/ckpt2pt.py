@@ -25,7 +25,6 @@ import logging
 import os
 import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -33,11 +32,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from . import __version__
 from .atomic import write_common_file
 from .errors import ConvertInputError
-from .folder_lock import folder_lock
-from .shard import Shard, add_shard_flags, lock_name, log_check, own_share
+from .shard import Shard, add_shard_flags, log_check, own_share
 from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable
 from .megatron.layout import BucketCounts, BufferLayout, list_param_map_files, read_rank_layouts, state_key_for
 from .megatron.pt_meta import DOCUMENTED_KEYS, counts_from_meta, layouts_from_meta, skeletons_from_meta
@@ -49,14 +46,14 @@ from .mindspore.reader import MindSporeFile, open_mindspore_file
 from .naming import (NamingFacts, local_layer_numbers, megatron_name, megatron_state_dict_key, naming_facts,
                      renumber_layers, split_state)
 from .plan import LR_DECAY_STYLES, SCHEDULER_FLOAT64, SCHEDULER_INT64, WD_INCR_STYLES
-from .pt2ckpt import _ShowDefaults, _summary, configure_logging, progress_reporting
-from .runner import (RankResult, RunSettings, RunStopped, Task, anon_memory_bytes, check_no_foreign_outputs,
-                     fingerprint_of, rank_status, run_tasks, signals_stop_the_run, write_manifest)
+from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verified, report_line, run_command,
+                      run_plans, summary)
+from .runner import (RankResult, RunSettings, anon_memory_bytes, check_no_foreign_outputs, fingerprint_of, rank_status,
+                     write_manifest)
 from .topology import DISTRIB_FILE, MODEL_FILE, RankFolder, Topology, folder_name
 
 log = logging.getLogger("convert_pt2ckpt")
 
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # and 130 / 143 for Ctrl-C / SIGTERM
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST_DIR = ".convert_ckpt2pt"
 META_JSON = "meta.json"
@@ -68,7 +65,7 @@ META_JSON = "meta.json"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert_ckpt2pt.py", description="Ckpt-to-pt conversion Arguments",
-                                     allow_abbrev=False, formatter_class=_ShowDefaults)
+                                     allow_abbrev=False, formatter_class=ShowDefaults)
     group = parser.add_argument_group(title="distributed")
     group.add_argument("--num-layers", type=int, default=None,
                        help="Number of layers in Megatron models (default: from pt_meta's args)")
@@ -771,79 +768,27 @@ def write_tracker_when_complete(job: Job, options: Options) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """parse -> options -> lock --megatron-path -> prepare -> run -> tracker file -> report."""
-    ns = build_parser().parse_args(argv)
-    configure_logging(ns.debug)
-    started = time.monotonic()
-    with signals_stop_the_run(), contextlib.ExitStack() as held:
-        try:
-            options = options_from_args(ns, os.environ)
-            if options.check:
-                return check_conversion(options)
-            log.info("converting %s -> %s", options.ms_path, options.megatron_path)
-            held.enter_context(folder_lock(options.megatron_path, lock_name(options.shard), flag="--megatron-path"))
-            job, statuses = prepare_outputs(options)
-        except ConvertInputError as err:
-            log.error("%s", err)
-            return EXIT_BAD_INPUT
-        except OSError as err:
-            log.error("cannot write under --megatron-path %s: %s -> check the path, its permissions and free space",
-                      ns.megatron_path, err)
-            return EXIT_BAD_INPUT
-        except RunStopped as stop:
-            log.error("interrupted (%s) before any rank was converted; re-run the same command to convert them",
-                      stop.cause)
-            return stop.exit_code
-        return run_and_report(job, statuses, options, started)
+    return run_command(build_parser().parse_args(argv), options_of=lambda ns: options_from_args(ns, os.environ),
+                       describe=lambda options: (options.ms_path, options.megatron_path),
+                       output_flag="--megatron-path", output_of=lambda options: options.megatron_path,
+                       check=check_conversion, prepare_outputs=prepare_outputs, run_and_report=run_and_report)
 
 
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
-    if options.debug:
-        for plan in job.plans:
-            log.debug("%s", plan.describe())
-    results: list[RankResult] = []
-    with progress_reporting(len(job.plans)) as advance:
-        def on_done(plan: BackPlan, result: RankResult) -> None:
-            results.append(result)
-            advance()
-            report(plan, result)
-
-        tasks = []
-        for plan in job.plans:
-            if statuses[plan.folder] == "outdated":
-                log.info("'%s': its outputs were written by another version of the converter (this is %s); "
-                         "converting it again", plan.out_dir, __version__)
-            if statuses[plan.folder] != "done":
-                tasks.append(Task(plan, write=True))
-            elif options.verify:
-                tasks.append(Task(plan, write=False))
-            else:
-                on_done(plan, RankResult(plan.folder.name, "skipped"))
-        try:
-            run_tasks(tasks, run_settings(options), on_done, execute=execute_back_plan)
-        except RunStopped as stop:
-            log.error("interrupted (%s): stopped the workers and removed their partial files; "
-                      "re-run the same command to finish the remaining ranks", stop.cause)
-            _summary(results, len(job.plans), started, options.shard)
-            return stop.exit_code
-    failed = any(r.status == "failed" for r in results)
-    if not failed:
+    """Convert the folders not done yet (verify the done ones with --verify), write the tracker file
+    once the whole conversion is complete, log one line per folder and the summary."""
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_back_plan,
+                                 report=report, where=lambda plan: plan.out_dir)
+    if stopped is None and all(r.status != "failed" for r in results):
         write_tracker_when_complete(job, options)
-    if options.verify:
-        log.info("verified %d tensors in %d files", sum(r.verified_tensors for r in results),
-                 sum(r.verified_files for r in results))
-    _summary(results, len(job.plans), started, options.shard)
-    return EXIT_FAILED if failed else EXIT_OK
+    if options.verify and stopped is None:
+        log_verified(results)
+    summary(results, len(job.plans), started, options.shard)
+    return stopped if stopped is not None else exit_code(results)
 
 
 def report(plan: BackPlan, result: RankResult) -> None:
-    """The line users grep: `successfully` once per output folder whose files are complete."""
-    if result.status == "failed":
-        log.error("failed to convert '%s': %s", plan.source_file, result.message)
-    elif result.status == "skipped":
-        log.info("convert '%s' to '%s' successfully (complete from an earlier run of this command; skipped).",
-                 plan.source_file, plan.out_dir)
-    else:
-        log.info("convert '%s' to '%s' successfully.", plan.source_file, plan.out_dir)
+    report_line(plan.source_file, plan.out_dir, result)
 
 
 def cli() -> None:

@@ -12,22 +12,20 @@ folder and a summary. Ctrl-C and SIGTERM stop the run cleanly (exit 130 / 143).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import os
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
-from . import __version__
 from .atomic import write_common_file
 from .errors import ConvertInputError
-from .folder_lock import folder_lock
+from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verified, report_line, run_command,
+                      run_plans, summary)
 from .megatron import checkpoint as reader
 from .naming import STYLES, NamingFacts, naming_facts
 from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_param_map_file_name, infer_layouts,
@@ -36,15 +34,14 @@ from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_
 from .naming import is_expert_key, local_expert_index
 from .plan import (RankInfo, RankPlan, check_layer_counts, check_unique_names, optimizer_scalars,
                    plan_model_tensors, plan_optimizer_tensors, stack_local_experts)
-from .shard import Shard, add_shard_flags, lock_name, log_check, own_share
-from .runner import (RankResult, RunSettings, RunStopped, Task, check_no_foreign_outputs, plan_fingerprint,
-                     rank_status, run_tasks, signals_stop_the_run)
+from .shard import Shard, add_shard_flags, log_check, own_share
+from .runner import (RankResult, RunSettings, check_no_foreign_outputs, execute_plan, plan_fingerprint,
+                     rank_status)
 from .topology import RankFolder, Topology
 
 log = logging.getLogger("convert_pt2ckpt")
 
 # Also 130 (Ctrl-C) and 143 (SIGTERM): 128 + the signal number, as RunStopped.exit_code computes.
-EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 PT_META = "pt_meta"
 
 
@@ -52,19 +49,9 @@ PT_META = "pt_meta"
 # Flags
 
 
-class _ShowDefaults(argparse.HelpFormatter):
-    """-h shows each flag's default where it has one, so users can compare with the documented table."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="convert_pt2ckpt.py", description="Pt-to-ckpt conversion Arguments",
-                                     allow_abbrev=False, formatter_class=_ShowDefaults)
+                                     allow_abbrev=False, formatter_class=ShowDefaults)
     group = parser.add_argument_group(title="File Path/Location")
     group.add_argument("--megatron-path", type=str, required=True, help="Path to megatron pt files.")
     group.add_argument("--ms-path", type=str, required=True, help="Path for saving Mindspore Ckpt.")
@@ -673,14 +660,6 @@ def run_settings(options: Options) -> RunSettings:
                        process_limit=options.process_limit, process_timeout=options.process_timeout)
 
 
-def configure_logging(debug: bool) -> None:
-    handler = logging.StreamHandler(sys.stdout)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
-    log.propagate = False
-
-
 def canonical_paths(options: Options) -> Options:
     """The path flags made absolute with symlinks resolved, so that a conversion is recognised as the
     same one (to resume it) however its paths were spelled, e.g. `o1` or `$PWD/o1`."""
@@ -739,99 +718,26 @@ def check_conversion(options: Options) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """parse -> options -> lock --ms-path -> prepare -> run -> report; returns the exit code."""
-    ns = build_parser().parse_args(argv)
-    configure_logging(ns.debug)
-    started = time.monotonic()
-    with signals_stop_the_run(), contextlib.ExitStack() as held:
-        try:
-            options = canonical_paths(options_from_args(ns, os.environ))
-            if options.check:
-                return check_conversion(options)
-            log.info("converting %s -> %s", options.megatron_path, options.ms_path)
-            # until the run ends, however it ends; a shard locks only its own share
-            held.enter_context(folder_lock(options.ms_path, lock_name(options.shard)))
-            job, statuses = prepare_outputs(options)
-        except ConvertInputError as err:
-            log.error("%s", err)
-            return EXIT_BAD_INPUT
-        except OSError as err:
-            log.error("cannot write under --ms-path %s: %s -> check the path, its permissions and free space",
-                      ns.ms_path, err)
-            return EXIT_BAD_INPUT
-        except RunStopped as stop:
-            log.error("interrupted (%s) before any rank was converted; re-run the same command to convert them",
-                      stop.cause)
-            return stop.exit_code
-        return run_and_report(job, statuses, options, started)
+    return run_command(build_parser().parse_args(argv),
+                       options_of=lambda ns: canonical_paths(options_from_args(ns, os.environ)),
+                       describe=lambda options: (options.megatron_path, options.ms_path),
+                       output_flag="--ms-path", output_of=lambda options: options.ms_path,
+                       check=check_conversion, prepare_outputs=prepare_outputs, run_and_report=run_and_report)
 
 
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the ranks not done yet (verify the done ones with --verify), log one line per folder
     and the summary; returns the exit code."""
-    if options.debug:
-        for plan in job.plans:
-            log.debug("%s", plan.describe())
-    results: list[RankResult] = []
-    with progress_reporting(len(job.plans)) as advance:
-        def on_done(plan: RankPlan, result: RankResult) -> None:
-            results.append(result)
-            advance()
-            report(plan, result)
-
-        tasks = []
-        for plan in job.plans:
-            if statuses[plan.folder] == "outdated":
-                log.info("'%s': its outputs were written by another version of the converter (this is %s); "
-                         "converting it again", plan.folder.path, __version__)
-            if statuses[plan.folder] != "done":
-                tasks.append(Task(plan, write=True))
-            elif options.verify:  # a complete output from an earlier run is verified, not rewritten
-                tasks.append(Task(plan, write=False))
-            else:
-                on_done(plan, RankResult(plan.folder.name, "skipped"))
-        try:
-            run_tasks(tasks, run_settings(options), on_done)
-        except RunStopped as stop:
-            log.error("interrupted (%s): stopped the workers and removed their partial files; "
-                      "re-run the same command to finish the remaining ranks", stop.cause)
-            _summary(results, len(job.plans), started, options.shard)
-            return stop.exit_code
-    if options.verify:
-        log.info("verified %d tensors in %d files", sum(r.verified_tensors for r in results),
-                 sum(r.verified_files for r in results))
-    _summary(results, len(job.plans), started, options.shard)
-    return EXIT_OK if all(r.status != "failed" for r in results) else EXIT_FAILED
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_plan, report=report,
+                                 where=lambda plan: plan.folder.path)
+    if options.verify and stopped is None:
+        log_verified(results)
+    summary(results, len(job.plans), started, options.shard)
+    return stopped if stopped is not None else exit_code(results)
 
 
 def report(plan: RankPlan, result: RankResult) -> None:
-    """The line users grep: `successfully` once per source folder whose files are complete."""
-    if result.status == "failed":
-        log.error("failed to convert '%s': %s", plan.folder.path, result.message)
-    elif result.status == "skipped":
-        log.info("convert '%s' to '%s' successfully (complete from an earlier run of this command; skipped).",
-                 plan.folder.path, plan.outputs[0])
-    else:
-        log.info("convert '%s' to '%s' successfully.", plan.folder.path, plan.outputs[0])
-
-
-@contextlib.contextmanager
-def progress_reporting(total: int):
-    """A tqdm bar over ranks on a terminal, with log lines printed above it; nothing otherwise."""
-    if not sys.stderr.isatty():
-        yield lambda: None
-        return
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-    with tqdm(total=total, unit="rank", desc="converting") as bar, logging_redirect_tqdm(loggers=[log]):
-        yield lambda: bar.update(1)
-
-
-def _summary(results: Sequence[RankResult], total: int, started: float, shard: Shard | None = None) -> None:
-    by = {s: sum(1 for r in results if r.status == s) for s in ("converted", "skipped", "failed")}
-    log.info("summary%s: %d converted, %d skipped, %d failed, %d not run of %d folders in %.1f s, %d bytes written",
-             f" (shard {shard})" if shard is not None else "",
-             by["converted"], by["skipped"], by["failed"], total - len(results), total,
-             time.monotonic() - started, sum(r.bytes_written for r in results))
+    report_line(plan.folder.path, plan.outputs[0], result)
 
 
 def cli() -> None:

@@ -1,0 +1,147 @@
+"""What the two command-line tools share around their own planning: the flags' help format, the log,
+the order of a run (options -> --check or lock -> prepare -> run -> report) with its exit codes, the
+progress bar, the `successfully` lines and the summary. Each direction supplies its own options,
+planning and per-rank work; a failure anywhere before the run is one ERROR line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+from . import __version__
+from .errors import ConvertInputError
+from .folder_lock import folder_lock
+from .runner import RankResult, RunSettings, RunStopped, Task, run_tasks, signals_stop_the_run
+from .shard import Shard, lock_name
+
+log = logging.getLogger("convert_pt2ckpt")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # and 130 / 143 for Ctrl-C / SIGTERM (RunStopped)
+
+
+class ShowDefaults(argparse.HelpFormatter):
+    """-h shows each flag's default where it has one, so users can compare with the documented table."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
+            text += " (default: %(default)s)"
+        return text
+
+
+def configure_logging(debug: bool) -> None:
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.DEBUG if debug else logging.INFO)
+    log.propagate = False
+
+
+def run_command(ns: argparse.Namespace, *, options_of: Callable[[argparse.Namespace], Any],
+                describe: Callable[[Any], tuple[Any, Any]], output_flag: str, output_of: Callable[[Any], Any],
+                check: Callable[[Any], int], prepare_outputs: Callable[[Any], tuple[Any, dict]],
+                run_and_report: Callable[[Any, dict, Any, float], int]) -> int:
+    """A whole run: options, then --check (nothing written) or the lock on the output folder (until
+    the run ends, however it ends; a shard locks only its own share), planning, and the run. Returns
+    the exit code; bad input found before the run is one ERROR line and EXIT_BAD_INPUT."""
+    configure_logging(ns.debug)
+    started = time.monotonic()
+    with signals_stop_the_run(), contextlib.ExitStack() as held:
+        try:
+            options = options_of(ns)
+            if options.check:
+                return check(options)
+            log.info("converting %s -> %s", *describe(options))
+            held.enter_context(folder_lock(output_of(options), lock_name(options.shard), flag=output_flag))
+            job, statuses = prepare_outputs(options)
+        except ConvertInputError as err:
+            log.error("%s", err)
+            return EXIT_BAD_INPUT
+        except OSError as err:
+            log.error("cannot write under %s %s: %s -> check the path, its permissions and free space",
+                      output_flag, getattr(ns, output_flag[2:].replace("-", "_")), err)
+            return EXIT_BAD_INPUT
+        except RunStopped as stop:
+            log.error("interrupted (%s) before any rank was converted; re-run the same command to convert them",
+                      stop.cause)
+            return stop.exit_code
+        return run_and_report(job, statuses, options, started)
+
+
+def run_plans(plans: Sequence[Any], statuses: dict, settings: RunSettings, *, execute: Callable,
+              report: Callable[[Any, RankResult], None], where: Callable[[Any], Any]) -> tuple[list[RankResult], int | None]:
+    """Convert the plans not done yet (with --verify, verify the done ones), reporting each as it
+    ends; returns the results and, when a signal stopped the run, its exit code."""
+    if settings.debug:
+        for plan in plans:
+            log.debug("%s", plan.describe())
+    results: list[RankResult] = []
+    with progress_reporting(len(plans)) as advance:
+        def on_done(plan, result: RankResult) -> None:
+            results.append(result)
+            advance()
+            report(plan, result)
+
+        tasks = []
+        for plan in plans:
+            if statuses[plan.folder] == "outdated":
+                log.info("'%s': its outputs were written by another version of the converter (this is %s); "
+                         "converting it again", where(plan), __version__)
+            if statuses[plan.folder] != "done":
+                tasks.append(Task(plan, write=True))
+            elif settings.verify:  # a complete output from an earlier run is verified, not rewritten
+                tasks.append(Task(plan, write=False))
+            else:
+                on_done(plan, RankResult(plan.folder.name, "skipped"))
+        try:
+            run_tasks(tasks, settings, on_done, execute=execute)
+        except RunStopped as stop:
+            log.error("interrupted (%s): stopped the workers and removed their partial files; "
+                      "re-run the same command to finish the remaining ranks", stop.cause)
+            return results, stop.exit_code
+    return results, None
+
+
+def report_line(source: Any, target: Any, result: RankResult) -> None:
+    """The line users grep: `successfully` once per folder whose files are complete."""
+    if result.status == "failed":
+        log.error("failed to convert '%s': %s", source, result.message)
+    elif result.status == "skipped":
+        log.info("convert '%s' to '%s' successfully (complete from an earlier run of this command; skipped).",
+                 source, target)
+    else:
+        log.info("convert '%s' to '%s' successfully.", source, target)
+
+
+def log_verified(results: Sequence[RankResult]) -> None:
+    log.info("verified %d tensors in %d files", sum(r.verified_tensors for r in results),
+             sum(r.verified_files for r in results))
+
+
+@contextlib.contextmanager
+def progress_reporting(total: int):
+    """A tqdm bar over ranks on a terminal, with log lines printed above it; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield lambda: None
+        return
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+    with tqdm(total=total, unit="rank", desc="converting") as bar, logging_redirect_tqdm(loggers=[log]):
+        yield lambda: bar.update(1)
+
+
+def summary(results: Sequence[RankResult], total: int, started: float, shard: Shard | None = None) -> None:
+    by = {s: sum(1 for r in results if r.status == s) for s in ("converted", "skipped", "failed")}
+    log.info("summary%s: %d converted, %d skipped, %d failed, %d not run of %d folders in %.1f s, %d bytes written",
+             f" (shard {shard})" if shard is not None else "",
+             by["converted"], by["skipped"], by["failed"], total - len(results), total,
+             time.monotonic() - started, sum(r.bytes_written for r in results))
+
+
+def exit_code(results: Sequence[RankResult]) -> int:
+    return EXIT_OK if all(r.status != "failed" for r in results) else EXIT_FAILED
