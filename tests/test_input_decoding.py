@@ -7,23 +7,14 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
-import pytest
 import torch
 
-from tests.expected_outputs import SAMPLE, load_ms, run_cli
+from tests.expected_outputs import load_ms, run_cli
 from tests.megatron_fixture import _megatron_enums_module, load_megatron_file
+from tests.test_faults import ckpt  # noqa: F401  (the writable copy of the sample)
 
 SIZES = ["--tp-size", 2, "--pp-size", 2, "--dp-size", 2]
 DISTRIB = "iter_0000010/mp_rank_01_000/distrib_optim.pt"
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    root = tmp_path / "save"
-    shutil.copytree(SAMPLE, root)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return root
 
 
 def convert(ckpt, out, *extra):
