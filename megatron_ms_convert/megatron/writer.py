@@ -291,12 +291,19 @@ def bucket_members(layout: BufferLayout, counts: BucketCounts) -> list[list[tupl
 
 def _bucket_producer(chunk: int, size: int, members: Sequence[tuple[ParamSpan, int]], state: str, state_value):
     def produce() -> torch.Tensor:
-        bucket = torch.zeros(size, dtype=torch.float32)
-        for span, offset in members:
+        # Not torch.zeros: writing every element twice costs a tenth of the whole conversion. Only the
+        # elements no parameter covers (the padding) are zeroed.
+        bucket = torch.empty(size, dtype=torch.float32)
+        filled = 0
+        for span, offset in sorted(members, key=lambda member: member[1]):
             values = state_value(chunk, span.name, state)
             if values.numel() != span.numel or values.dtype != torch.float32:
                 raise ValueError(f"model chunk {chunk} {span.name} {state}: {values.numel()} {values.dtype} "
                                  f"values, expected {span.numel} torch.float32")
+            if offset > filled:
+                bucket[filled:offset].zero_()
             bucket[offset:offset + span.numel] = values.reshape(-1)
+            filled = max(filled, offset + span.numel)
+        bucket[filled:].zero_()
         return bucket
     return produce
