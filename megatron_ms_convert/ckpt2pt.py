@@ -35,16 +35,16 @@ import torch
 from .atomic import write_common_file
 from .errors import ConvertInputError
 from .shard import Shard, add_shard_flags, log_check, own_share
-from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable
+from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable, optimizer_param_groups
 from .megatron.layout import BucketCounts, BufferLayout, list_param_map_files, read_rank_layouts, state_key_for
-from .megatron.pt_meta import DOCUMENTED_KEYS, counts_from_meta, layouts_from_meta, skeletons_from_meta
+from .megatron.pt_meta import DOCUMENTED_KEYS, counts_from_meta, is_moe_record, layouts_from_meta, skeletons_from_meta
 from .megatron.rebuild_rules import rule_counts, rule_skeletons
 from .megatron.torch_writer import write_torch_file
 from .megatron.writer import (OPTIMIZER_STATES, TrainingUpdates, apply_training_updates, distrib_optim_tree,
                               model_optim_rng_tree, skeleton_specs, target_counts)
 from .mindspore.reader import MindSporeFile, open_mindspore_file
-from .naming import (NamingFacts, local_layer_numbers, megatron_name, megatron_state_dict_key, naming_facts,
-                     renumber_layers, split_state)
+from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, megatron_name, megatron_state_dict_key,
+                     naming_facts, renumber_layers, split_state, stacked_expert_name)
 from .plan import LR_DECAY_STYLES, SCHEDULER_FLOAT64, SCHEDULER_INT64, WD_INCR_STYLES
 from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verified, report_line, run_command,
                       run_plans, summary)
@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--noop", type=int, nargs="+", default=None,
                        help="global layer numbers of no-op layers that exist in the MindSpore model but not in "
                             "Megatron's (skipped)")
+    group.add_argument("--ep-size", type=int, default=None,
+                       help="expert parallel size of the run (MoE; default: from pt_meta, which records it; given, "
+                            "it is checked against that)")
     group.add_argument("--ms-dp-size", type=int, default=None,
                        help="data-parallel size the rank_N folders are numbered with (default: --dp-size)")
     group.add_argument("--ms-cp-size", type=int, default=None,
@@ -144,12 +147,13 @@ class Options:
     debug: bool
     shard: Shard | None = None
     check: bool = False
+    ep_size: int | None = None
 
 
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
     """The flags as Options; `environ` is the launcher's environment, read by --shard auto."""
     for flag in ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
-                 "ms_dp_size", "ms_cp_size"):
+                 "ms_dp_size", "ms_cp_size", "ep_size"):
         value = getattr(ns, flag)
         if value is not None and value < 1:
             name = "--" + flag.replace("_", "-")
@@ -172,7 +176,7 @@ def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None 
         process_limit=ns.process_limit, multiprocess_off=ns.multiprocess_off, process_timeout=ns.process_timeout,
         iteration=ns.iteration, consumed_train_samples=ns.consumed_train_samples, verify=ns.verify,
         overwrite=ns.overwrite, debug=ns.debug, shard=Shard.parse(ns.shard, environ) if ns.shard else None,
-        check=ns.check)
+        check=ns.check, ep_size=ns.ep_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,14 +213,44 @@ def pick_ms_file(rank_dir: Path, fmt: str) -> Path:
     return max(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
 
 
-def pt_meta_file(param_map_path: Path, tp: int, pp: int) -> Path:
-    path = param_map_path / f"args_tp{tp:02}_pp{pp:03}.pt"
+def pt_meta_file(param_map_path: Path, tp: int, pp: int, ep: int = 0, ep_size: int = 1) -> Path:
+    """The record of one source folder: args_tpTT_ppPPP.pt, or args_tpTT_ppPPP_epEEE.pt with expert
+    parallelism (one per (tp, pp, ep) folder, as Megatron writes them)."""
+    stem = f"args_tp{tp:02}_pp{pp:03}" + (f"_ep{ep:03}" if ep_size > 1 else "")
+    path = param_map_path / f"{stem}.pt"
     if not path.is_file():
+        per_rank = "args_tpTT_ppPPP_epEEE.pt" if ep_size > 1 else "args_tpTT_ppPPP.pt"
         raise ConvertInputError(f"{path}: file is missing",
-                                expected="the pt_meta folder convert_pt2ckpt.py wrote (args_tpTT_ppPPP.pt per rank)",
+                                expected=f"the pt_meta folder convert_pt2ckpt.py wrote ({per_rank} per rank)",
                                 fix="pass --param-map-path <ms-path of convert_pt2ckpt>/pt_meta, or check "
-                                    "--tp-size/--pp-size")
+                                    "--tp-size/--pp-size" + (" (and that no ep folder's record was lost)"
+                                                             if ep_size > 1 else ""))
     return path
+
+
+def recorded_ep_size(options: Options) -> int:
+    """The expert parallel size pt_meta records (1 when its records carry no `_epEEE`), checked
+    against --ep-size: it decides which records, rank_N folders and output folders there are."""
+    first = options.param_map_path / "args_tp00_pp000_ep000.pt"
+    recorded = 1
+    if first.is_file():
+        meta = load_pt(first)
+        recorded = int(meta.get("ep_size") or 0) if isinstance(meta, dict) else 0
+        if recorded < 2:
+            raise ConvertInputError(f"{first}: ep_size {recorded}", expected="the expert parallel size (2 or more)",
+                                    fix="pass the pt_meta folder convert_pt2ckpt.py wrote as --param-map-path")
+    if options.ep_size is not None and options.ep_size != recorded:
+        raise ConvertInputError(f"--ep-size {options.ep_size} contradicts {options.param_map_path}",
+                                expected=f"--ep-size {recorded} (the training run's, as pt_meta records it)",
+                                found=str(options.ep_size), fix=f"pass --ep-size {recorded} or drop --ep-size")
+    for flag, size in (("--dp-size", options.dp_size), ("--ms-dp-size", options.ms_dp_size)):
+        if size % recorded:
+            raise ConvertInputError(f"{flag} {size} with expert parallel size {recorded}",
+                                    expected=f"a multiple of {recorded} (the expert-parallel group is carved out of "
+                                             "the data-parallel one)", found=str(size),
+                                    fix=f"pass {flag} {recorded * max(1, size // recorded)} or another multiple of "
+                                        f"{recorded}")
+    return recorded
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,23 +357,25 @@ def consumed_samples(meta: dict, iteration: int, options: Options, where: Path) 
 
 @dataclass(frozen=True)
 class BackPlan:
-    """Everything one worker does for one (tp, pp) rank: read `source_file`, write `out_dir`."""
+    """Everything one worker does for one (tp, pp[, ep]) rank: read `source_file`, write `out_dir`."""
 
-    folder: RankFolder  # the MindSpore rank_N folder, with the Megatron (tp, pp) it becomes
+    folder: RankFolder  # the MindSpore rank_N folder, with the Megatron (tp, pp, ep) it becomes
     source_file: Path
     fmt: str
     pt_meta_file: Path
     out_dir: Path
     write_distrib: bool
     dp_cp: int
-    # (chunk, state-dict key with local layer numbers, state) -> MindSpore name
-    sources: tuple[tuple[tuple[int, str, str], str], ...]
+    # (chunk, state-dict key with local layer numbers, state) -> (MindSpore name, row): row None for
+    # a tensor stored as it is, k for local expert k of experts stored stacked on axis 0
+    sources: tuple[tuple[tuple[int, str, str], tuple[str, int | None]], ...]
     iteration: int
     args_updates: tuple[tuple[str, Any], ...]
     group_updates: tuple[tuple[int, str, Any], ...]
     scheduler_updates: tuple[tuple[str, Any], ...]
     manifest_file: Path
     num_chunks: int = 1
+    ep_size: int = 1  # the expert buffers are padded for dp_cp // ep_size (the expert-data-parallel size)
     fingerprint: str = field(default="", compare=False)
 
     @property
@@ -355,8 +391,18 @@ class BackPlan:
         lines += [f"  set args.{k} = {v!r}" for k, v in self.args_updates]
         lines += [f"  set param_groups[{i}][{k!r}] = {v!r}" for i, k, v in self.group_updates]
         lines += [f"  set opt_param_scheduler[{k!r}] = {v!r}" for k, v in self.scheduler_updates]
-        lines += [f"  chunk {c} {key} {state} <- {name}" for (c, key, state), name in self.sources]
+        lines += [f"  chunk {c} {key} {state} <- {name}" + ("" if row is None else f"[{row}]")
+                  for (c, key, state), (name, row) in self.sources]
         return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class StatePart:
+    """One optimizer's grad buffers: the dense optimizer's, or (MoE) the experts'."""
+
+    kind: str  # "dense" or "expert"
+    layouts: list[BufferLayout] | None
+    counts: list[BucketCounts] | None
 
 
 @dataclass(frozen=True)
@@ -368,6 +414,30 @@ class RankMeta:
     skeletons: list[dict]
     layouts: list[BufferLayout] | None
     counts: list[BucketCounts] | None
+    expert_layouts: list[BufferLayout] | None = None
+    expert_counts: list[BucketCounts] | None = None
+
+    @property
+    def list_form(self) -> bool:
+        """distrib_optim.pt is `[dense, expert]` (a MoE run with expert parallelism), not one dict."""
+        return self.meta.get("distrib_form") == "list"
+
+    @property
+    def num_local_experts(self) -> int:
+        """Experts per rank (stacked in the MindSpore file), 0 without experts."""
+        return int(self.meta.get("num_local_experts") or 0) if is_moe_record(self.meta) else 0
+
+    def distrib_parts(self) -> list[StatePart | None]:
+        """distrib_optim.pt's optimizers in saved order; None where Megatron saves None (the dense
+        element in the folders of ep ranks > 0: the dense optimizer's dp rank 0 is ep rank 0)."""
+        dense = StatePart("dense", self.layouts, self.counts)
+        if not self.list_form:
+            return [dense]
+        return [dense if int(self.meta.get("ep_rank") or 0) == 0 else None,
+                StatePart("expert", self.expert_layouts, self.expert_counts)]
+
+    def all_layouts(self) -> list[BufferLayout]:
+        return [layout for part in self.distrib_parts() if part is not None for layout in part.layouts or ()]
 
 
 def read_rank_meta(path: Path, need_layouts: bool, tp: int, pp: int, num_chunks: int) -> RankMeta:
@@ -380,15 +450,23 @@ def read_rank_meta(path: Path, need_layouts: bool, tp: int, pp: int, num_chunks:
     skeletons = skeletons_from_meta(meta)
     if skeletons is None:
         return documented_rank_meta(path, meta, tp, pp, num_chunks)
-    layouts, counts = layouts_from_meta(meta, str(path)), counts_from_meta(meta)
-    if need_layouts and (layouts is None or counts is None):
-        raise ConvertInputError(f"{path}: no grad-buffer layout in it (convert_pt2ckpt.py ran with "
-                                "--convert-param-only)", expected="layouts and per_bucket_numel",
+    rank = RankMeta(path, meta, skeletons, layouts_from_meta(meta, str(path)), counts_from_meta(meta),
+                    layouts_from_meta(meta, str(path), "expert_"), counts_from_meta(meta, "expert_"))
+    missing = [part.kind for part in rank.distrib_parts()
+               if part is not None and (part.layouts is None or part.counts is None)]
+    if need_layouts and missing:
+        raise ConvertInputError(f"{path}: no {' or '.join(missing)} grad-buffer layout in it (convert_pt2ckpt.py ran "
+                                "with --convert-param-only)", expected="layouts and per_bucket_numel",
                                 fix="pass --convert-param-only to write model_optim_rng.pt alone")
-    return RankMeta(path, meta, skeletons, layouts, counts)
+    return rank
 
 
 def documented_rank_meta(path: Path, meta: dict, tp: int, pp: int, num_chunks: int) -> RankMeta:
+    if getattr(meta["args"], "num_experts", None):
+        raise ConvertInputError(f"{path}: a MoE run's record without the expert layouts (written by the documented "
+                                "tool?)", expected="the pt_meta folder convert_pt2ckpt.py of this package wrote",
+                                fix="convert the Megatron checkpoint with this package's convert_pt2ckpt.py and "
+                                    "pass its pt_meta as --param-map-path")
     files = list_param_map_files(path.parent)
     if not files:
         raise ConvertInputError(f"{path}: written by the documented tool, and no param_map_buffer*.json beside it",
@@ -402,9 +480,9 @@ def documented_rank_meta(path: Path, meta: dict, tp: int, pp: int, num_chunks: i
                     rule_counts(layouts, meta["args"]))
 
 
-def resolve_topology(options: Options, metas: dict[tuple[int, int], RankMeta]) -> Topology:
+def resolve_topology(options: Options, metas: dict[tuple[int, int, int], RankMeta], ep_size: int = 1) -> Topology:
     """Flags against the saved args; layers per stage from the skeletons (uneven stages need no flag)."""
-    first = metas[(0, 0)]
+    first = metas[(0, 0, 0)]
     args = first.meta["args"]
     saved = {"--tp-size": getattr(args, "tensor_model_parallel_size", None),
              "--pp-size": getattr(args, "pipeline_model_parallel_size", None),
@@ -417,13 +495,13 @@ def resolve_topology(options: Options, metas: dict[tuple[int, int], RankMeta]) -
             raise ConvertInputError(f"{flag} {value} contradicts {first.path}",
                                     expected=f"{flag} {saved[flag]} (the training run's value)", found=str(value),
                                     fix=f"pass {flag} {saved[flag]}, or the pt_meta of this run as --param-map-path")
-    for (tp, pp), rank in metas.items():
+    for rank in metas.values():
         if len(rank.skeletons) != options.vpp_size:
             raise ConvertInputError(f"{rank.path}: {len(rank.skeletons)} model chunks",
                                     expected=f"{options.vpp_size} (--vpp-size)", found=str(len(rank.skeletons)),
                                     fix="pass the training run's --vpp-size")
     num_layers = options.num_layers or saved["--num-layers"]
-    stage_list = tuple(len(local_layer_numbers([k for k, _ in skeleton_specs(metas[(0, pp)].skeletons[0])]))
+    stage_list = tuple(len(local_layer_numbers([k for k, _ in skeleton_specs(metas[(0, pp, 0)].skeletons[0])]))
                        for pp in range(options.pp_size))
     if options.vpp_size == 1 and num_layers is not None and sum(stage_list) != num_layers:
         raise ConvertInputError(f"--param-map-path {options.param_map_path}: the stages hold {list(stage_list)} layers",
@@ -431,7 +509,7 @@ def resolve_topology(options: Options, metas: dict[tuple[int, int], RankMeta]) -
                                 fix="pass the pt_meta of this run as --param-map-path")
     return Topology(tp_size=options.tp_size, pp_size=options.pp_size, dp_size=options.ms_dp_size,
                     cp_size=options.ms_cp_size, vpp_size=options.vpp_size, num_layers=num_layers or sum(stage_list),
-                    stage_list=stage_list)
+                    stage_list=stage_list, ep_size=ep_size, moe=first.num_local_experts > 0)
 
 
 def megatron_layer(ms_layer: int, noop: Sequence[int]) -> int | None:
@@ -469,7 +547,7 @@ def needed_tensors(rank: RankMeta, with_optimizer: bool) -> list[tuple[int, str,
         for key, spec in skeleton_specs(skeleton):
             out[(chunk, key, "param")] = spec.shape
     if with_optimizer:
-        for layout in rank.layouts:
+        for layout in rank.all_layouts():
             for span in layout.params:
                 for state in OPTIMIZER_STATES:
                     out[(layout.chunk, state_key_for(span.name), state)] = span.shape
@@ -484,26 +562,35 @@ def map_sources(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp_pp: tuple[
     out, missing = [], []
     for chunk, key, state, shape in needed_tensors(rank, not options.convert_param_only):
         global_key = renumber_layers(key, topo.layer_map(pp, chunk))
-        name = index.get((state, global_key))
+        # a rank's experts are stored stacked under local expert 0's name, local expert k in row k
+        row = local_expert_index(global_key) if rank.num_local_experts else None
+        name = index.get((state, global_key if row is None else stacked_expert_name(global_key)))
         if name is None:
             missing.append(f"{state} {global_key}")
             continue
         info = ms.info(name)
-        if math.prod(info.shape) != math.prod(shape) or info.dtype != "float32":
+        want = tuple(shape) if row is None else (rank.num_local_experts, *shape)
+        if math.prod(info.shape) != math.prod(want) or info.dtype != "float32" \
+                or (row is not None and tuple(info.shape)[:1] != want[:1]):
             raise ConvertInputError(f"{ms.path}: tensor {name} is {info.dtype} {list(info.shape)}",
-                                    expected=f"float32 {list(shape)} (from {rank.path})", found=f"{info.dtype} "
-                                    f"{list(info.shape)}", fix="check that --param-map-path is the pt_meta of the "
-                                    "run these MindSpore files come from, and --noop")
-        out.append(((chunk, key, state), name))
+                                    expected=f"float32 {list(want)} (from {rank.path}"
+                                             + (", the rank's experts stacked)" if row is not None else ")"),
+                                    found=f"{info.dtype} {list(info.shape)}",
+                                    fix="check that --param-map-path is the pt_meta of the run these MindSpore files "
+                                        "come from, and --noop" + (" and the rank sizes" if row is not None else ""))
+        out.append(((chunk, key, state), (name, row)))
     if missing:
         raise ConvertInputError(f"{ms.path}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}",
                                 expected=f"every parameter{'' if options.convert_param_only else ' and moment'} of "
                                          f"{rank.path}", found=f"{len(index)} parameters and moments",
                                 fix="check --param-map-path (the pt_meta of this run), --noop, the rank sizes; "
                                     "or pass --convert-param-only for a file without optimizer state")
-    used = {name for _, name in out}
-    unused = [name for (state, _), name in index.items()
-              if name not in used and (state == "param" or not options.convert_param_only)]
+    used = {name for _, (name, _row) in out}
+    # the dense moments in the file of an ep rank > 0 are copies of ep rank 0's, which its folder saves
+    dense_moments_elsewhere = rank.distrib_parts()[0] is None
+    unused = [name for (state, key), name in index.items()
+              if name not in used and (state == "param" or not (options.convert_param_only or (
+                  dense_moments_elsewhere and not is_expert_key(key))))]
     if unused:
         # a parameter the Megatron rank does not have means the two sides disagree on the model
         # (no-op layers, another run): converting anyway would put values at the wrong layers
@@ -515,7 +602,7 @@ def map_sources(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp_pp: tuple[
 
 
 def plan_rank(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp: int, pp: int, options: Options,
-              iteration: int) -> BackPlan:
+              iteration: int, ep: int = 0) -> BackPlan:
     meta = rank.meta
     facts = naming_facts(meta["args"], keys=[k for s in rank.skeletons for k, _ in skeleton_specs(s)])
     sources = map_sources(rank, ms, topo, (tp, pp), options, facts)
@@ -529,17 +616,17 @@ def plan_rank(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp: int, pp: in
                        ("world_size", options.tp_size * options.pp_size * options.dp_size * options.cp_size)):
         if getattr(args, key, value) != value:
             args_updates.append((key, value))
-    optimizer = meta.get("optimizer") or {}
-    groups = optimizer.get("optimizer", {}).get("param_groups", ()) if isinstance(optimizer, dict) else ()
+    groups = optimizer_param_groups(meta.get("optimizer"))
     iteration_dir = options.megatron_path / f"iter_{iteration:07d}"
+    stem = f"tp{tp:02}_pp{pp:03}" + (f"_ep{ep:03}" if topo.ep_size > 1 else "")
     return BackPlan(
-        folder=RankFolder(pp=pp, tp=tp, path=ms.path.parent), source_file=ms.path, fmt=options.fmt,
-        pt_meta_file=rank.path, out_dir=iteration_dir / folder_name(tp, pp, options.pp_size),
+        folder=RankFolder(pp=pp, tp=tp, path=ms.path.parent, ep=ep), source_file=ms.path, fmt=options.fmt,
+        pt_meta_file=rank.path, out_dir=iteration_dir / folder_name(tp, pp, options.pp_size, ep, topo.ep_size),
         write_distrib=not options.convert_param_only, dp_cp=dp_cp, sources=sources, iteration=iteration,
         args_updates=tuple(args_updates), group_updates=group_updates(ms, groups),
         scheduler_updates=scheduler_updates(ms, dict(meta.get("opt_param_scheduler") or {})),
-        manifest_file=iteration_dir / MANIFEST_DIR / f"manifest_tp{tp:02}_pp{pp:03}.json",
-        num_chunks=len(rank.skeletons))
+        manifest_file=iteration_dir / MANIFEST_DIR / f"manifest_{stem}.json",
+        num_chunks=len(rank.skeletons), ep_size=topo.ep_size)
 
 
 @dataclass
@@ -563,16 +650,20 @@ def _prepare(options: Options) -> Job:
     if not options.param_map_path.is_dir():
         raise ConvertInputError(f"--param-map-path {options.param_map_path}: no such folder",
                                 fix="pass the pt_meta folder convert_pt2ckpt.py wrote")
-    ranks = [(tp, pp) for pp in range(options.pp_size) for tp in range(options.tp_size)]
-    metas = {r: read_rank_meta(pt_meta_file(options.param_map_path, *r), not options.convert_param_only, *r,
-                               options.vpp_size) for r in ranks}
-    topo = resolve_topology(options, metas)
-    files = {r: pick_ms_file(options.ms_path / f"rank_{topo.ms_rank(*r)}", options.fmt) for r in ranks}
+    ep_size = recorded_ep_size(options)
+    ranks = [(tp, pp, ep) for pp in range(options.pp_size) for tp in range(options.tp_size) for ep in range(ep_size)]
+    metas = {(tp, pp, ep): read_rank_meta(pt_meta_file(options.param_map_path, tp, pp, ep, ep_size),
+                                          not options.convert_param_only, tp, pp, options.vpp_size)
+             for tp, pp, ep in ranks}
+    topo = resolve_topology(options, metas, ep_size)
+    # ep rank e's experts are in the file of dp rank e (whose ep rank is e mod ep_size), cp 0
+    files = {(tp, pp, ep): pick_ms_file(options.ms_path / f"rank_{topo.ms_rank(tp, pp, dp=ep)}", options.fmt)
+             for tp, pp, ep in ranks}
     plans, iterations = [], {}
     with contextlib.ExitStack() as stack:
         opened = {r: stack.enter_context(open_mindspore_file(files[r], options.fmt)) for r in ranks}
         for r in ranks:
-            log.info("rank tp %d pp %d: reading %s", r[0], r[1], files[r])
+            log.info("rank tp %d pp %d%s: reading %s", r[0], r[1], f" ep {r[2]}" if ep_size > 1 else "", files[r])
             iterations[files[r]] = iteration_of(opened[r], options)
         if len(set(iterations.values())) != 1:
             shown = ", ".join(f"{path}: {it}" for path, it in list(iterations.items())[:4])
@@ -581,7 +672,7 @@ def _prepare(options: Options) -> Job:
                                                                   "--iteration N")
         iteration = next(iter(iterations.values()))
         for r in ranks:
-            plan = plan_rank(metas[r], opened[r], topo, r[0], r[1], options, iteration)
+            plan = plan_rank(metas[r], opened[r], topo, r[0], r[1], options, iteration, ep=r[2])
             sources = [plan.source_file, plan.pt_meta_file]
             plans.append(dataclasses.replace(plan, fingerprint=fingerprint_of(plan, sources)))
     return Job(plans, iteration)
@@ -605,7 +696,7 @@ def restored_entries(meta: dict, plan: BackPlan) -> dict:
         entries["args"] = args
     if plan.group_updates:
         entries["optimizer"] = copy.deepcopy(entries["optimizer"])
-        groups = entries["optimizer"]["optimizer"]["param_groups"]
+        groups = optimizer_param_groups(entries["optimizer"])  # numbered on across a MoE run's two optimizers
         for i, key, value in plan.group_updates:
             groups[i][key] = value
     if plan.scheduler_updates:
@@ -614,7 +705,8 @@ def restored_entries(meta: dict, plan: BackPlan) -> dict:
 
 
 class RankSources:
-    """The MindSpore tensors of one plan, by (chunk, local state-dict key, state), as flat fp32 views."""
+    """The MindSpore tensors of one plan, by (chunk, local state-dict key, state), as flat fp32 views
+    (one row of a stacked expert tensor for an expert parameter)."""
 
     def __init__(self, plan: BackPlan, ms: MindSporeFile):
         self.ms = ms
@@ -622,11 +714,13 @@ class RankSources:
         self.peak_anon_bytes = 0  # sampled as each tensor is handed out, while a bucket is being filled
 
     def value(self, chunk: int, key: str, state: str) -> torch.Tensor:
-        name = self.names.get((chunk, key, state))
-        if name is None:
+        source = self.names.get((chunk, key, state))
+        if source is None:
             raise ValueError(f"{self.ms.path}: no source planned for chunk {chunk} {key} {state}")
         self.peak_anon_bytes = max(self.peak_anon_bytes, anon_memory_bytes())
-        return self.ms.read(name).reshape(-1)
+        name, row = source
+        tensor = self.ms.read(name)
+        return (tensor if row is None else tensor[row]).reshape(-1)
 
     def state_value(self, chunk: int, ddp_name: str, state: str) -> torch.Tensor:
         return self.value(chunk, state_key_for(ddp_name), state)
@@ -647,8 +741,7 @@ def execute_back_plan(plan: BackPlan, settings: RunSettings, write: bool = True)
             write_manifest(plan, "writing")
             plan.out_dir.mkdir(parents=True, exist_ok=True)
             if plan.write_distrib:
-                write_torch_file(plan.out_dir / DISTRIB_FILE,
-                                 distrib_optim_tree(rank.layouts, rank.counts, plan.dp_cp, sources.state_value))
+                write_torch_file(plan.out_dir / DISTRIB_FILE, distrib_optim_content(rank, plan, sources.state_value))
             tree = model_optim_rng_tree(restored_entries(rank.meta, plan), rank.skeletons, sources.model_value,
                                         rank.meta.get("state_keys"))
             with megatron_enum_importable():
@@ -670,6 +763,20 @@ def execute_back_plan(plan: BackPlan, settings: RunSettings, write: bool = True)
     log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
               result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
     return result
+
+
+def part_dp(part: StatePart, plan: BackPlan) -> int:
+    """The data-parallel size a part's buckets are padded for: DP x CP for the dense optimizer, the
+    expert-data-parallel size (DP x CP / EP) for the experts'."""
+    return plan.dp_cp // plan.ep_size if part.kind == "expert" else plan.dp_cp
+
+
+def distrib_optim_content(rank: RankMeta, plan: BackPlan, state_value) -> Any:
+    """distrib_optim.pt's tree: one dict, or for a MoE run with expert parallelism the list
+    `[dense, expert]` Megatron's ChainedOptimizer saves (None where it saves None)."""
+    trees = [None if part is None else distrib_optim_tree(part.layouts, part.counts, part_dp(part, plan), state_value)
+             for part in rank.distrib_parts()]
+    return trees if rank.list_form else trees[0]
 
 
 class VerificationError(RuntimeError):
@@ -695,25 +802,39 @@ def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources) -> int:
         problems.append(f"{MODEL_FILE} iteration {model.get('iteration')} != {plan.iteration}")
     if plan.write_distrib:
         distrib = load_pt(plan.out_dir / DISTRIB_FILE)
-        for gbuf, (layout, target) in enumerate(zip(rank.layouts, target_counts(rank.counts, plan.dp_cp))):
-            [(dtype_key, by_state)] = distrib[gbuf].items()
-            for state in OPTIMIZER_STATES:
-                for bucket, tensor in enumerate(by_state[state]):
-                    covered = torch.zeros(tensor.numel(), dtype=torch.bool)
-                    source = rank.counts[gbuf]
-                    for span in layout.params:
-                        if span.bucket != bucket:
-                            continue
-                        offset = span.start - source.bucket_start(bucket)
-                        want = sources.state_value(layout.chunk, span.name, state)
-                        if not _bitwise_equal(tensor[offset:offset + span.numel], want):
-                            problems.append(f"{DISTRIB_FILE} {span.name} {state}")
-                        covered[offset:offset + span.numel] = True
-                        compared += 1
-                    if tensor.numel() != target.padded[bucket] or tensor[~covered].view(torch.int32).any():
-                        problems.append(f"{DISTRIB_FILE} buffer {gbuf} {state} bucket {bucket}: size or padding")
+        saved = distrib if rank.list_form else [distrib]
+        for part, tree in zip(rank.distrib_parts(), saved):
+            if part is None:
+                if tree is not None:
+                    problems.append(f"{DISTRIB_FILE}: a dense state where Megatron saves None")
+                continue
+            compared += verify_state_part(part, tree, part_dp(part, plan), sources, problems)
     if problems:
         raise VerificationError(f"verification of {plan.out_dir} failed (outputs removed): " + "; ".join(problems[:10]))
+    return compared
+
+
+def verify_state_part(part: StatePart, tree: dict, dp_cp: int, sources: RankSources, problems: list[str]) -> int:
+    """Compare one optimizer's buckets with the MindSpore values, parameter by parameter; the padding
+    must be zeros. Appends what differs to `problems`; returns how many tensors were compared."""
+    compared = 0
+    for gbuf, (layout, target) in enumerate(zip(part.layouts, target_counts(part.counts, dp_cp))):
+        [(dtype_key, by_state)] = tree[gbuf].items()
+        for state in OPTIMIZER_STATES:
+            for bucket, tensor in enumerate(by_state[state]):
+                covered = torch.zeros(tensor.numel(), dtype=torch.bool)
+                source = part.counts[gbuf]
+                for span in layout.params:
+                    if span.bucket != bucket:
+                        continue
+                    offset = span.start - source.bucket_start(bucket)
+                    want = sources.state_value(layout.chunk, span.name, state)
+                    if not _bitwise_equal(tensor[offset:offset + span.numel], want):
+                        problems.append(f"{DISTRIB_FILE} {span.name} {state}")
+                    covered[offset:offset + span.numel] = True
+                    compared += 1
+                if tensor.numel() != target.padded[bucket] or tensor[~covered].view(torch.int32).any():
+                    problems.append(f"{DISTRIB_FILE} {part.kind} buffer {gbuf} {state} bucket {bucket}: size or padding")
     return compared
 
 

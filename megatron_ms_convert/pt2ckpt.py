@@ -209,7 +209,7 @@ def read_rank_info(folder: RankFolder, need_distrib: bool) -> RankInfo:
     chunk_tensors = tuple(
         tuple((key, tuple(t.shape), str(t.dtype)) for key, t in reader.model_tensors(model_sd[ck]).items())
         for ck in chunk_keys)
-    param_groups = tuple(_plain_numbers(g) for g in saved_param_groups(model_sd.get("optimizer")))
+    param_groups = tuple(_plain_numbers(g) for g in reader.optimizer_param_groups(model_sd.get("optimizer")))
     iteration = model_sd.get("iteration")
     if iteration is None and folder.path.parent.name == "release":
         iteration = 0  # as Megatron does when it loads a release checkpoint without one
@@ -232,16 +232,6 @@ def read_rank_info(folder: RankFolder, need_distrib: bool) -> RankInfo:
     return dataclasses.replace(info, counts=_counts_of(dense_buffers), expert_counts=_counts_of(expert_buffers),
                                states=_common_states(dense_buffers + expert_buffers),
                                dense_distrib_file=folder.distrib_file if folder.ep == 0 else None)
-
-
-def saved_param_groups(optimizer: Any) -> list[dict]:
-    """The optimizer's param groups as model_optim_rng.pt saved them; a MoE run's ChainedOptimizer saves
-    a list (dense optimizer, experts' optimizer), whose groups are numbered on in that order."""
-    groups = []
-    for part in optimizer if isinstance(optimizer, list) else [optimizer]:
-        inner = part.get("optimizer", {}) if isinstance(part, dict) else {}
-        groups += list(inner.get("param_groups", ())) if isinstance(inner, dict) else []
-    return groups
 
 
 def _plain_numbers(group: dict) -> dict:

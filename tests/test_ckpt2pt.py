@@ -169,9 +169,11 @@ def test_convert_param_only_writes_the_model_file_alone(sample_ms, tmp_path):
 # A checkpoint MindSpore changed
 
 
-def mindspore_train_step(path: Path, fmt: str, step: int, epoch: int = 0) -> dict[str, np.ndarray]:
-    """Load with mindspore.load_checkpoint, change every tensor and scalar training changes, save with
-    mindspore.save_checkpoint; returns the values saved (as MindSpore holds them)."""
+def mindspore_train_step(path: Path, fmt: str, step: int, epoch: int = 0,
+                         extra: dict[str, float] | None = None) -> dict[str, np.ndarray]:
+    """Load with mindspore.load_checkpoint, change every tensor and scalar training changes (and the
+    float32 scalars `extra` names), save with mindspore.save_checkpoint; returns the values saved (as
+    MindSpore holds them)."""
     import mindspore as ms
     loaded = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path), format=fmt).items()}
     changed = {}
@@ -185,6 +187,7 @@ def mindspore_train_step(path: Path, fmt: str, step: int, epoch: int = 0) -> dic
     changed["learning_rate_group_0"] = np.array(1.25e-4, np.float32)
     changed["state_step"] = np.full(loaded["state_step"].shape, step, np.float32)
     changed["num_steps"] = np.array(step * 16, np.int64)
+    changed.update({name: np.array(value, np.float32) for name, value in (extra or {}).items()})
     path.chmod(0o644)
     path.unlink()
     ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in changed.items()], str(path), format=fmt)

@@ -104,8 +104,17 @@ def rebuild_rank(tmp_path: Path, meta: dict, recorded: Recorded, tp: int, pp: in
 
 
 def assert_distrib_equal(ours: Path, theirs: Path) -> int:
-    """Equal outside padding, zeros in it; returns how many buckets were compared."""
+    """Equal outside padding, zeros in it; returns how many buckets were compared. A MoE run's list
+    `[dense, expert]` is compared element by element (None where the original has None)."""
     got, want = load_pt(ours), load_pt(theirs)
+    if isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want)
+        assert [g is None for g in got] == [w is None for w in want]
+        return sum(assert_distrib_trees_equal(g, w) for g, w in zip(got, want) if w is not None)
+    return assert_distrib_trees_equal(got, want)
+
+
+def assert_distrib_trees_equal(got: dict, want: dict) -> int:
     assert list(got) == list(want)
     for key in ("per_bucket_numel", "per_bucket_numel_unpadded"):
         assert got[key] == want[key]

@@ -31,7 +31,13 @@ from tests.expected_outputs import (assert_rank_files_match, expected_scalars, l
                                     ms_rank, run_cli)
 from tests.mindspeed_model_facts import (MindSpeedStage, checkpoint_names, ep_rank_of_dp,  # noqa: E402
                                          param_names)
-from tests.real_megatron import MegatronSpec, save_real_checkpoint  # noqa: E402
+from tests.real_megatron import MegatronSpec, dump_loaded_state, save_real_checkpoint  # noqa: E402
+from tests.test_ckpt2pt import in_process, mindspore_train_step  # noqa: E402
+from tests.test_megatron_writer import assert_distrib_equal  # noqa: E402
+from tests.test_real_megatron import assert_same_state  # noqa: E402
+from tests.test_torch_writer import assert_same  # noqa: E402
+from megatron_ms_convert.ckpt2pt import main as ckpt2pt_main  # noqa: E402
+from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main  # noqa: E402
 
 # hidden 34 leaves dense buckets of 2 mod 4 elements, ffn 65 odd expert buckets: at dp 4 (expert dp 2)
 # both buffers are padded.
@@ -281,3 +287,139 @@ def test_experts_not_divisible_by_ep_name_the_flag(pp1_dp4, tmp_path):
 def test_target_dp_size_must_be_a_multiple_of_ep(pp1_dp4, tmp_path):
     line = _error_line(run_cli("--megatron-path", pp1_dp4.path, "--ms-path", tmp_path / "ms", "--dp-size", 3))
     assert "--dp-size" in line and "multiple of 2" in line
+
+
+# ---------------------------------------------------------------------------------------------
+# The way back: MindSpore -> Megatron, loaded by Megatron's own ChainedOptimizer
+
+
+def there_and_back(spec: MegatronSpec, saved, root, *, target_dp: int | None = None, between=None):
+    """pt -> ckpt -> pt (with --verify); `between(ms_path)` may change the MindSpore files first.
+    Returns the new --save root."""
+    sizes = ["--tp-size", spec.tp, "--pp-size", spec.pp, "--vpp-size", spec.vpp]
+    forward = in_process(pt2ckpt_main, "--megatron-path", saved.path, "--ms-path", root / "ms", *sizes,
+                         "--dp-size", spec.dp)
+    assert forward.returncode == 0, forward.stdout
+    if between is not None:
+        between(root / "ms")
+    back = in_process(ckpt2pt_main, "--ms-path", root / "ms", "--param-map-path", root / "ms" / "pt_meta",
+                      "--megatron-path", root / "back", *sizes, "--dp-size", target_dp or spec.dp, "--cp-size", 1,
+                      "--ms-dp-size", spec.dp, "--verify")
+    assert back.returncode == 0, back.stdout
+    assert sum("successfully" in line for line in back.stdout.splitlines()) == spec.tp * spec.pp * spec.ep
+    return root / "back"
+
+
+@pytest.mark.parametrize("run", ["pp1_dp4", "pp2_dp2"])
+def test_round_trip_files_equal_the_originals_outside_the_padding(request, tmp_path, run):
+    spec, saved = _runs(request)[run]
+    back = there_and_back(spec, saved, tmp_path) / saved.path.name
+    folders = sorted(p.name for p in saved.path.glob("mp_rank_*"))
+    assert sorted(p.name for p in back.glob("mp_rank_*")) == folders and len(folders) == spec.pp * spec.ep
+    buckets = 0
+    for name in folders:
+        distrib = torch.load(back / name / "distrib_optim.pt", weights_only=False)
+        assert isinstance(distrib, list) and len(distrib) == 2
+        assert (distrib[0] is None) == name.endswith("_001")  # ep rank 1: no dense state, as Megatron saves it
+        buckets += assert_distrib_equal(back / name / "distrib_optim.pt", saved.path / name / "distrib_optim.pt")
+        got = torch.load(back / name / "model_optim_rng.pt", weights_only=False)
+        want = torch.load(saved.path / name / "model_optim_rng.pt", weights_only=False)
+        assert isinstance(got["optimizer"], list) and len(got["optimizer"]) == 2
+        assert_same(got, want)
+    assert buckets > 10
+
+
+def test_megatron_loads_the_round_trip_at_another_dp_size(pp1_dp4, tmp_path):
+    """dp 4 -> dp 2: the expert-data-parallel size goes from 2 to 1, so every padded bucket shrinks;
+    Megatron's own loader gets exactly the saved state."""
+    back = there_and_back(PP1_DP4, pp1_dp4, tmp_path, target_dp=2)
+    loaded = dump_loaded_state(back, PP1_DP4.with_dp(2))
+    assert_same_state(loaded, pp1_dp4.state)
+    assert loaded["ranks"][(0, 0, 1)]["per_bucket_numel"] != pp1_dp4.state["ranks"][(0, 0, 1)]["per_bucket_numel"]
+
+
+@pytest.mark.parametrize("run", ["pp3_vpp2", "ep1"])
+def test_megatron_loads_the_round_trip_into_the_saved_state(request, tmp_path, run):
+    spec = {"pp3_vpp2": PP3_VPP2, "ep1": EP1}[run]
+    saved = request.getfixturevalue(run)
+    back = there_and_back(spec, saved, tmp_path)
+    assert_same_state(dump_loaded_state(back, spec), saved.state)
+
+
+def test_values_mindspore_changed_come_back_into_both_optimizers(pp2_dp2, tmp_path):
+    """MindSpore trains on (every tensor and scalar changes, the experts' param groups 2 and 3 get their
+    own learning rates); Megatron's own loader then holds exactly the changed values, the experts'
+    learning rates in the experts' optimizer."""
+    lrs = {"learning_rate_group_2": 3.0e-4, "learning_rate_group_3": 5.0e-4}
+
+    def train_on_mindspore(ms_path):
+        for rank in ms_path.glob("rank_*"):
+            changed = mindspore_train_step(rank / "network.ckpt", "ckpt", step=5, extra=lrs)
+            assert set(lrs) <= set(changed)
+
+    back = there_and_back(PP2_DP2, pp2_dp2, tmp_path, between=train_on_mindspore)
+    assert (back / "latest_checkpointed_iteration.txt").read_text() == "5"
+    loaded = dump_loaded_state(back, PP2_DP2)
+    assert sorted(loaded["params"]) == sorted(pp2_dp2.state["params"])
+    for key, entry in pp2_dp2.state["params"].items():
+        for state in ("param", "exp_avg", "exp_avg_sq"):
+            want = (entry[state].numpy() * np.float32(0.75) + np.float32(0.125)).astype(np.float32)
+            got = loaded["params"][key][state]
+            assert got.dtype == torch.float32 and np.array_equal(got.numpy().view(np.int32), want.view(np.int32)), \
+                (key, state)
+        want_model = torch.from_numpy((entry["param"].numpy() * np.float32(0.75) + np.float32(0.125))
+                                      .astype(np.float32)).bfloat16()
+        assert loaded["params"][key]["model"].view(torch.int16).equal(want_model.view(torch.int16)), key
+    # (Megatron's scheduler recomputes the learning rates as it loads, so they are checked in the files)
+    for folder in sorted((back / "iter_0000005").glob("mp_rank_*")):
+        optimizer = torch.load(folder / "model_optim_rng.pt", weights_only=False)["optimizer"]
+        dense, experts = (part["optimizer"]["param_groups"] for part in optimizer)
+        assert [g["lr"] for g in experts] == [float(np.float32(v)) for v in lrs.values()], folder.name
+        assert dense[0]["lr"] == float(np.float32(1.25e-4)) and dense[1]["lr"] not in [g["lr"] for g in experts]
+    assert all(meta["iteration"] == 5 for meta in loaded["ranks"].values())
+
+
+def _ckpt2pt(ms_path, out, *extra, pp=2, dp=2):
+    return in_process(ckpt2pt_main, "--ms-path", ms_path, "--param-map-path", ms_path / "pt_meta",
+                      "--megatron-path", out, "--tp-size", 1, "--pp-size", pp, "--dp-size", dp, "--cp-size", 1,
+                      "--vpp-size", 1, *extra)
+
+
+@pytest.fixture(scope="module")
+def pp2_dp2_ms(pp2_dp2, tmp_path_factory):
+    out = tmp_path_factory.mktemp("moe_pp2_dp2_ms") / "ms"
+    _convert(PP2_DP2, pp2_dp2, out)
+    return out
+
+
+def test_way_back_param_only_writes_each_ep_folders_model_file(pp2_dp2, pp2_dp2_ms, tmp_path):
+    proc = _ckpt2pt(pp2_dp2_ms, tmp_path / "back", "--convert-param-only", "--verify")
+    assert proc.returncode == 0, proc.stdout
+    for original in sorted(pp2_dp2.path.glob("mp_rank_*")):
+        out = tmp_path / "back" / pp2_dp2.path.name / original.name
+        assert sorted(p.name for p in out.iterdir()) == ["model_optim_rng.pt"]
+        assert_same(torch.load(out / "model_optim_rng.pt", weights_only=False),
+                    torch.load(original / "model_optim_rng.pt", weights_only=False))
+
+
+def _back_error(proc) -> str:
+    assert proc.returncode == 2, proc.stdout
+    [line] = [line for line in proc.stdout.splitlines() if " ERROR " in line]
+    return line
+
+
+def test_way_back_bad_input_names_the_fix(pp2_dp2_ms, tmp_path):
+    line = _back_error(_ckpt2pt(pp2_dp2_ms, tmp_path / "a", "--ep-size", 4))
+    assert "--ep-size 4 contradicts" in line and "pass --ep-size 2" in line
+    line = _back_error(_ckpt2pt(pp2_dp2_ms, tmp_path / "b", dp=3))
+    assert "--dp-size 3" in line and "multiple of 2" in line
+    line = _back_error(_ckpt2pt(pp2_dp2_ms, tmp_path / "c", pp=1))
+    assert "--pp-size 1 contradicts" in line and "pass --pp-size 2" in line
+    meta = tmp_path / "meta"
+    shutil.copytree(pp2_dp2_ms / "pt_meta", meta)
+    (meta / "args_tp00_pp001_ep001.pt").unlink()
+    proc = in_process(ckpt2pt_main, "--ms-path", pp2_dp2_ms, "--param-map-path", meta, "--megatron-path",
+                      tmp_path / "d", "--tp-size", 1, "--pp-size", 2, "--dp-size", 2, "--cp-size", 1, "--vpp-size", 1)
+    line = _back_error(proc)
+    assert "args_tp00_pp001_ep001.pt: file is missing" in line and "args_tpTT_ppPPP_epEEE.pt" in line
+    assert not any((tmp_path / d).exists() for d in "abcd")

@@ -320,3 +320,14 @@ def _decode_buffer(distrib: dict, gbuf: int, padded: dict, unpadded: dict, path:
                                     expected=f"per_bucket_numel {list(sizes)}", found=str(lengths),
                                     fix="re-copy the file from the training run (damaged?)")
     return DistribBuffer(gbuf, tuple(key), tuple(sizes), tuple(unpadded_sizes), dict(buffer))
+
+
+def optimizer_param_groups(optimizer: Any) -> list[dict]:
+    """The optimizer's param groups as model_optim_rng.pt saved them (the dicts themselves, so a copy
+    of the optimizer entry can be updated through them); a MoE run's ChainedOptimizer saves a list
+    (dense optimizer, experts' optimizer), whose groups are numbered on in that order."""
+    groups = []
+    for part in optimizer if isinstance(optimizer, list) else [optimizer]:
+        inner = part.get("optimizer", {}) if isinstance(part, dict) else {}
+        groups += list(inner.get("param_groups", ())) if isinstance(inner, dict) else []
+    return groups

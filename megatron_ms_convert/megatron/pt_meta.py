@@ -90,20 +90,23 @@ def skeletons_from_meta(meta: dict) -> list[dict] | None:
     return [decode_skeleton(s) for s in meta["model_skeletons"]] if has_additions(meta) else None
 
 
-def layouts_from_meta(meta: dict, source: str) -> list[BufferLayout] | None:
-    """The grad-buffer layouts recorded at conversion time, or None when none were recorded."""
-    if not has_additions(meta) or not meta.get("layouts"):
+def layouts_from_meta(meta: dict, source: str, part: str = "") -> list[BufferLayout] | None:
+    """The grad-buffer layouts recorded at conversion time, or None when none were recorded; `part`
+    'expert_' for a MoE record's expert buffers."""
+    if not has_additions(meta) or not meta.get(part + "layouts"):
         return None
+    what = "expert layout" if part else "layout"
     return [BufferLayout(rec["chunk"], rec["buffer_index"],
                          tuple(ParamSpan(name, dtype, tuple(shape), start, end, bucket)
                                for name, dtype, shape, start, end, bucket in rec["params"]),
-                         f"{source} (layout of chunk {rec['chunk']} buffer {rec['buffer_index']})")
-            for rec in meta["layouts"]]
+                         f"{source} ({what} of chunk {rec['chunk']} buffer {rec['buffer_index']})")
+            for rec in meta[part + "layouts"]]
 
 
-def counts_from_meta(meta: dict) -> list[BucketCounts] | None:
-    """The source's bucket sizes per grad buffer as distrib_optim.pt saved them, or None."""
-    padded_all, unpadded_all = meta.get("per_bucket_numel"), meta.get("per_bucket_numel_unpadded")
+def counts_from_meta(meta: dict, part: str = "") -> list[BucketCounts] | None:
+    """The source's bucket sizes per grad buffer as distrib_optim.pt saved them, or None; `part`
+    'expert_' for a MoE record's expert buffers."""
+    padded_all, unpadded_all = meta.get(part + "per_bucket_numel"), meta.get(part + "per_bucket_numel_unpadded")
     if not has_additions(meta) or padded_all is None or unpadded_all is None:
         return None
     counts = []
@@ -111,3 +114,8 @@ def counts_from_meta(meta: dict) -> list[BucketCounts] | None:
         [(key, sizes)] = padded.items()
         counts.append(BucketCounts(gbuf, (str(key[0]), str(key[1])), tuple(sizes), tuple(unpadded[key])))
     return counts
+
+
+def is_moe_record(meta: dict) -> bool:
+    """A record of a run with experts (its MindSpore files hold them stacked per rank)."""
+    return has_additions(meta) and bool(meta.get("num_local_experts"))
