@@ -719,8 +719,7 @@ class RankSources:
             raise ValueError(f"{self.ms.path}: no source planned for chunk {chunk} {key} {state}")
         self.peak_anon_bytes = max(self.peak_anon_bytes, anon_memory_bytes())
         name, row = source
-        tensor = self.ms.read(name)
-        return (tensor if row is None else tensor[row]).reshape(-1)
+        return (self.ms.read(name) if row is None else self.ms.read_row(name, row)).reshape(-1)
 
     def state_value(self, chunk: int, ddp_name: str, state: str) -> torch.Tensor:
         return self.value(chunk, state_key_for(ddp_name), state)

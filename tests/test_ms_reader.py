@@ -246,6 +246,18 @@ def test_split_parameters_match_load_checkpoint(tmp_path, monkeypatch, async_sav
         assert a1.data_ptr() != a2.data_ptr()  # a joined tensor is a fresh copy each time
         s1, s2 = f.read("small"), f.read("small")
         assert s1.data_ptr() == s2.data_ptr()  # a one-message tensor is a view of the mapping
+        # rows (a rank's stacked experts are read one at a time), also where a row crosses messages;
+        # read() was just checked against load_checkpoint
+        rows = 0
+        for name in f.names():
+            whole = f.read(name)
+            for row in range(whole.shape[0] if whole.dim() else 0):
+                got = f.read_row(name, row)
+                assert got.dtype == whole.dtype and got.reshape(-1).view(torch.uint8).equal(whole[row].reshape(-1).view(torch.uint8))
+                rows += 1
+        assert rows == 10 + 1 + 3 + 3 + (0 if async_save else 40)
+        with pytest.raises(IndexError):
+            f.read_row("a", 10)
 
 
 @pytest.fixture(scope="module")

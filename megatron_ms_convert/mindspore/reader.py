@@ -134,12 +134,26 @@ class MindSporeFile:
         if self._mm is None:
             raise ValueError(f"{self.path}: file is closed")
         shape, dtype = loc.info.shape, TORCH_DTYPES[loc.info.dtype]
-        if len(loc.pieces) == 1:
-            offset, length = loc.pieces[0]
-            raw = torch.from_numpy(np.frombuffer(self._mm, np.uint8, length, offset))
-        else:
-            raw = self._joined_copy(loc.pieces)
-        return raw.view(dtype).reshape(shape)
+        return self._bytes(loc.pieces).view(dtype).reshape(shape)
+
+    def read_row(self, name: str, row: int) -> torch.Tensor:
+        """`read(name)[row]` reading only that row's bytes: a rank's stacked experts are read one
+        expert at a time, and a stack split over messages (over 512 MiB) is not copied whole for each."""
+        loc = self._located(name)
+        if self._mm is None:
+            raise ValueError(f"{self.path}: file is closed")
+        shape, dtype = loc.info.shape, TORCH_DTYPES[loc.info.dtype]
+        if not shape or not 0 <= row < shape[0]:
+            raise IndexError(f"{self.path}: {name} of shape {list(shape)} has no row {row}")
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        return self._bytes(byte_range(loc.pieces, row * row_bytes, row_bytes)).view(dtype).reshape(shape[1:])
+
+    def _bytes(self, pieces) -> torch.Tensor:
+        """The bytes of `pieces`: a view of the mapping for one piece, else a joined copy."""
+        if len(pieces) == 1:
+            offset, length = pieces[0]
+            return torch.from_numpy(np.frombuffer(self._mm, np.uint8, length, offset))
+        return self._joined_copy(pieces)
 
     def _joined_copy(self, pieces) -> torch.Tensor:
         out = torch.empty(sum(n for _, n in pieces), dtype=torch.uint8)
@@ -457,6 +471,24 @@ def _check_record(rec: _Record, path: Path) -> None:
                   "convert the checkpoint to one of those dtypes in MindSpore first")
     if any(d >= 1 << 63 for d in rec.dims):
         raise bad("non-negative dims", f"dims {[d - (1 << 64) if d >= 1 << 63 else d for d in rec.dims]}")
+
+
+def byte_range(pieces: tuple[tuple[int, int], ...], start: int, length: int) -> tuple[tuple[int, int], ...]:
+    """The (file offset, length) pieces holding bytes [start, start + length) of a tensor stored in
+    `pieces`.
+
+    >>> byte_range(((100, 10), (500, 10)), 8, 4)
+    ((108, 2), (500, 2))
+    """
+    out, pos = [], 0
+    for offset, size in pieces:
+        lo, hi = max(start, pos), min(start + length, pos + size)
+        if lo < hi:
+            out.append((offset + lo - pos, hi - lo))
+        pos += size
+    if sum(n for _, n in out) != length:
+        raise ValueError(f"bytes [{start}, {start + length}) are beyond the tensor's {pos} bytes")
+    return tuple(out) or ((0, 0),)
 
 
 def _located_tensor(first: _Record, pieces, path: Path) -> _Located:
