@@ -211,6 +211,7 @@ def _record_buffers(item) -> Iterator[memoryview]:
             yield from _zero_runs(piece.nbytes)
         elif isinstance(piece, torch.Tensor) and piece.device.type == "cpu":
             yield _tensor_bytes(piece)
+            del piece  # dropped before the next piece is produced
         else:
             raise ValueError(f"LazyTensor piece is {type(piece).__name__} "
                              f"{getattr(piece, 'device', '')}: expected a CPU tensor or Zeros")
@@ -346,6 +347,7 @@ class TorchZipWriter:
         crc, written, head = 0, 0, b""
         for buffer in buffers:
             view = memoryview(buffer).cast("B")
+            del buffer  # every reference is dropped before the next piece is produced
             for start in range(0, len(view), CHUNK):
                 chunk = view[start:start + CHUNK]
                 written += len(chunk)
@@ -356,6 +358,7 @@ class TorchZipWriter:
                 if self._crc32:
                     crc = zlib.crc32(chunk, crc)
                 self._write(chunk)
+                del chunk
             del view
         if written != nbytes:
             raise ValueError(f"LazyTensor {name}: produced {written} bytes, promised {nbytes}")
