@@ -62,12 +62,13 @@ class LazyTensor:
     """A tensor leaf whose values are produced only when its bytes are written.
 
     `produce()` must return a tensor of exactly `shape` and `dtype`, or `Pieces` holding exactly its
-    bytes; it is called once, and the result is released as soon as it has been written. Identity matters: the same LazyTensor object placed
-    twice in a tree is written once, as torch.save writes a shared tensor once."""
+    bytes; it is called once, and the result is released as soon as it has been written. Identity
+    matters: the same LazyTensor object placed twice in a tree is written once, as torch.save writes
+    a shared tensor once."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
-    produce: Callable[[], torch.Tensor]
+    produce: Callable[[], "torch.Tensor | Pieces"]
 
     @property
     def numel(self) -> int:
