@@ -7,7 +7,7 @@
 For each --hidden and --layers: writes a Megatron-format fixture (tp 2, pp 2, dp 2, bf16, vocab 8000,
 buckets of 2M elements, padded) with tests/megatron_fixture.py, converts it to MindSpore with convert_pt2ckpt.py,
 then times (a) convert_ckpt2pt.py --process-limit 2 with --debug (each worker logs its peak RssAnon,
-sampled while it fills buckets) and (b) the I/O floor: two processes that read every MindSpore file
+sampled as it reads each tensor) and (b) the I/O floor: two processes that read every MindSpore file
 and write as many bytes as the conversion wrote, with fsync, using the same interpreter start-up.
 Reports the median wall time of each and the largest per-worker peak RssAnon. `--also` times the
 convert_ckpt2pt.py of other checkouts (say, an earlier commit unpacked with `git archive`) in the same
