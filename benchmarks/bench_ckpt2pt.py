@@ -2,13 +2,16 @@
 """Benchmark convert_ckpt2pt.py against an I/O floor measured in the same run. Not part of CI.
 
     python3 benchmarks/bench_ckpt2pt.py [--hidden 1024] [--layers 4 12] [--workdir DIR] [--repeat 2]
+                                        [--also CHECKOUT ...]
 
 For each --hidden and --layers: writes a Megatron-format fixture (tp 2, pp 2, dp 2, bf16, vocab 8000,
 buckets of 2M elements, padded) with tests/megatron_fixture.py, converts it to MindSpore with convert_pt2ckpt.py,
 then times (a) convert_ckpt2pt.py --process-limit 2 with --debug (each worker logs its peak RssAnon,
-sampled while it fills buckets) and (b) the I/O floor: two processes that read every MindSpore file
+sampled as it reads each tensor) and (b) the I/O floor: two processes that read every MindSpore file
 and write as many bytes as the conversion wrote, with fsync, using the same interpreter start-up.
-Reports the median wall time of each and the largest per-worker peak RssAnon.
+Reports the median wall time of each and the largest per-worker peak RssAnon. `--also` times the
+convert_ckpt2pt.py of other checkouts (say, an earlier commit unpacked with `git archive`) in the same
+rounds, right after this one's, so a before/after comparison sees the same machine load.
 """
 
 from __future__ import annotations
@@ -42,9 +45,9 @@ FLOOR = textwrap.dedent("""
 """)
 
 
-def run(cmd: list[str]) -> tuple[float, str]:
+def run(cmd: list[str], cwd: Path = ROOT) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd)
     if proc.returncode != 0:
         raise RuntimeError(proc.stdout + proc.stderr)
     return time.perf_counter() - start, proc.stdout
@@ -62,17 +65,24 @@ def prepare(workdir: Path, hidden: int, layers: int) -> Path:
     return ms
 
 
-def measure(ms: Path, workdir: Path, repeat: int) -> dict:
-    conv, floor, peaks, written = [], [], [], 0
+def convert_back(ms: Path, out: Path, checkout: Path) -> tuple[float, str]:
+    shutil.rmtree(out, ignore_errors=True)
+    return run([sys.executable, "convert_ckpt2pt.py", "--ms-path", str(ms), "--param-map-path", str(ms / "pt_meta"),
+                "--megatron-path", str(out), "--tp-size", "2", "--pp-size", "2", "--dp-size", "2", "--cp-size", "1",
+                "--vpp-size", "1", "--process-limit", "2", "--debug"], cwd=checkout)
+
+
+def measure(ms: Path, workdir: Path, repeat: int, others: list[Path]) -> dict:
+    conv, floor, peaks, written, also = [], [], [], 0, {other: [] for other in others}
     for _ in range(repeat):
         out = workdir / "back"
-        shutil.rmtree(out, ignore_errors=True)
-        seconds, log = run([sys.executable, "convert_ckpt2pt.py", "--ms-path", str(ms), "--param-map-path",
-                            str(ms / "pt_meta"), "--megatron-path", str(out), "--tp-size", "2", "--pp-size", "2",
-                            "--dp-size", "2", "--cp-size", "1", "--vpp-size", "1", "--process-limit", "2", "--debug"])
+        seconds, log = convert_back(ms, out, ROOT)
         conv.append(seconds)
         peaks += [float(m) for m in re.findall(r"peak anonymous memory ([0-9.]+) MiB", log)]
         written = sum(p.stat().st_size for p in out.rglob("*.pt"))
+        for other in others:
+            also[other].append(convert_back(ms, out, other)[0])
+        shutil.rmtree(out)
         files = sorted(str(p) for p in ms.glob("rank_*/*.ckpt"))
         start = time.perf_counter()
         procs = [subprocess.Popen([sys.executable, "-c", FLOOR, *files[i::2], str(workdir / f"floor{i}"),
@@ -81,7 +91,8 @@ def measure(ms: Path, workdir: Path, repeat: int) -> dict:
         floor.append(time.perf_counter() - start)
     source = sum(p.stat().st_size for p in ms.glob("rank_*/*.ckpt"))
     return {"source_mib": source / 2**20, "written_mib": written / 2**20, "conv_s": statistics.median(conv),
-            "floor_s": statistics.median(floor), "peak_worker_anon_mib": max(peaks)}
+            "floor_s": statistics.median(floor), "peak_worker_anon_mib": max(peaks),
+            "also_s": [statistics.median(also[other]) for other in others]}
 
 
 def main() -> int:
@@ -90,16 +101,21 @@ def main() -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--also", type=Path, nargs="*", default=[], metavar="CHECKOUT",
+                        help="other checkouts whose convert_ckpt2pt.py to time in the same rounds")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_ckpt2pt_"))
+    extra = "".join(f" {other.name} s | ratio |" for other in args.also)
     print("| hidden | layers | MindSpore MiB | written MiB | ckpt2pt s | I/O floor s | ratio "
-          "| peak RssAnon per worker MiB |")
-    print("|---|---|---|---|---|---|---|---|")
+          f"| peak RssAnon per worker MiB |{extra}")
+    print("|---|---|---|---|---|---|---|---|" + "---|---|" * len(args.also))
     for hidden in args.hidden:
         for layers in args.layers:
-            r = measure(prepare(workdir, hidden, layers), workdir, args.repeat)
+            r = measure(prepare(workdir, hidden, layers), workdir, args.repeat, args.also)
+            others = "".join(f" {s:.2f} | {s / r['floor_s']:.2f} |" for s in r["also_s"])
             print(f"| {hidden} | {layers} | {r['source_mib']:.0f} | {r['written_mib']:.0f} | {r['conv_s']:.2f} "
-                  f"| {r['floor_s']:.2f} | {r['conv_s'] / r['floor_s']:.2f} | {r['peak_worker_anon_mib']:.0f} |")
+                  f"| {r['floor_s']:.2f} | {r['conv_s'] / r['floor_s']:.2f} | {r['peak_worker_anon_mib']:.0f} |"
+                  f"{others}", flush=True)
     return 0
 
 

@@ -4,7 +4,7 @@ What lives here: the skeleton of a model_optim_rng.pt (its structure with every 
 by a `TensorSpec`), its encoding as plain data for pt_meta, the updates the way back applies to it
 (iteration, consumed samples, learning rate, ...), and the builders that turn a skeleton, or a set of
 grad-buffer layouts, into trees whose tensors are `LazyTensor`s. A bucket of distrib_optim.pt is
-assembled only when its LazyTensor is produced, one bucket at a time. Nothing here reads or writes files.
+read only when its LazyTensor is written, one parameter at a time, and never assembled in memory. Nothing here reads or writes files.
 
 distrib_optim.pt is built as `DistributedOptimizer.save_parameter_state` of Megatron-LM core_r0.6.0
 writes it:
@@ -26,14 +26,15 @@ import argparse
 import copy
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
 from .checkpoint import flatten_state_dict
 from .layout import BucketCounts, BufferLayout, ParamSpan
-from .torch_writer import LazyTensor
+from .torch_writer import LazyTensor, Pieces, Zeros
 
+FP32_BYTES = 4
 OPTIMIZER_STATES = ("param", "exp_avg", "exp_avg_sq")  # the keys save_parameter_state writes, in order
 
 # The order in which Megatron's save_checkpoint fills model_optim_rng.pt; the model entry
@@ -290,20 +291,28 @@ def bucket_members(layout: BufferLayout, counts: BucketCounts) -> list[list[tupl
 
 
 def _bucket_producer(chunk: int, size: int, members: Sequence[tuple[ParamSpan, int]], state: str, state_value):
-    def produce() -> torch.Tensor:
-        # Not torch.zeros: writing every element twice costs a tenth of the whole conversion. Only the
-        # elements no parameter covers (the padding) are zeroed.
-        bucket = torch.empty(size, dtype=torch.float32)
-        filled = 0
-        for span, offset in sorted(members, key=lambda member: member[1]):
-            values = state_value(chunk, span.name, state)
-            if values.numel() != span.numel or values.dtype != torch.float32:
-                raise ValueError(f"model chunk {chunk} {span.name} {state}: {values.numel()} {values.dtype} "
-                                 f"values, expected {span.numel} torch.float32")
-            if offset > filled:
-                bucket[filled:offset].zero_()
-            bucket[offset:offset + span.numel] = values.reshape(-1)
-            filled = max(filled, offset + span.numel)
-        bucket[filled:].zero_()
-        return bucket
+    def produce() -> Pieces:
+        return Pieces(bucket_pieces(chunk, size, members, state, state_value))
     return produce
+
+
+def bucket_pieces(chunk: int, size: int, members: Sequence[tuple[ParamSpan, int]], state: str,
+                  state_value) -> Iterator[torch.Tensor | Zeros]:
+    """A bucket's fp32 values in order, as the parameters' own tensors with zero runs between them:
+    the bucket is written piece by piece and never assembled (assembling it copied every value once)."""
+    filled = 0
+    for span, offset in sorted(members, key=lambda member: member[1]):
+        if offset < filled:
+            raise ValueError(f"model chunk {chunk} {span.name}: starts at {offset} inside the previous "
+                             f"parameter, which ends at {filled}")
+        values = state_value(chunk, span.name, state)
+        if values.numel() != span.numel or values.dtype != torch.float32:
+            raise ValueError(f"model chunk {chunk} {span.name} {state}: {values.numel()} {values.dtype} "
+                             f"values, expected {span.numel} torch.float32")
+        if offset > filled:
+            yield Zeros((offset - filled) * FP32_BYTES)
+        yield values
+        del values  # the next parameter is read only after this one is written
+        filled = offset + span.numel
+    if size > filled:
+        yield Zeros((size - filled) * FP32_BYTES)
