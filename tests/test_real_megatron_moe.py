@@ -213,11 +213,13 @@ def test_names_are_the_mindspeed_moe_models(pp2_dp2, tmp_path):
         assert stacked and all(loaded[n].shape[0] == spec.num_experts // spec.ep for n in stacked)
 
 
-def test_a_target_dp_size_other_than_the_runs_repeats_the_ep_pattern(pp2_dp2, tmp_path):
-    _convert(PP2_DP2, pp2_dp2, tmp_path / "ms", dp_size=4)
-    expected = expected_from_dump(PP2_DP2, pp2_dp2.state, 4)
-    assert len(expected) == 8
-    assert_rank_files_match(tmp_path / "ms", expected, scalars=expected_scalars_per_rank(PP2_DP2, pp2_dp2.path, 4))
+@pytest.mark.parametrize("run,dp_size", [("pp2_dp2", 4), ("pp1_dp4", 2)])
+def test_a_target_dp_size_other_than_the_runs_repeats_the_ep_pattern(request, tmp_path, run, dp_size):
+    spec, saved = _runs(request)[run]
+    _convert(spec, saved, tmp_path / "ms", dp_size=dp_size)
+    expected = expected_from_dump(spec, saved.state, dp_size)
+    assert len(expected) == spec.pp * dp_size
+    assert_rank_files_match(tmp_path / "ms", expected, scalars=expected_scalars_per_rank(spec, saved.path, dp_size))
 
 
 def test_param_only_stacks_the_bf16_weights(pp1_dp4, tmp_path):
