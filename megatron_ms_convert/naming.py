@@ -216,6 +216,19 @@ def _fill(template: str, i: str | None, wb: str | None, norm: str | None, e: str
     return out
 
 
+def _translate(name: str, pairs: Sequence[tuple[str, str]], norms: dict[str, str]) -> str | None:
+    """`name` matched against the first template of each (from, to) pair of the name table, filled into
+    the second; `norms` maps the norm parameter spellings of the one side to the other's. None when
+    no template matches. Both directions read the table through here."""
+    for source, target in pairs:
+        match = _pattern(source, tuple(norms)).match(name)
+        if match:
+            found = match.groupdict()
+            norm = norms[found["norm"]] if found.get("norm") else None
+            return _fill(target, found.get("i"), found.get("wb"), norm, found.get("e"))
+    return None
+
+
 def _norm_table(normalization: str, where: str) -> dict[str, str]:
     if normalization not in NORM_PARAMS:
         raise ConvertInputError(f"{where}: normalization {normalization!r}", expected=f"one of {list(NORM_PARAMS)}",
@@ -249,14 +262,11 @@ def documented_name(name: str) -> str:
 def mindspeed_name(name: str, facts: NamingFacts, where: str = "") -> str:
     """The MindSpore model's name of a model-relative Megatron name (layer numbers as given)."""
     norms = _norm_table(facts.normalization, where or name)
-    for rule in NAME_RULES:
-        if rule.family != facts.family:
-            continue
-        match = _pattern(rule.megatron, tuple(norms)).match(name)
-        if match:
-            found = match.groupdict()
-            norm = norms[found["norm"]] if found.get("norm") else None
-            return _fill(rule.mindspore, found.get("i"), found.get("wb"), norm, found.get("e"))
+    # every rule of the family: the conditions of rule_applies only pick among Megatron names that
+    # share one MindSpore name when reading back
+    found = _translate(name, [(r.megatron, r.mindspore) for r in NAME_RULES if r.family == facts.family], norms)
+    if found is not None:
+        return found
     raise ConvertInputError(
         f"{where + ': ' if where else ''}parameter {name}",
         expected=f"a parameter of a {facts.family} GPT model with {facts.normalization} that MindSpeed-Core-MS's "
@@ -288,17 +298,8 @@ def split_state(ms_name: str) -> tuple[str, str]:
 
 
 def _from_mindspeed(name: str, facts: NamingFacts) -> str | None:
-    norms = _norm_table(facts.normalization, name)
-    back = {ms: mg for mg, ms in norms.items()}
-    for rule in NAME_RULES:
-        if not rule_applies(rule, facts):
-            continue
-        match = _pattern(rule.mindspore, tuple(back)).match(name)
-        if match:
-            found = match.groupdict()
-            norm = back[found["norm"]] if found.get("norm") else None
-            return _fill(rule.megatron, found.get("i"), found.get("wb"), norm, found.get("e"))
-    return None
+    back = {ms: mg for mg, ms in _norm_table(facts.normalization, name).items()}
+    return _translate(name, [(r.mindspore, r.megatron) for r in NAME_RULES if rule_applies(r, facts)], back)
 
 
 def _from_documented(name: str, facts: NamingFacts) -> str | None:
