@@ -27,7 +27,7 @@ from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main
 from tests.expected_outputs import REPO, SAMPLE
 from tests.megatron_fixture import FixtureSpec, write_fixture
 from tests.test_convert_layouts import LAYOUTS, size_flags
-from tests.test_faults import leftovers, stop_first_worker
+from tests.test_faults import kill_first_worker, leftovers, stop_first_worker
 from tests.test_megatron_writer import Recorded, assert_distrib_equal
 from tests.test_torch_writer import assert_same
 
@@ -379,14 +379,7 @@ def assert_complete_files_only(out: Path, sample_iter: Path = SAMPLE / "iter_000
 
 def test_killed_worker_then_rerun(ms_copy, tmp_path):
     out = tmp_path / "out"
-    proc = start_back(ms_copy, out, "--process-limit", 1)
-    worker = stop_first_worker(proc)
-    worker.kill()
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1, log
-    [error] = [line for line in log.splitlines() if " ERROR " in line]
-    assert "killed by signal SIGKILL" in error and "rank_" in error
-    assert sum("successfully" in line for line in log.splitlines()) == 3
+    kill_first_worker(start_back(ms_copy, out, "--process-limit", 1), "rank_", converted=3)
     assert not (out / "latest_checkpointed_iteration.txt").exists()  # never points at an incomplete iteration
     assert_complete_files_only(out)
     again = back(ms_copy, out)

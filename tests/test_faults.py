@@ -242,16 +242,22 @@ def stop_first_worker(proc: subprocess.Popen, deadline_s: float = 60) -> psutil.
     raise AssertionError("no worker appeared")
 
 
-def test_worker_killed_by_a_signal(ckpt, tmp_path, clean_outputs):
-    out = tmp_path / "out"
-    proc = start_cli(ckpt, out, "--process-limit", 1)
+def kill_first_worker(proc: subprocess.Popen, folder_word: str, converted: int) -> str:
+    """SIGKILL the CLI's first worker; the run must fail that one folder (its error names the signal
+    and a `folder_word` folder), convert the `converted` others, exit 1. Returns the log."""
     worker = stop_first_worker(proc)
     worker.kill()
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 1, log
     [error] = [line for line in log.splitlines() if " ERROR " in line]
-    assert "killed by signal SIGKILL" in error and "mp_rank_" in error
-    assert sum("successfully" in line for line in log.splitlines()) == 3
+    assert "killed by signal SIGKILL" in error and folder_word in error
+    assert sum("successfully" in line for line in log.splitlines()) == converted
+    return log
+
+
+def test_worker_killed_by_a_signal(ckpt, tmp_path, clean_outputs):
+    out = tmp_path / "out"
+    log = kill_first_worker(start_cli(ckpt, out, "--process-limit", 1), "mp_rank_", converted=3)
     assert "summary: 3 converted, 0 skipped, 1 failed" in log
     assert assert_outputs_complete_and_correct(out, clean_outputs) >= 3
 
