@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_ms_convert.megatron.checkpoint import decode_distrib_optim, load_pt, megatron_enum_importable
-from megatron_ms_convert.megatron.layout import BucketCounts, list_param_map_files, read_rank_layouts
+from megatron_ms_convert.megatron.checkpoint import load_pt, megatron_enum_importable
+from megatron_ms_convert.megatron.layout import list_param_map_files, read_rank_layouts
 from megatron_ms_convert.megatron.pt_meta import (DOCUMENTED_KEYS, counts_from_meta, layouts_from_meta,
                                                   pt_meta_record, skeletons_from_meta)
 from megatron_ms_convert.megatron.torch_writer import write_torch_file
