@@ -9,7 +9,8 @@ import ast
 import re
 from pathlib import Path
 
-from megatron_ms_convert.flags import ckpt2pt_parser, pt2ckpt_parser
+import convert_ckpt2pt
+import convert_pt2ckpt
 from tests.expected_outputs import REPO
 
 DOCS = REPO / "docs"
@@ -85,8 +86,8 @@ def documented_flags(section: str) -> set[str]:
 
 def test_usage_md_lists_exactly_the_flags_of_each_command():
     there, back = usage_tables()
-    assert documented_flags(there) == flags_of(pt2ckpt_parser()) - {"--help"}
-    assert documented_flags(back) == flags_of(ckpt2pt_parser()) - {"--help"}
+    assert documented_flags(there) == flags_of(convert_pt2ckpt.build_parser()) - {"--help"}
+    assert documented_flags(back) == flags_of(convert_ckpt2pt.build_parser()) - {"--help"}
 
 
 # ---------------------------------------------------------------------------------------------
