@@ -229,6 +229,7 @@ LAYOUTS = {
     "pp4->2": (mg(pp=4), ms(pp=2)),
     "pp1->uneven 2,4,2": (mg(pp=1), ms(pp=3, stage_list=(2, 4, 2))),
     "pp2->default uneven pp3": (mg(pp=2), ms(pp=3)),
+    "fork stage list 2,3,3->pp2": (mg(pp=3, stage_list=(2, 3, 3)), ms(pp=2)),
     "tp2pp2->tp1pp4": (mg(tp=2, pp=2), ms(tp=1, pp=4)),
     "back: ms pp2vpp2->pp1": (ms(pp=2, vpp=2), mg(pp=1)),
     "back: ms uneven 3,3,2 tp2->pp2 tp1": (ms(pp=3, tp=2, stage_list=(3, 3, 2)), mg(pp=2)),

@@ -40,8 +40,8 @@ from dataclasses import dataclass
 from ..naming import MOMENT_STATES, megatron_name, renumber_layers, stacked_expert_name
 from .model import EMBEDDING, HEAD_COPY, WORD_EMBEDDINGS, GlobalParam, ModelFacts, check_fits, check_model, \
     global_params
-from .placement import MINDSPORE, SOURCE, TARGET, LayerPlacement, ParallelLayout, RankCoord, \
-    expert_owner, layer_placement
+from .placement import MINDSPORE, SOURCE, TARGET, LayerPlacement, ParallelLayout, RankCoord, expert_owner, \
+    layer_placement
 from .rules import REP, Box, intersect, local_shape, rank_pieces, to_local
 
 STATES = ("param", *MOMENT_STATES)
@@ -168,6 +168,20 @@ class ReshardPlan:
 
 
 @dataclass(frozen=True)
+class Located:
+    """Where a parameter's tensor is at a layout: the (stage, chunk) of every rank holding it, the ep
+    ranks holding it (all of them for a dense parameter), its key and per-rank shape, and `prefix`, the
+    box on the stacking axis of a MindSpore expert tensor (empty otherwise)."""
+
+    stage: int
+    chunk: int
+    ep_ranks: tuple[int, ...]
+    key: str
+    shape: tuple[int, ...]
+    prefix: Box
+
+
+@dataclass(frozen=True)
 class SideView:
     """A layout with its layer counts: where a parameter's tensor is and under which key."""
 
@@ -178,45 +192,26 @@ class SideView:
     def holds(self, param: GlobalParam) -> bool:
         return param.where != HEAD_COPY or self.layout.pp > 1
 
-    def home(self, param: GlobalParam) -> tuple[int, int, int | None]:
-        """(stage, chunk, local layer or None) of a parameter."""
+    def locate(self, param: GlobalParam) -> Located:
         if param.layer is not None:
-            return self.layers.place(param.layer)
-        stage, chunk = self.layers.first if param.where == EMBEDDING else self.layers.last
-        return stage, chunk, None
-
-    def expert_slot(self, param: GlobalParam) -> tuple[int, int] | None:
-        """(ep rank, local expert) of an expert parameter, None for a dense one."""
-        if param.expert is None:
-            return None
-        return expert_owner(param.expert, self.model.num_experts, self.layout.ep)
-
-    def key(self, param: GlobalParam) -> str:
-        _, _, local = self.home(param)
-        slot = self.expert_slot(param)
-        name = param.name if slot is None else _with_expert_index(param.name, slot[1])
-        if self.layout.side == MINDSPORE:
-            return name if slot is None else stacked_expert_name(name)
-        _, megatron = megatron_name(name, self.model.naming())
-        return megatron if local is None else renumber_layers(megatron, lambda _: local)
-
-    def shape(self, param: GlobalParam) -> tuple[int, ...]:
-        """The tensor's shape at a rank (MindSpore experts: the stacked tensor's)."""
+            stage, chunk, local = self.layers.place(param.layer)
+        else:
+            (stage, chunk), local = self.layers.first if param.where == EMBEDDING else self.layers.last, None
         shape = local_shape(param.rule, param.shape, self.layout.tp)
-        if self.layout.side == MINDSPORE and param.expert is not None:
-            return (self.model.num_experts // self.layout.ep, *shape)
-        return shape
+        if param.expert is None:
+            return Located(stage, chunk, tuple(range(self.layout.ep)), self._key(param.name, local), shape, ())
+        ep, index = expert_owner(param.expert, self.model.num_experts, self.layout.ep)
+        name = _with_expert_index(param.name, index)
+        if self.layout.side == MINDSPORE:  # a rank's experts stacked on a new axis 0
+            stacked = (self.model.num_experts // self.layout.ep, *shape)
+            return Located(stage, chunk, (ep,), stacked_expert_name(name), stacked, ((index, index + 1),))
+        return Located(stage, chunk, (ep,), self._key(name, local), shape, ())
 
-    def prefix(self, param: GlobalParam) -> Box:
-        """The box on the stacking axis of a MindSpore expert tensor; empty otherwise."""
-        slot = self.expert_slot(param)
-        if self.layout.side == MINDSPORE and slot is not None:
-            return ((slot[1], slot[1] + 1),)
-        return ()
-
-    def ep_ranks(self, param: GlobalParam) -> range:
-        slot = self.expert_slot(param)
-        return range(self.layout.ep) if slot is None else range(slot[0], slot[0] + 1)
+    def _key(self, ms_name: str, local_layer: int | None) -> str:
+        if self.layout.side == MINDSPORE:
+            return ms_name
+        _, megatron = megatron_name(ms_name, self.model.naming())
+        return megatron if local_layer is None else renumber_layers(megatron, lambda _: local_layer)
 
 
 def _with_expert_index(name: str, index: int) -> str:
@@ -234,12 +229,11 @@ def side_tensors(view: SideView, params: tuple[GlobalParam, ...]) -> dict[RankCo
     for param in params:
         if not view.holds(param):
             continue
-        stage, chunk, _ = view.home(param)
-        key = view.key(param)
-        for ep in view.ep_ranks(param):
+        at = view.locate(param)
+        for ep in at.ep_ranks:
             for tp in range(view.layout.tp):
-                rank = RankCoord(stage, ep, tp)
-                out[rank].setdefault((chunk, key), SourceTensor(rank, chunk, key, view.shape(param)))
+                rank = RankCoord(at.stage, ep, tp)
+                out[rank].setdefault((at.chunk, at.key), SourceTensor(rank, at.chunk, at.key, at.shape))
     return {rank: tuple(tensors.values()) for rank, tensors in out.items()}
 
 
@@ -256,58 +250,74 @@ def plan_reshard(model: ModelFacts, source: ParallelLayout, target: ParallelLayo
     src = SideView(model, source, layer_placement(source, model.num_layers, SOURCE))
     tgt = SideView(model, target, layer_placement(target, model.num_layers, TARGET))
     params = global_params(model)
-    by_name = {p.name: p for p in params}
+    embedding = next(p for p in params if p.name == WORD_EMBEDDINGS)
     # keyed by (chunk, key): with virtual pipelines a Megatron stage has a layer 0 in every chunk
-    tensors: dict[RankCoord, dict[tuple[int, str], dict]] = {rank: {} for rank in target.ranks()}
+    tensors: dict[RankCoord, dict[tuple[int, str], _Entry]] = {rank: {} for rank in target.ranks()}
     for param in params:
         if not tgt.holds(param):
             continue
-        origin = param if src.holds(param) else by_name[WORD_EMBEDDINGS]
-        stage, chunk, _ = tgt.home(param)
-        for ep in tgt.ep_ranks(param):
-            for tp in range(target.tp):
-                entry = tensors[RankCoord(stage, ep, tp)].setdefault(
-                    (chunk, tgt.key(param)), {"shape": tgt.shape(param), "rule": param.rule, "params": [],
-                                              "segments": []})
-                entry["params"].append(param.name)
-                entry["segments"].extend(_segments(src, origin, tgt, param, tp))
+        origin = param if src.holds(param) else embedding
+        there = tgt.locate(param)
+        reader = _SourceReader(origin, src.locate(origin), src.layout.tp)
+        for tp in range(target.tp):
+            segments = reader.segments(param, there.prefix, target.tp, tp)
+            for ep in there.ep_ranks:
+                entry = tensors[RankCoord(there.stage, ep, tp)].setdefault(
+                    (there.chunk, there.key), _Entry(there.shape, param.rule, [], []))
+                entry.params.append(param.name)
+                entry.segments.extend(segments)
     ranks = tuple(TargetRank(rank, tuple(
-        TargetTensor(key, chunk, e["shape"], e["rule"], tuple(e["params"]),
-                     tuple(sorted(e["segments"], key=lambda s: s.target_box)))
+        TargetTensor(key, chunk, e.shape, e.rule, tuple(e.params),
+                     tuple(sorted(e.segments, key=lambda s: s.target_box)))
         for (chunk, key), e in sorted(by_key.items(), key=lambda item: item[0][0])))
         for rank, by_key in tensors.items())
     return ReshardPlan(model, source, target, src.layers, tgt.layers, ranks, _dropped(src, tgt, params))
 
 
-def _segments(src: SideView, origin: GlobalParam, tgt: SideView, param: GlobalParam, tgt_tp: int) -> list[Segment]:
-    """The segments filling tp rank `tgt_tp`'s tensor of `param` from the source's tensor of `origin`
-    (the same parameter, or the word embeddings for a new tied head copy)."""
-    stage, chunk, _ = src.home(origin)
-    ep = src.ep_ranks(origin)[0]
-    key, shape, src_prefix = src.key(origin), src.shape(origin), src.prefix(origin)
-    tgt_prefix = tgt.prefix(param)
-    source_ranks = [RankCoord(stage, ep, tp) for tp in range(src.layout.tp)]
-    if param.rule == REP:
-        full = tuple((0, n) for n in param.shape)
-        return [Segment(source_ranks[0], chunk, key, shape, src_prefix + full, tgt_prefix + full,
-                        tuple(source_ranks[1:]))]
-    out = []
-    for tgt_piece in rank_pieces(param.rule, param.shape, tgt.layout.tp, tgt_tp):
-        for rank in source_ranks:
-            for src_piece in rank_pieces(origin.rule, origin.shape, src.layout.tp, rank.tp):
-                common = intersect(tgt_piece.global_ranges, src_piece.global_ranges)
-                if common is not None:
-                    out.append(Segment(rank, chunk, key, shape, src_prefix + to_local(common, src_piece),
-                                       tgt_prefix + to_local(common, tgt_piece)))
-    return out
+@dataclass
+class _Entry:
+    """A target tensor while its segments are collected (a stacked expert tensor gathers several)."""
+
+    shape: tuple[int, ...]
+    rule: str
+    params: list[str]
+    segments: list[Segment]
+
+
+class _SourceReader:
+    """The source side of one parameter: its tensor on each source tp rank and the global boxes each
+    holds, computed once for all target ranks."""
+
+    def __init__(self, origin: GlobalParam, at: Located, tp_size: int):
+        ep = at.ep_ranks[0]  # dense parameters: ep rank 0, the only Megatron folder with their optimizer state
+        self.at = at
+        self.ranks = tuple(RankCoord(at.stage, ep, tp) for tp in range(tp_size))
+        self.pieces = tuple(rank_pieces(origin.rule, origin.shape, tp_size, tp) for tp in range(tp_size))
+
+    def segments(self, param: GlobalParam, target_prefix: Box, target_tp_size: int, target_tp: int) -> list[Segment]:
+        """The segments filling target tp rank `target_tp`'s tensor of `param`."""
+        at = self.at
+        if param.rule == REP:
+            full = tuple((0, n) for n in param.shape)
+            return [Segment(self.ranks[0], at.chunk, at.key, at.shape, at.prefix + full, target_prefix + full,
+                            self.ranks[1:])]
+        out = []
+        for tgt_piece in rank_pieces(param.rule, param.shape, target_tp_size, target_tp):
+            for rank, pieces in zip(self.ranks, self.pieces):
+                for src_piece in pieces:
+                    common = intersect(tgt_piece.global_ranges, src_piece.global_ranges)
+                    if common is not None:
+                        out.append(Segment(rank, at.chunk, at.key, at.shape, at.prefix + to_local(common, src_piece),
+                                           target_prefix + to_local(common, tgt_piece)))
+        return out
 
 
 def _dropped(src: SideView, tgt: SideView, params: tuple[GlobalParam, ...]) -> tuple[SourceTensor, ...]:
     out = []
     for param in params:
         if src.holds(param) and not tgt.holds(param):
-            stage, chunk, _ = src.home(param)
-            out.extend(SourceTensor(RankCoord(stage, 0, tp), chunk, src.key(param), src.shape(param))
+            at = src.locate(param)
+            out.extend(SourceTensor(RankCoord(at.stage, 0, tp), at.chunk, at.key, at.shape)
                        for tp in range(src.layout.tp))
     return tuple(out)
 
