@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from megatron_ms_convert.errors import ConvertInputError
-from megatron_ms_convert.naming import NAME_RULES, megatron_name, renumber_layers, stacked_expert_name
+from megatron_ms_convert.naming import NAME_RULES, megatron_name, mindspore_name, renumber_layers, stacked_expert_name
 from megatron_ms_convert.reshard import MEGATRON, MINDSPORE, ModelFacts, ParallelLayout, RankCoord, \
     megatron_vocab_divisor, plan_reshard
 from megatron_ms_convert.reshard.model import HEAD_COPY, global_params
@@ -26,7 +26,10 @@ MCORE = ModelFacts(num_layers=8, hidden=16, heads=8, query_groups=4, kv_channels
                    family="mcore", normalization="RMSNorm", tied=False, swiglu=True)
 MOE = ModelFacts(num_layers=8, hidden=16, heads=8, query_groups=4, kv_channels=2, ffn=8, padded_vocab=64,
                  family="mcore", normalization="RMSNorm", tied=True, swiglu=True, num_experts=4)
-MODELS = {"legacy": LEGACY, "mcore": MCORE, "moe": MOE}
+# mcore with Transformer Engine's spec: norms fused into linear_qkv / linear_fc1 (LayerNorm: weight and bias)
+MCORE_TE = ModelFacts(num_layers=8, hidden=16, heads=8, query_groups=8, ffn=32, padded_vocab=64, family="mcore",
+                      normalization="LayerNorm", te_norms=True, tied=True, max_position=16)
+MODELS = {"legacy": LEGACY, "mcore": MCORE, "moe": MOE, "mcore-te": MCORE_TE}
 
 
 def mg(**kw):
@@ -194,25 +197,15 @@ def canonical_source_elements(model, layout, files, dropped) -> set:
             dense = "local_experts" not in key
             if dense and rank.ep != 0:
                 continue
-            if rank.tp != 0 and _is_replicated(model, key):
+            if rank.tp != 0 and _is_replicated(model, layout, key):
                 continue
             out.update((rank, chunk, key, j) for j in range(array.size))
     return out
 
 
-def _is_replicated(model, key: str) -> bool:
-    return ref_rule(_as_ms(key), model.swiglu) == "replicated"
-
-
-def _as_ms(key: str) -> str:
-    """Enough of the MindSpore spelling of a Megatron key for ref_rule."""
-    for mega, mind in (("query_key_value", "qkv_proj"), ("linear_qkv", "qkv_proj"), ("dense_h_to_4h", "mapping"),
-                       ("linear_fc1", "mapping"), ("dense_4h_to_h", "projection"), ("linear_fc2", "projection"),
-                       ("self_attention.dense", "out_proj"), ("linear_proj", "out_proj")):
-        key = key.replace(mega, mind)
-    if key in ("word_embeddings.weight", "embedding.word_embeddings.weight"):
-        return "word_embeddings.weight"
-    return key
+def _is_replicated(model, layout, key: str) -> bool:
+    ms_name = key if layout.side == MINDSPORE else mindspore_name(key, model.naming())
+    return ref_rule(ms_name, model.swiglu) == "replicated"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +236,8 @@ MOE_LAYOUTS = {
     "ep2tp2->ep4tp1": (mg(ep=2, tp=2), ms(ep=4, tp=1)),
     "back: ms ep2 pp2->ep1 tp2": (ms(ep=2, pp=2), mg(ep=1, tp=2)),
 }
-CASES = [(m, name) for m in ("legacy", "mcore", "moe") for name in LAYOUTS] + [("moe", n) for n in MOE_LAYOUTS]
+CASES = ([(m, name) for m in ("legacy", "mcore", "moe") for name in LAYOUTS] + [("moe", n) for n in MOE_LAYOUTS]
+         + [("mcore-te", n) for n in ("tp2->1", "tp2pp2->tp1pp4", "back: ms tp1pp4->tp2pp2")])
 
 
 @pytest.mark.parametrize("model_name, layouts", CASES)
@@ -266,15 +260,9 @@ def test_segments_rebuild_the_reference_sharding(model_name, layouts):
     # the segments read every source element (replicas once), and only those
     assert read == canonical_source_elements(model, source, source_files, plan.dropped)
     # the plan's own inventory of the source is what the source holds
-    assert _inventory(plan.source, plan.source_layers, model) == {
+    assert {(t.rank, t.key, t.chunk, t.shape) for ts in plan.source_tensors().values() for t in ts} == {
         (rank, key, chunk, array.shape) for rank, tensors in source_files.items()
         for (chunk, key), array in tensors.items()}
-
-
-def _inventory(layout, layers, model):
-    view = SideView(model, layout, layers)
-    return {(t.rank, t.key, t.chunk, t.shape) for tensors in side_tensors(view, global_params(model)).values()
-            for t in tensors}
 
 
 def test_every_target_element_is_one_global_element():
@@ -344,6 +332,8 @@ def test_describe_lists_every_target_tensor_and_its_sources():
     assert stacked.shape == (4, 16, 16) and len(stacked.params) == 4
     assert ("tp1 pp0 ep1 chunk0 decoder.layers.3.mlp.experts.local_experts.1.linear_fc1.weight [4:8, 0:16] "
             "-> [3:4, 12:16, 0:16]") in text
+    assert ("tp0 pp0 ep0 chunk0 decoder.layers.0.input_layernorm.weight [0:16] -> [0:16] "
+            "(replicas: tp1 pp0 ep0)") in text
     for t in (t for r in plan.ranks for t in r.tensors):
         assert t.describe().splitlines()[0] in text
 

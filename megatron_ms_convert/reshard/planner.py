@@ -152,6 +152,10 @@ class ReshardPlan:
     def tensor(self, rank: RankCoord, key: str, chunk: int = 0) -> TargetTensor:
         return next(t for t in self.rank(rank).tensors if (t.chunk, t.key) == (chunk, key))
 
+    def source_tensors(self) -> dict[RankCoord, tuple[SourceTensor, ...]]:
+        """What every source rank must hold for this plan: check it against the files before reading."""
+        return side_tensors(SideView(self.model, self.source, self.source_layers), global_params(self.model))
+
     def describe(self) -> str:
         """The plan as text (what `--dry-run` prints): every target rank's tensors and their sources."""
         lines = [f"re-shard {self.source} -> {self.target}",
