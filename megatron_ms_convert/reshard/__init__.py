@@ -1,0 +1,17 @@
+"""Re-sharding: moving a checkpoint to another tensor / pipeline / virtual-pipeline / expert-parallel
+layout, optimizer state included. One owner per concern:
+
+- `rules`: each parameter kind's tensor-parallel split rule (a table, as data) and its index arithmetic;
+- `placement`: layouts, layer counts per (chunk, stage) on either side, expert ownership;
+- `model`: a model's parameters as global tensors, and the models / layouts that are refused;
+- `planner`: for every target rank and tensor, the source segments its elements come from.
+
+Planning only, so far: the CLI wiring and the executor are not written yet (docs/resharding.md).
+"""
+
+from .model import ModelFacts, megatron_vocab_divisor
+from .placement import MEGATRON, MINDSPORE, ParallelLayout, RankCoord
+from .planner import ReshardPlan, Segment, TargetTensor, plan_reshard, side_tensors
+
+__all__ = ["MEGATRON", "MINDSPORE", "ModelFacts", "ParallelLayout", "RankCoord", "ReshardPlan", "Segment",
+           "TargetTensor", "megatron_vocab_divisor", "plan_reshard", "side_tensors"]
