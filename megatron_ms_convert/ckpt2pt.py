@@ -34,7 +34,8 @@ import torch
 
 from .atomic import write_common_file
 from .errors import ConvertInputError
-from .shard import Shard, add_shard_flags, log_check, own_share
+from .flags import ckpt2pt_parser as build_parser
+from .shard import Shard, log_check, own_share
 from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable, optimizer_param_groups
 from .megatron.layout import BucketCounts, BufferLayout, list_param_map_files, read_rank_layouts, state_key_for
 from .megatron.pt_meta import DOCUMENTED_KEYS, counts_from_meta, is_moe_record, layouts_from_meta, skeletons_from_meta
@@ -46,13 +47,13 @@ from .mindspore.reader import MindSporeFile, open_mindspore_file
 from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, megatron_name, megatron_state_dict_key,
                      naming_facts, renumber_layers, split_state, stacked_expert_name)
 from .plan import LR_DECAY_STYLES, SCHEDULER_FLOAT64, SCHEDULER_INT64, WD_INCR_STYLES
-from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verified, report_line, run_command,
+from .command import (EXIT_FAILED, EXIT_OK, exit_code, log_verified, report_line, run_command,
                       run_plans, summary)
 from .runner import (RankResult, RunSettings, anon_memory_bytes, check_no_foreign_outputs, fingerprint_of, rank_status,
                      write_manifest)
 from .topology import DISTRIB_FILE, MODEL_FILE, RankFolder, Topology, folder_name
 
-log = logging.getLogger("convert_pt2ckpt")
+log = logging.getLogger(__name__)
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST_DIR = ".convert_ckpt2pt"
@@ -61,62 +62,6 @@ META_JSON = "meta.json"
 
 # ---------------------------------------------------------------------------------------------
 # Flags
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convert_ckpt2pt.py", description="Ckpt-to-pt conversion Arguments",
-                                     allow_abbrev=False, formatter_class=ShowDefaults)
-    group = parser.add_argument_group(title="distributed")
-    group.add_argument("--num-layers", type=int, default=None,
-                       help="Number of layers in Megatron models (default: from pt_meta's args)")
-    group.add_argument("--dp-size", type=int, required=True,
-                       help="Degree of data model parallelism of the Megatron run to resume (buckets are padded "
-                            "for it)")
-    group.add_argument("--cp-size", type=int, required=True, help="Degree of context model parallelism.")
-    group.add_argument("--tp-size", type=int, required=True, help="Degree of tensor model parallelism.")
-    group.add_argument("--pp-size", type=int, required=True, help="Degree of pipeline model parallelism.")
-    group.add_argument("--vpp-size", type=int, required=True,
-                       help="virtual_pipeline_model_parallel_size (1 without virtual pipelines)")
-    group.add_argument("--src-model-format", type=str, default="ckpt", choices=["ckpt", "safetensors"],
-                       help="MindSpore checkpoint file format")
-    group.add_argument("--noop", type=int, nargs="+", default=None,
-                       help="global layer numbers of no-op layers that exist in the MindSpore model but not in "
-                            "Megatron's (skipped)")
-    group.add_argument("--ep-size", type=int, default=None,
-                       help="expert parallel size of the run (MoE; default: from pt_meta, which records it; given, "
-                            "it is checked against that)")
-    group.add_argument("--ms-dp-size", type=int, default=None,
-                       help="data-parallel size the rank_N folders are numbered with (default: --dp-size)")
-    group.add_argument("--ms-cp-size", type=int, default=None,
-                       help="context-parallel size the rank_N folders are numbered with (default: --cp-size)")
-
-    group = parser.add_argument_group(title="File Path/Location")
-    group.add_argument("--ms-path", type=str, required=True, help="Path to the MindSpore rank_N folders.")
-    group.add_argument("--param-map-path", type=str, required=True,
-                       help="The pt_meta folder convert_pt2ckpt.py wrote.")
-    group.add_argument("--megatron-path", type=str, required=True, help="Path for saving the Megatron checkpoint.")
-    group.add_argument("--convert-param-only", action="store_true", default=False,
-                       help="write only model_optim_rng.pt")
-    group.add_argument("--process-limit", type=int, default=8, help="Max num of processes.")
-    group.add_argument("--multiprocess-off", action="store_true", default=False, help="Turn off multiprocess.")
-    group.add_argument("--process_timeout", "--process-timeout", dest="process_timeout", type=int,
-                       default=3600, help="Timeout for each process.")
-
-    group = parser.add_argument_group(title="Not in the documented tool")
-    group.add_argument("--iteration", type=int, default=None,
-                       help="the iteration to save as (default: step_num of the MindSpore files; required when "
-                            "their epoch_num is not 0)")
-    group.add_argument("--consumed-train-samples", type=int, default=None,
-                       help="args.consumed_train_samples to save (default: the saved value plus the iterations "
-                            "trained since times global_batch_size)")
-    group.add_argument("--verify", action="store_true", default=False,
-                       help="re-open every written .pt and compare each tensor with the MindSpore file, bit for bit")
-    group.add_argument("--overwrite", action="store_true", default=False,
-                       help="redo every rank even if a complete output of this conversion exists, and replace "
-                            "outputs written from another source")
-    group.add_argument("--debug", action="store_true", default=False, help="print debug info (the plans)")
-    add_shard_flags(parser, "--megatron-path")
-    return parser
 
 
 @dataclass(frozen=True)
@@ -887,8 +832,13 @@ def write_tracker_when_complete(job: Job, options: Options) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """parse -> options -> lock --megatron-path -> prepare -> run -> tracker file -> report."""
-    return run_command(build_parser().parse_args(argv), options_of=lambda ns: options_from_args(ns, os.environ),
+    """parse, then `run`; returns the exit code."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(ns: argparse.Namespace) -> int:
+    """options -> lock --megatron-path -> prepare -> run -> tracker file -> report; returns the exit code."""
+    return run_command(ns, options_of=lambda ns: options_from_args(ns, os.environ),
                        describe=lambda options: (options.ms_path, options.megatron_path),
                        output_flag="--megatron-path", output_of=lambda options: options.megatron_path,
                        check=check_conversion, prepare_outputs=prepare_outputs, run_and_report=run_and_report)
@@ -912,7 +862,7 @@ def report(plan: BackPlan, result: RankResult) -> None:
 
 
 def cli() -> None:
-    """Entry point of the installed `convert_ckpt2pt` command."""
+    """`python -m megatron_ms_convert.ckpt2pt` (the commands enter through convert_ckpt2pt.py)."""
     sys.exit(main())
 
 

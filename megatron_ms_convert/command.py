@@ -19,27 +19,20 @@ from .folder_lock import folder_lock
 from .runner import RankResult, RunSettings, RunStopped, Task, run_tasks, signals_stop_the_run
 from .shard import Shard, lock_name
 
-log = logging.getLogger("convert_pt2ckpt")
+log = logging.getLogger(__name__)
+# Every module logs under its own name (megatron_ms_convert.pt2ckpt, .ckpt2pt, .command, .runner); the
+# one handler sits on the package's logger, so a run's lines, from either direction, go to one place.
+package_log = logging.getLogger(__package__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # and 130 / 143 for Ctrl-C / SIGTERM (RunStopped)
-
-
-class ShowDefaults(argparse.HelpFormatter):
-    """-h shows each flag's default where it has one, so users can compare with the documented table."""
-
-    def _get_help_string(self, action):
-        text = action.help or ""
-        if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
-            text += " (default: %(default)s)"
-        return text
 
 
 def configure_logging(debug: bool) -> None:
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.DEBUG if debug else logging.INFO)
-    log.propagate = False
+    package_log.handlers[:] = [handler]
+    package_log.setLevel(logging.DEBUG if debug else logging.INFO)
+    package_log.propagate = False
 
 
 def run_command(ns: argparse.Namespace, *, options_of: Callable[[argparse.Namespace], Any],
@@ -131,7 +124,7 @@ def progress_reporting(total: int):
         return
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
-    with tqdm(total=total, unit="rank", desc="converting") as bar, logging_redirect_tqdm(loggers=[log]):
+    with tqdm(total=total, unit="rank", desc="converting") as bar, logging_redirect_tqdm(loggers=[package_log]):
         yield lambda: bar.update(1)
 
 

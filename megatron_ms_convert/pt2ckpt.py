@@ -24,22 +24,23 @@ import torch
 
 from .atomic import write_common_file
 from .errors import ConvertInputError
-from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verified, report_line, run_command,
+from .flags import pt2ckpt_parser as build_parser
+from .command import (EXIT_FAILED, EXIT_OK, exit_code, log_verified, report_line, run_command,
                       run_plans, summary)
 from .megatron import checkpoint as reader
-from .naming import STYLES, NamingFacts, naming_facts
+from .naming import NamingFacts, naming_facts
 from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_param_map_file_name, infer_layouts,
                               layout_differences, list_expert_param_map_files, list_param_map_files,
                               param_map_file_name, param_map_json, read_rank_layouts, state_key_for)
 from .naming import is_expert_key, local_expert_index
 from .plan import (RankInfo, RankPlan, check_layer_counts, check_unique_names, optimizer_scalars,
                    plan_model_tensors, plan_optimizer_tensors, stack_local_experts)
-from .shard import Shard, add_shard_flags, log_check, own_share
+from .shard import Shard, log_check, own_share
 from .runner import (RankResult, RunSettings, check_no_foreign_outputs, execute_plan, plan_fingerprint,
                      rank_status)
 from .topology import RankFolder, Topology
 
-log = logging.getLogger("convert_pt2ckpt")
+log = logging.getLogger(__name__)
 
 # Also 130 (Ctrl-C) and 143 (SIGTERM): 128 + the signal number, as RunStopped.exit_code computes.
 PT_META = "pt_meta"
@@ -47,74 +48,6 @@ PT_META = "pt_meta"
 
 # ---------------------------------------------------------------------------------------------
 # Flags
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="convert_pt2ckpt.py", description="Pt-to-ckpt conversion Arguments",
-                                     allow_abbrev=False, formatter_class=ShowDefaults)
-    group = parser.add_argument_group(title="File Path/Location")
-    group.add_argument("--megatron-path", type=str, required=True, help="Path to megatron pt files.")
-    group.add_argument("--ms-path", type=str, required=True, help="Path for saving Mindspore Ckpt.")
-    group.add_argument("--param-map-path", type=str, default=None,
-                       help="Path to param_map files. Without it the bucket layout is inferred from the "
-                            "checkpoint and verified against distrib_optim.pt.")
-
-    group = parser.add_argument_group(title="distributed")
-    group.add_argument("--pp-size", type=int, default=1, help="Degree of pipeline model parallelism.")
-    group.add_argument("--tp-size", type=int, default=1, help="Degree of tensor model parallelism.")
-    group.add_argument("--dp-size", type=int, default=1, help="Degree of data model parallelism.")
-    group.add_argument("--cp-size", type=int, default=1, help="Degree of context model parallelism.")
-    group.add_argument("--ep-size", type=int, default=None,
-                       help="Degree of expert parallelism of the training run (MoE; default: the checkpoint's "
-                            "expert_model_parallel_size, else 1). MindSpore rank dp gets the experts of ep rank "
-                            "dp %% ep-size.")
-    group.add_argument("--parallel-init-order", type=str, default="tp-cp-ep-dp-pp",
-                       help="expected parallel initialized order, only support tp-cp-ep-dp-pp now")
-    group.add_argument("--vpp-size", type=int, default=1,
-                       help="euqals to virtual_pipeline_model_parallel_size, "
-                            "vpp_size * num_layers_per_virtual_pipeline_stage == num_layers // pp_size")
-    group.add_argument("--stage-list", type=int, default=None, nargs="+",
-                       help="Number of layers per pipeline stage")
-    group.add_argument("--num-layers", type=int, default=None,
-                       help="Number of layers in Megatron models (default: from the checkpoint's args)")
-
-    group = parser.add_argument_group(title="Advanced feature")
-    group.add_argument("--generate-all-dp-cp", action="store_true", default=False,
-                       help="Whether generate all dp ckpt, or just dp-cp-0.")
-    group.add_argument("--convert-param-only", action="store_true", default=False,
-                       help="Convert `model_optim_rng.pt`, which only contains bf16 model parameter without "
-                            "optimizer; If you want to convert model with optimizer、optimizer scheduler and "
-                            "other args, please do NOT use this argument.")
-    group.add_argument("--file-prefix", type=str, default="network", help="Mindspore checkpoint filename")
-    group.add_argument("--format", type=str, default="ckpt", choices=["ckpt", "safetensors"],
-                       help="Mindspore checkpoint file format")
-    group.add_argument("--dist-opt-content", type=str, default=["param", "exp_avg", "exp_avg_sq"], nargs="+",
-                       help="Torch distributed file content. i.e exp_avg in Adam optimizer")
-    group.add_argument("--debug", action="store_true", default=False, help="print debug info")
-    group.add_argument("--multiprocess-off", action="store_true", default=False,
-                       help="Turn off multiprocess.")
-    group.add_argument("--process-limit", type=int, default=4, help="Max num of processes.")
-    group.add_argument("--process_timeout", "--process-timeout", dest="process_timeout", type=int,
-                       default=3600, help="Timeout for each process.")
-
-    group = parser.add_argument_group(title="Safety (not in the documented tool)")
-    group.add_argument("--verify", action="store_true", default=False,
-                       help="re-open every output with mindspore.load_checkpoint and compare each tensor "
-                            "with its source, element by element")
-    group.add_argument("--overwrite", action="store_true", default=False,
-                       help="redo every rank even if a complete output from this source exists, and replace "
-                            "outputs written from another source")
-    group.add_argument("--trust-layout", choices=["map", "checkpoint"], default=None,
-                       help="when the --param-map-path map and the layout the checkpoint implies both fit but "
-                            "differ: use the map, or ignore the map and use the checkpoint's layout (default: stop "
-                            "with an error listing the differences)")
-    group.add_argument("--save-param-map", type=str, default=None, metavar="DIR",
-                       help="write the bucket layout used (inferred or given) as param_map JSON files to DIR")
-    group.add_argument("--name-style", choices=list(STYLES), default="mindspeed",
-                       help="parameter names to write: 'mindspeed' = the names MindSpeed-Core-MS's GPTModel "
-                            "loads; 'documented' = the documented tool's names (see docs/names.md)")
-    add_shard_flags(parser, "--ms-path")
-    return parser
 
 
 @dataclass(frozen=True)
@@ -707,8 +640,13 @@ def check_conversion(options: Options) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """parse -> options -> lock --ms-path -> prepare -> run -> report; returns the exit code."""
-    return run_command(build_parser().parse_args(argv),
+    """parse, then `run`; returns the exit code."""
+    return run(build_parser().parse_args(argv))
+
+
+def run(ns: argparse.Namespace) -> int:
+    """options -> lock --ms-path -> prepare -> run -> report; returns the exit code."""
+    return run_command(ns,
                        options_of=lambda ns: canonical_paths(options_from_args(ns, os.environ)),
                        describe=lambda options: (options.megatron_path, options.ms_path),
                        output_flag="--ms-path", output_of=lambda options: options.ms_path,
@@ -731,7 +669,7 @@ def report(plan: RankPlan, result: RankResult) -> None:
 
 
 def cli() -> None:
-    """Entry point of the installed `convert_pt2ckpt` command."""
+    """`python -m megatron_ms_convert.pt2ckpt` (the commands enter through convert_pt2ckpt.py)."""
     sys.exit(main())
 
 

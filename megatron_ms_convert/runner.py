@@ -42,7 +42,7 @@ from .megatron.pt_meta import pt_meta_record
 from .mindspore.writer import TensorEntry, write_mindspore_file
 from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan, Stacked
 
-log = logging.getLogger("convert_pt2ckpt")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
