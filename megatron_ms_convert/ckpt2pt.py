@@ -19,38 +19,35 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import dataclasses
 import logging
 import os
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from .atomic import write_common_file
-from .errors import ConvertInputError
-from .shard import Shard, add_shard_flags, log_check, own_share
-from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable, optimizer_param_groups
-from .megatron.layout import BucketCounts, BufferLayout, list_param_map_files, read_rank_layouts, state_key_for
-from .megatron.pt_meta import DOCUMENTED_KEYS, counts_from_meta, is_moe_record, layouts_from_meta, skeletons_from_meta
-from .megatron.rebuild_rules import rule_counts, rule_skeletons
-from .megatron.torch_writer import write_torch_file
-from .megatron.writer import (OPTIMIZER_STATES, TrainingUpdates, apply_training_updates, distrib_optim_tree,
-                              model_optim_rng_tree, skeleton_specs, target_counts)
-from .mindspore.reader import MindSporeFile, open_mindspore_file
-from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, megatron_name, megatron_state_dict_key,
-                     naming_facts, renumber_layers, split_state, stacked_expert_name)
-from .plan import LR_DECAY_STYLES, SCHEDULER_FLOAT64, SCHEDULER_INT64, WD_INCR_STYLES
+from .ckpt2pt_execute import execute_back_plan
+from .ckpt2pt_facts import read_rank_meta
 from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verified, report_line, run_command,
                       run_plans, summary)
-from .runner import (RankResult, RunSettings, anon_memory_bytes, check_no_foreign_outputs, fingerprint_of, rank_status,
-                     write_manifest)
-from .topology import DISTRIB_FILE, MODEL_FILE, RankFolder, Topology, folder_name
+from .errors import ConvertInputError
+from .manifest import check_no_foreign_outputs, plan_fingerprint, rank_status
+from .megatron.checkpoint import load_pt, optimizer_param_groups
+from .megatron.layout import state_key_for
+from .megatron.writer import OPTIMIZER_STATES, skeleton_specs
+from .mindspore.reader import MindSporeFile, open_mindspore_file
+from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, megatron_name,
+                     megatron_state_dict_key, naming_facts, renumber_layers, split_state, stacked_expert_name)
+from .plan import BackPlan, RankMeta
+from .pt2ckpt_plan import LR_DECAY_STYLES, SCHEDULER_FLOAT64, SCHEDULER_INT64, WD_INCR_STYLES
+from .runner import RankResult, RunSettings
+from .shard import Shard, add_shard_flags, log_check, own_share
+from .topology import RankFolder, Topology, folder_name
 
 log = logging.getLogger("convert_pt2ckpt")
 
@@ -355,131 +352,6 @@ def consumed_samples(meta: dict, iteration: int, options: Options, where: Path) 
 # Planning
 
 
-@dataclass(frozen=True)
-class BackPlan:
-    """Everything one worker does for one (tp, pp[, ep]) rank: read `source_file`, write `out_dir`."""
-
-    folder: RankFolder  # the MindSpore rank_N folder, with the Megatron (tp, pp, ep) it becomes
-    source_file: Path
-    fmt: str
-    pt_meta_file: Path
-    out_dir: Path
-    write_distrib: bool
-    dp_cp: int
-    # (chunk, state-dict key with local layer numbers, state) -> (MindSpore name, row): row None for
-    # a tensor stored as it is, k for local expert k of experts stored stacked on axis 0
-    sources: tuple[tuple[tuple[int, str, str], tuple[str, int | None]], ...]
-    iteration: int
-    args_updates: tuple[tuple[str, Any], ...]
-    group_updates: tuple[tuple[int, str, Any], ...]
-    scheduler_updates: tuple[tuple[str, Any], ...]
-    manifest_file: Path
-    num_chunks: int = 1
-    ep_size: int = 1  # the expert buffers are padded for dp_cp // ep_size (the expert-data-parallel size)
-    fingerprint: str = field(default="", compare=False)
-
-    @property
-    def outputs(self) -> tuple[Path, ...]:
-        return (self.out_dir / MODEL_FILE,) + ((self.out_dir / DISTRIB_FILE,) if self.write_distrib else ())
-
-    @property
-    def output_files(self) -> tuple[Path, ...]:
-        return self.outputs
-
-    def describe(self) -> str:
-        lines = [f"plan for {self.source_file} -> {self.out_dir} (iteration {self.iteration}, dp x cp {self.dp_cp})"]
-        lines += [f"  set args.{k} = {v!r}" for k, v in self.args_updates]
-        lines += [f"  set param_groups[{i}][{k!r}] = {v!r}" for i, k, v in self.group_updates]
-        lines += [f"  set opt_param_scheduler[{k!r}] = {v!r}" for k, v in self.scheduler_updates]
-        lines += [f"  chunk {c} {key} {state} <- {name}" + ("" if row is None else f"[{row}]")
-                  for (c, key, state), (name, row) in self.sources]
-        return "\n".join(lines)
-
-
-@dataclass(frozen=True)
-class StatePart:
-    """One optimizer's grad buffers: the dense optimizer's, or (MoE) the experts'."""
-
-    kind: str  # "dense" or "expert"
-    layouts: list[BufferLayout] | None
-    counts: list[BucketCounts] | None
-
-
-@dataclass(frozen=True)
-class RankMeta:
-    """What one rank's pt_meta says, decoded."""
-
-    path: Path
-    meta: dict
-    skeletons: list[dict]
-    layouts: list[BufferLayout] | None
-    counts: list[BucketCounts] | None
-    expert_layouts: list[BufferLayout] | None = None
-    expert_counts: list[BucketCounts] | None = None
-
-    @property
-    def list_form(self) -> bool:
-        """distrib_optim.pt is `[dense, expert]` (a MoE run with expert parallelism), not one dict."""
-        return self.meta.get("distrib_form") == "list"
-
-    @property
-    def num_local_experts(self) -> int:
-        """Experts per rank (stacked in the MindSpore file), 0 without experts."""
-        return int(self.meta.get("num_local_experts") or 0) if is_moe_record(self.meta) else 0
-
-    def distrib_parts(self) -> list[StatePart | None]:
-        """distrib_optim.pt's optimizers in saved order; None where Megatron saves None (the dense
-        element in the folders of ep ranks > 0: the dense optimizer's dp rank 0 is ep rank 0)."""
-        dense = StatePart("dense", self.layouts, self.counts)
-        if not self.list_form:
-            return [dense]
-        return [dense if int(self.meta.get("ep_rank") or 0) == 0 else None,
-                StatePart("expert", self.expert_layouts, self.expert_counts)]
-
-    def all_layouts(self) -> list[BufferLayout]:
-        return [layout for part in self.distrib_parts() if part is not None for layout in part.layouts or ()]
-
-
-def read_rank_meta(path: Path, need_layouts: bool, tp: int, pp: int, num_chunks: int) -> RankMeta:
-    """A rank's pt_meta decoded. A record of the documented tool (no skeletons, layouts or bucket
-    sizes) is completed by rules from the param_map JSON files beside it (rebuild_rules)."""
-    meta = load_pt(path)
-    if not isinstance(meta, dict) or "args" not in meta:
-        raise ConvertInputError(f"{path}: not a pt_meta record", expected="a dict with args, iteration, ...",
-                                fix="pass the pt_meta folder convert_pt2ckpt.py wrote as --param-map-path")
-    skeletons = skeletons_from_meta(meta)
-    if skeletons is None:
-        return documented_rank_meta(path, meta, tp, pp, num_chunks)
-    rank = RankMeta(path, meta, skeletons, layouts_from_meta(meta, str(path)), counts_from_meta(meta),
-                    layouts_from_meta(meta, str(path), "expert_"), counts_from_meta(meta, "expert_"))
-    missing = [part.kind for part in rank.distrib_parts()
-               if part is not None and (part.layouts is None or part.counts is None)]
-    if need_layouts and missing:
-        raise ConvertInputError(f"{path}: no {' or '.join(missing)} grad-buffer layout in it (convert_pt2ckpt.py ran "
-                                "with --convert-param-only)", expected="layouts and per_bucket_numel",
-                                fix="pass --convert-param-only to write model_optim_rng.pt alone")
-    return rank
-
-
-def documented_rank_meta(path: Path, meta: dict, tp: int, pp: int, num_chunks: int) -> RankMeta:
-    if getattr(meta["args"], "num_experts", None):
-        raise ConvertInputError(f"{path}: a MoE run's record without the expert layouts (written by the documented "
-                                "tool?)", expected="the pt_meta folder convert_pt2ckpt.py of this package wrote",
-                                fix="convert the Megatron checkpoint with this package's convert_pt2ckpt.py and "
-                                    "pass its pt_meta as --param-map-path")
-    files = list_param_map_files(path.parent)
-    if not files:
-        raise ConvertInputError(f"{path}: written by the documented tool, and no param_map_buffer*.json beside it",
-                                expected="the param_map files the documented tool copies into pt_meta/",
-                                fix="copy the run's param_map files into the pt_meta folder")
-    layouts = read_rank_layouts(files, tp, pp, num_chunks, path.parent)
-    family = naming_facts(meta["args"], keys=[state_key_for(s.name) for lay in layouts for s in lay.params]).family
-    log.warning("%s: written by the documented tool; model_optim_rng.pt's nesting and bucket sizes follow "
-                "Megatron's rules, and _extra_state entries are left out (see docs/ckpt2pt.md)", path)
-    return RankMeta(path, meta, rule_skeletons(layouts, num_chunks, family), layouts,
-                    rule_counts(layouts, meta["args"]))
-
-
 def resolve_topology(options: Options, metas: dict[tuple[int, int, int], RankMeta], ep_size: int = 1) -> Topology:
     """Flags against the saved args; layers per stage from the skeletons (uneven stages need no flag)."""
     first = metas[(0, 0, 0)]
@@ -673,174 +545,12 @@ def _prepare(options: Options) -> Job:
         iteration = next(iter(iterations.values()))
         for r in ranks:
             plan = plan_rank(metas[r], opened[r], topo, r[0], r[1], options, iteration, ep=r[2])
-            sources = [plan.source_file, plan.pt_meta_file]
-            plans.append(dataclasses.replace(plan, fingerprint=fingerprint_of(plan, sources)))
+            plans.append(dataclasses.replace(plan, fingerprint=plan_fingerprint(plan)))
     return Job(plans, iteration)
 
 
 # ---------------------------------------------------------------------------------------------
 # Executing a plan (worker process)
-
-
-def restored_entries(meta: dict, plan: BackPlan) -> dict:
-    """model_optim_rng.pt's non-model entries: pt_meta's, with the values training changed."""
-    entries = {key: meta.get(key) for key in DOCUMENTED_KEYS}
-    updates = dict(plan.args_updates)
-    iteration = plan.iteration if plan.iteration != meta.get("iteration") else None
-    entries = apply_training_updates(entries, TrainingUpdates(
-        iteration=iteration, consumed_train_samples=updates.pop("consumed_train_samples", None)))
-    if updates:
-        args = copy.copy(entries["args"])
-        for key, value in updates.items():
-            setattr(args, key, value)
-        entries["args"] = args
-    if plan.group_updates:
-        entries["optimizer"] = copy.deepcopy(entries["optimizer"])
-        groups = optimizer_param_groups(entries["optimizer"])  # numbered on across a MoE run's two optimizers
-        for i, key, value in plan.group_updates:
-            groups[i][key] = value
-    if plan.scheduler_updates:
-        entries["opt_param_scheduler"] = dict(entries["opt_param_scheduler"], **dict(plan.scheduler_updates))
-    return entries
-
-
-class RankSources:
-    """The MindSpore tensors of one plan, by (chunk, local state-dict key, state), as flat fp32 views
-    (one row of a stacked expert tensor for an expert parameter)."""
-
-    def __init__(self, plan: BackPlan, ms: MindSporeFile):
-        self.ms = ms
-        self.names = dict(plan.sources)
-        self.peak_anon_bytes = 0  # sampled as each tensor is handed out, while a bucket is being filled
-
-    def value(self, chunk: int, key: str, state: str) -> torch.Tensor:
-        source = self.names.get((chunk, key, state))
-        if source is None:
-            raise ValueError(f"{self.ms.path}: no source planned for chunk {chunk} {key} {state}")
-        self.peak_anon_bytes = max(self.peak_anon_bytes, anon_memory_bytes())
-        name, row = source
-        return (self.ms.read(name) if row is None else self.ms.read_row(name, row)).reshape(-1)
-
-    def state_value(self, chunk: int, ddp_name: str, state: str) -> torch.Tensor:
-        return self.value(chunk, state_key_for(ddp_name), state)
-
-    def model_value(self, chunk: int, key: str) -> torch.Tensor:
-        return self.value(chunk, key, "param")
-
-
-def execute_back_plan(plan: BackPlan, settings: RunSettings, write: bool = True) -> RankResult:
-    """Write one rank's distrib_optim.pt and model_optim_rng.pt (or, with write=False, only verify a
-    complete output of an earlier run). Files appear under their final names only when complete; an
-    output that fails --verify is removed."""
-    rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp, plan.num_chunks)
-    result = RankResult(plan.folder.name, "skipped")
-    with open_mindspore_file(plan.source_file, plan.fmt) as ms:
-        sources = RankSources(plan, ms)
-        if write:
-            write_manifest(plan, "writing")
-            plan.out_dir.mkdir(parents=True, exist_ok=True)
-            if plan.write_distrib:
-                write_torch_file(plan.out_dir / DISTRIB_FILE, distrib_optim_content(rank, plan, sources.state_value))
-            tree = model_optim_rng_tree(restored_entries(rank.meta, plan), rank.skeletons, sources.model_value,
-                                        rank.meta.get("state_keys"))
-            with megatron_enum_importable():
-                write_torch_file(plan.out_dir / MODEL_FILE, tree)
-            result.status, result.tensors = "converted", len(plan.sources)
-            result.bytes_written = sum(p.stat().st_size for p in plan.outputs)
-        if settings.verify:
-            try:
-                result.verified_tensors = verify_rank(plan, rank, sources)
-                result.verified_files = len(plan.outputs)
-            except VerificationError:
-                for path in plan.outputs:
-                    path.unlink(missing_ok=True)
-                write_manifest(plan, "writing")
-                raise
-        result.peak_anon_bytes = sources.peak_anon_bytes
-    if write:
-        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
-    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
-              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
-    return result
-
-
-def part_dp(part: StatePart, plan: BackPlan) -> int:
-    """The data-parallel size a part's buckets are padded for: DP x CP for the dense optimizer, the
-    expert-data-parallel size (DP x CP / EP) for the experts'."""
-    return plan.dp_cp // plan.ep_size if part.kind == "expert" else plan.dp_cp
-
-
-def distrib_optim_content(rank: RankMeta, plan: BackPlan, state_value) -> Any:
-    """distrib_optim.pt's tree: one dict, or for a MoE run with expert parallelism the list
-    `[dense, expert]` Megatron's ChainedOptimizer saves (None where it saves None)."""
-    trees = [None if part is None else distrib_optim_tree(part.layouts, part.counts, part_dp(part, plan), state_value)
-             for part in rank.distrib_parts()]
-    return trees if rank.list_form else trees[0]
-
-
-class VerificationError(RuntimeError):
-    """A written .pt, read back with torch.load, differs from the MindSpore file."""
-
-
-def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources) -> int:
-    """Re-open the written files and compare every tensor with its MindSpore source, bit for bit
-    (buckets outside their parameters must be zeros); returns how many tensors were compared."""
-    problems: list[str] = []
-    compared = 0
-    model = load_pt(plan.out_dir / MODEL_FILE)
-    for chunk, skeleton in enumerate(rank.skeletons):
-        chunk_key = "model" if len(rank.skeletons) == 1 else f"model{chunk}"
-        flat = dict(flatten_state_dict(model.get(chunk_key, {})))
-        for key, spec in skeleton_specs(skeleton):
-            got = flat.get(key)
-            want = sources.model_value(chunk, key).reshape(spec.shape).to(spec.dtype)
-            if got is None or not _bitwise_equal(got, want):
-                problems.append(f"{MODEL_FILE} {chunk_key}.{key}")
-            compared += 1
-    if model.get("iteration") != plan.iteration:
-        problems.append(f"{MODEL_FILE} iteration {model.get('iteration')} != {plan.iteration}")
-    if plan.write_distrib:
-        distrib = load_pt(plan.out_dir / DISTRIB_FILE)
-        saved = distrib if rank.list_form else [distrib]
-        for part, tree in zip(rank.distrib_parts(), saved):
-            if part is None:
-                if tree is not None:
-                    problems.append(f"{DISTRIB_FILE}: a dense state where Megatron saves None")
-                continue
-            compared += verify_state_part(part, tree, part_dp(part, plan), sources, problems)
-    if problems:
-        raise VerificationError(f"verification of {plan.out_dir} failed (outputs removed): " + "; ".join(problems[:10]))
-    return compared
-
-
-def verify_state_part(part: StatePart, tree: dict, dp_cp: int, sources: RankSources, problems: list[str]) -> int:
-    """Compare one optimizer's buckets with the MindSpore values, parameter by parameter; the padding
-    must be zeros. Appends what differs to `problems`; returns how many tensors were compared."""
-    compared = 0
-    for gbuf, (layout, target) in enumerate(zip(part.layouts, target_counts(part.counts, dp_cp))):
-        [(dtype_key, by_state)] = tree[gbuf].items()
-        for state in OPTIMIZER_STATES:
-            for bucket, tensor in enumerate(by_state[state]):
-                covered = torch.zeros(tensor.numel(), dtype=torch.bool)
-                source = part.counts[gbuf]
-                for span in layout.params:
-                    if span.bucket != bucket:
-                        continue
-                    offset = span.start - source.bucket_start(bucket)
-                    want = sources.state_value(layout.chunk, span.name, state)
-                    if not _bitwise_equal(tensor[offset:offset + span.numel], want):
-                        problems.append(f"{DISTRIB_FILE} {span.name} {state}")
-                    covered[offset:offset + span.numel] = True
-                    compared += 1
-                if tensor.numel() != target.padded[bucket] or tensor[~covered].view(torch.int32).any():
-                    problems.append(f"{DISTRIB_FILE} {part.kind} buffer {gbuf} {state} bucket {bucket}: size or padding")
-    return compared
-
-
-def _bitwise_equal(got: Any, want: torch.Tensor) -> bool:
-    if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.numel() != want.numel():
-        return False
-    return got.reshape(-1).contiguous().view(torch.uint8).equal(want.reshape(-1).contiguous().view(torch.uint8))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,22 +26,22 @@ from .atomic import write_common_file
 from .errors import ConvertInputError
 from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verified, report_line, run_command,
                       run_plans, summary)
+from .manifest import check_no_foreign_outputs, plan_fingerprint, rank_status
 from .megatron import checkpoint as reader
-from .naming import STYLES, NamingFacts, naming_facts
+from .naming import STYLES, NamingFacts, is_expert_key, local_expert_index, naming_facts
 from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_param_map_file_name, infer_layouts,
                               layout_differences, list_expert_param_map_files, list_param_map_files,
                               param_map_file_name, param_map_json, read_rank_layouts, state_key_for)
-from .naming import is_expert_key, local_expert_index
-from .plan import (RankInfo, RankPlan, check_layer_counts, check_unique_names, optimizer_scalars,
-                   plan_model_tensors, plan_optimizer_tensors, stack_local_experts)
+from .plan import RankInfo, RankPlan
+from .pt2ckpt_execute import execute_plan
+from .pt2ckpt_plan import (check_layer_counts, check_unique_names, optimizer_scalars, plan_model_tensors,
+                           plan_optimizer_tensors, stack_local_experts)
 from .shard import Shard, add_shard_flags, log_check, own_share
-from .runner import (RankResult, RunSettings, check_no_foreign_outputs, execute_plan, plan_fingerprint,
-                     rank_status)
+from .runner import RankResult, RunSettings
 from .topology import RankFolder, Topology
 
 log = logging.getLogger("convert_pt2ckpt")
 
-# Also 130 (Ctrl-C) and 143 (SIGTERM): 128 + the signal number, as RunStopped.exit_code computes.
 PT_META = "pt_meta"
 
 
