@@ -37,8 +37,9 @@ from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verifie
                       run_plans, summary)
 from .errors import ConvertInputError
 from .manifest import check_no_foreign_outputs, plan_fingerprint, rank_status
-from .megatron.checkpoint import load_pt, optimizer_param_groups
+from .megatron.checkpoint import TRACKER_FILE, load_pt, optimizer_param_groups
 from .megatron.layout import state_key_for
+from .megatron.pt_meta import args_file_name, args_file_pattern, manifest_file_name
 from .megatron.writer import OPTIMIZER_STATES, skeleton_specs
 from .mindspore.reader import MindSporeFile, open_mindspore_file
 from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, megatron_name,
@@ -51,7 +52,6 @@ from .topology import RankFolder, Topology, folder_name
 
 log = logging.getLogger("convert_pt2ckpt")
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 MANIFEST_DIR = ".convert_ckpt2pt"
 META_JSON = "meta.json"
 
@@ -213,10 +213,9 @@ def pick_ms_file(rank_dir: Path, fmt: str) -> Path:
 def pt_meta_file(param_map_path: Path, tp: int, pp: int, ep: int = 0, ep_size: int = 1) -> Path:
     """The record of one source folder: args_tpTT_ppPPP.pt, or args_tpTT_ppPPP_epEEE.pt with expert
     parallelism (one per (tp, pp, ep) folder, as Megatron writes them)."""
-    stem = f"args_tp{tp:02}_pp{pp:03}" + (f"_ep{ep:03}" if ep_size > 1 else "")
-    path = param_map_path / f"{stem}.pt"
+    path = param_map_path / args_file_name(tp, pp, ep, ep_size)
     if not path.is_file():
-        per_rank = "args_tpTT_ppPPP_epEEE.pt" if ep_size > 1 else "args_tpTT_ppPPP.pt"
+        per_rank = args_file_pattern(ep_size)
         raise ConvertInputError(f"{path}: file is missing",
                                 expected=f"the pt_meta folder convert_pt2ckpt.py wrote ({per_rank} per rank)",
                                 fix="pass --param-map-path <ms-path of convert_pt2ckpt>/pt_meta, or check "
@@ -228,7 +227,7 @@ def pt_meta_file(param_map_path: Path, tp: int, pp: int, ep: int = 0, ep_size: i
 def recorded_ep_size(options: Options) -> int:
     """The expert parallel size pt_meta records (1 when its records carry no `_epEEE`), checked
     against --ep-size: it decides which records, rank_N folders and output folders there are."""
-    first = options.param_map_path / "args_tp00_pp000_ep000.pt"
+    first = options.param_map_path / args_file_name(0, 0, 0, ep_size=2)  # any ep size > 1 names it so
     recorded = 1
     if first.is_file():
         meta = load_pt(first)
@@ -490,14 +489,13 @@ def plan_rank(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp: int, pp: in
             args_updates.append((key, value))
     groups = optimizer_param_groups(meta.get("optimizer"))
     iteration_dir = options.megatron_path / f"iter_{iteration:07d}"
-    stem = f"tp{tp:02}_pp{pp:03}" + (f"_ep{ep:03}" if topo.ep_size > 1 else "")
     return BackPlan(
         folder=RankFolder(pp=pp, tp=tp, path=ms.path.parent, ep=ep), source_file=ms.path, fmt=options.fmt,
         pt_meta_file=rank.path, out_dir=iteration_dir / folder_name(tp, pp, options.pp_size, ep, topo.ep_size),
         write_distrib=not options.convert_param_only, dp_cp=dp_cp, sources=sources, iteration=iteration,
         args_updates=tuple(args_updates), group_updates=group_updates(ms, groups),
         scheduler_updates=scheduler_updates(ms, dict(meta.get("opt_param_scheduler") or {})),
-        manifest_file=iteration_dir / MANIFEST_DIR / f"manifest_{stem}.json",
+        manifest_file=iteration_dir / MANIFEST_DIR / manifest_file_name(tp, pp, ep, topo.ep_size),
         num_chunks=len(rank.skeletons), ep_size=topo.ep_size)
 
 

@@ -28,6 +28,7 @@ from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verifie
                       run_plans, summary)
 from .manifest import check_no_foreign_outputs, plan_fingerprint, rank_status
 from .megatron import checkpoint as reader
+from .megatron.pt_meta import PT_META_DIR, args_file_name, manifest_file_name
 from .naming import STYLES, NamingFacts, is_expert_key, local_expert_index, naming_facts
 from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_param_map_file_name, infer_layouts,
                               layout_differences, list_expert_param_map_files, list_param_map_files,
@@ -41,9 +42,6 @@ from .runner import RankResult, RunSettings
 from .topology import RankFolder, Topology
 
 log = logging.getLogger("convert_pt2ckpt")
-
-PT_META = "pt_meta"
-
 
 # ---------------------------------------------------------------------------------------------
 # Flags
@@ -492,15 +490,15 @@ def plan_rank(info: RankInfo, topo: Topology, options: Options, layouts: Sequenc
         tensors = stack_local_experts(tensors, experts.num_local_experts, info.folder.model_file)
     tensors = tensors + optimizer_scalars(info.iteration, info.param_groups, info.scheduler, info.folder.model_file)
     check_unique_names(tensors, info.folder.path)
-    stem = f"tp{info.folder.tp:02}_pp{info.folder.pp:03}" + (f"_ep{info.folder.ep:03}" if topo.ep_size > 1 else "")
+    rank = (info.folder.tp, info.folder.pp, info.folder.ep, topo.ep_size)
     moe = ((("ep_rank", info.folder.ep), ("ep_size", experts.ep_size), ("num_local_experts", experts.num_local_experts))
            if experts.moe else ())
     distrib_parts = (((info.dense_distrib_file, reader.DENSE), (info.folder.distrib_file, reader.EXPERT))
                      if info.expert_counts and not options.convert_param_only else ())
     return RankPlan(folder=info.folder, fmt=options.fmt, outputs=output_paths(options, topo, info.folder),
-                    meta_file=options.ms_path / PT_META / f"args_{stem}.pt", tensors=tuple(tensors),
+                    meta_file=options.ms_path / PT_META_DIR / args_file_name(*rank), tensors=tuple(tensors),
                     reads_distrib=not options.convert_param_only, param_name_list=name_lists,
-                    layouts=tuple(layouts), manifest_file=options.ms_path / PT_META / f"manifest_{stem}.json",
+                    layouts=tuple(layouts), manifest_file=options.ms_path / PT_META_DIR / manifest_file_name(*rank),
                     distrib_parts=distrib_parts, expert_layouts=tuple(expert_layouts), moe=moe)
 
 
@@ -593,7 +591,7 @@ def check_expert_keys(info: RankInfo, experts: ExpertParallel) -> None:
 
 def write_param_map_copies(job: Job, options: Options) -> None:
     """pt_meta/ gets the param_map used: copies of the given files, or the inferred layout as files."""
-    meta_dir = options.ms_path / PT_META
+    meta_dir = options.ms_path / PT_META_DIR
     meta_dir.mkdir(parents=True, exist_ok=True)
     copied = set()
     if job.param_map_files is not None:
