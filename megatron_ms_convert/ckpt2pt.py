@@ -28,8 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import numpy as np
-
 from .atomic import write_common_file
 from .ckpt2pt_execute import execute_back_plan
 from .ckpt2pt_facts import read_rank_meta
@@ -45,7 +43,7 @@ from .mindspore.reader import MindSporeFile, open_mindspore_file
 from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, megatron_name,
                      megatron_state_dict_key, naming_facts, renumber_layers, split_state, stacked_expert_name)
 from .plan import BackPlan, RankMeta
-from .pt2ckpt_plan import LR_DECAY_STYLES, SCHEDULER_FLOAT64, SCHEDULER_INT64, WD_INCR_STYLES
+from .scalars import EPOCH_NUM, STEP_NUM, decode_number, decode_scheduler, group_scalar, is_number
 from .runner import RankResult, RunSettings
 from .shard import Shard, add_shard_flags, log_check, own_share
 from .topology import RankFolder, Topology, folder_name
@@ -264,30 +262,16 @@ def read_scalar(ms: MindSporeFile, name: str) -> float | int | None:
     return value
 
 
-def changed(saved: Any, stored: float | int) -> Any:
-    """The value to restore for a number MindSpore stores with less precision (float32) than Megatron
-    saved it (a Python float or int): the saved value when MindSpore's equals it rounded to float32
-    (training did not change it), else MindSpore's, in the saved value's type."""
-    if isinstance(saved, bool):
-        return saved if float(saved) == stored else bool(stored)
-    if isinstance(saved, (int, float)) and float(np.float32(saved)) == float(np.float32(stored)):
-        return saved
-    if isinstance(saved, int):
-        return int(round(stored))
-    return float(stored)
-
-
 def group_updates(ms: MindSporeFile, param_groups: Sequence[dict]) -> tuple[tuple[int, str, Any], ...]:
     """(group, key, value) for each optimizer param-group number MindSpore holds a different value of."""
     out = []
     for i, group in enumerate(param_groups):
         for key, saved in group.items():
-            if key == "params" or not isinstance(saved, (int, float)):
+            if key == "params" or not is_number(saved):
                 continue
-            name = {"step": "state_step", "lr": f"learning_rate_group_{i}"}.get(key, f"{key}_group_{i}")
-            stored = read_scalar(ms, name)
-            if stored is not None and changed(saved, stored) != saved:
-                out.append((i, key, changed(saved, stored)))
+            stored = read_scalar(ms, group_scalar(i, key)[0])
+            if stored is not None and decode_number(saved, stored) != saved:
+                out.append((i, key, decode_number(saved, stored)))
     return tuple(out)
 
 
@@ -298,21 +282,8 @@ def scheduler_updates(ms: MindSporeFile, scheduler: dict) -> tuple[tuple[str, An
         stored = read_scalar(ms, key)
         if stored is None:
             continue
-        if key in ("lr_decay_style", "wd_incr_style"):
-            styles = LR_DECAY_STYLES if key == "lr_decay_style" else WD_INCR_STYLES
-            if not 0 <= int(stored) < len(styles):
-                raise ConvertInputError(f"{ms.path}: {key} is {stored}", expected=f"an index into {styles}",
-                                        fix="re-copy the file (damaged?)")
-            value = styles[int(stored)]
-        elif key in SCHEDULER_INT64:
-            value = int(stored)
-        elif key in SCHEDULER_FLOAT64:
-            value = float(stored)
-        elif isinstance(saved, (int, float)):
-            value = changed(saved, stored)
-        else:
-            continue
-        if value != saved:
+        value = decode_scheduler(key, stored, saved, ms.path)
+        if value is not None and value != saved:
             out.append((key, value))
     return tuple(out)
 
@@ -321,7 +292,7 @@ def iteration_of(ms: MindSporeFile, options: Options) -> int:
     """--iteration, else step_num; a step_num that counts within an epoch (epoch_num != 0) is no iteration."""
     if options.iteration is not None:
         return options.iteration
-    step, epoch = read_scalar(ms, "step_num"), read_scalar(ms, "epoch_num")
+    step, epoch = read_scalar(ms, STEP_NUM), read_scalar(ms, EPOCH_NUM)
     if step is None:
         raise ConvertInputError(f"{ms.path}: no step_num", expected="step_num (the iteration) in the file",
                                 fix="pass --iteration N")

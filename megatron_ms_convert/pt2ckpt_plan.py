@@ -6,18 +6,15 @@ and the bucket slice or model tensor each comes from). Pure functions of metadat
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .errors import ConvertInputError
 from .megatron.layout import BufferLayout
 from .naming import NamingFacts, local_expert_index, local_layer_numbers, mindspore_name, stacked_expert_name
+from .scalars import EPOCH_NUM, STEP_NUM, encode_scheduler, group_scalar, is_number, scheduler_dtype
 from .plan import BucketSlice, ModelTensor, PlannedTensor, RankInfo, Scalar, Stacked
 from .topology import Topology
 
-LR_DECAY_STYLES = ["constant", "WSD", "linear", "cosine", "inverse-square-root"]
-WD_INCR_STYLES = ["constant", "linear", "cosine"]
-SCHEDULER_FLOAT64 = {"max_lr", "min_lr", "start_wd", "end_wd"}
-SCHEDULER_INT64 = {"lr_warmup_steps", "num_steps", "lr_decay_steps", "wd_incr_steps"}
 
 # Floating-point model tensors are written as fp32 (what MindSpore's optimizer state holds); integer
 # and flag tensors keep their values, so a step counter or a mask does not turn into floats.
@@ -67,40 +64,22 @@ def _ranges(numbers: set[int]) -> str:
 
 def optimizer_scalars(iteration: int, param_groups: Sequence[dict], scheduler: dict,
                       model_file: Path) -> list[PlannedTensor]:
-    """step_num, epoch_num, the optimizer's param-group numbers and the LR scheduler's state."""
-    out = [PlannedTensor("step_num", (), "int64", Scalar(int(iteration))),
-           PlannedTensor("epoch_num", (), "int64", Scalar(0))]
-    group_entries: dict[str, PlannedTensor] = {}
+    """step_num, epoch_num, the optimizer's param-group numbers and the LR scheduler's state, as the
+    `scalars` table stores them."""
+    out = [PlannedTensor(STEP_NUM, (), "int64", Scalar(int(iteration))),
+           PlannedTensor(EPOCH_NUM, (), "int64", Scalar(0))]
+    group_entries: dict[str, PlannedTensor] = {}  # every group's step lands on the one state_step
     for i, group in enumerate(param_groups):
         for key, value in group.items():
-            if key == "params" or not _is_number(value):
-                continue
-            if key == "step":
-                # one step counter for all groups, as MindSpore's optimizer keeps it
-                group_entries["state_step"] = PlannedTensor("state_step", (1,), "float32", Scalar(float(value)))
-                continue
-            name = f"learning_rate_group_{i}" if key == "lr" else f"{key}_group_{i}"
-            group_entries[name] = PlannedTensor(name, (), "float32", Scalar(float(value)))
+            if key != "params" and is_number(value):
+                name, shape = group_scalar(i, key)
+                group_entries[name] = PlannedTensor(name, shape, "float32", Scalar(float(value)))
     out.extend(group_entries.values())
     for key, value in scheduler.items():
-        if key in ("lr_decay_style", "wd_incr_style"):
-            styles = LR_DECAY_STYLES if key == "lr_decay_style" else WD_INCR_STYLES
-            if value not in styles:
-                raise ConvertInputError(f"{model_file}: opt_param_scheduler {key} is {value!r}",
-                                        expected=f"one of {styles}", found=repr(value),
-                                        fix="this style has no MindSpore equivalent; convert with a supported one")
-            out.append(PlannedTensor(key, (), "int64", Scalar(styles.index(value))))
-        elif key in SCHEDULER_FLOAT64 and _is_number(value):
-            out.append(PlannedTensor(key, (), "float64", Scalar(float(value))))
-        elif key in SCHEDULER_INT64 and _is_number(value):
-            out.append(PlannedTensor(key, (), "int64", Scalar(int(value))))
-        elif _is_number(value):
-            out.append(PlannedTensor(key, (), "float32", Scalar(float(value))))
+        dtype = scheduler_dtype(key, value)
+        if dtype is not None:
+            out.append(PlannedTensor(key, (), dtype, Scalar(encode_scheduler(key, value, model_file))))
     return out
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float))  # bool included: MindSpore keeps flags as 0.0/1.0
 
 
 # ---------------------------------------------------------------------------------------------
