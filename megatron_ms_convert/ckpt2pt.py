@@ -31,8 +31,8 @@ from typing import Any, Mapping, Sequence
 from .atomic import write_common_file
 from .ckpt2pt_execute import execute_back_plan
 from .ckpt2pt_facts import read_rank_meta
-from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verified, report_line, run_command,
-                      run_plans, summary)
+from .command import (ShowDefaults, check_against_saved, check_minimum, check_plans, exit_code, log_verified,
+                      reading_inputs, run_command, run_plans, run_settings, summary)
 from .errors import ConvertInputError
 from .manifest import check_no_foreign_outputs, plan_fingerprint, rank_status
 from .megatron.checkpoint import TRACKER_FILE, load_pt, optimizer_param_groups
@@ -44,8 +44,7 @@ from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer
                      megatron_state_dict_key, naming_facts, renumber_layers, split_state, stacked_expert_name)
 from .plan import BackPlan, RankMeta
 from .scalars import EPOCH_NUM, STEP_NUM, decode_number, decode_scheduler, group_scalar, is_number
-from .runner import RankResult, RunSettings
-from .shard import Shard, add_shard_flags, log_check, own_share
+from .shard import Shard, add_shard_flags, own_share
 from .topology import RankFolder, Topology, folder_name
 
 log = logging.getLogger("convert_pt2ckpt")
@@ -147,17 +146,9 @@ class Options:
 
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
     """The flags as Options; `environ` is the launcher's environment, read by --shard auto."""
-    for flag in ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
-                 "ms_dp_size", "ms_cp_size", "ep_size"):
-        value = getattr(ns, flag)
-        if value is not None and value < 1:
-            name = "--" + flag.replace("_", "-")
-            raise ConvertInputError(f"{name} {value}", expected="a whole number >= 1", fix=f"pass {name} 1 or more")
-    for flag in ("iteration", "consumed_train_samples"):
-        value = getattr(ns, flag)
-        if value is not None and value < 0:
-            name = "--" + flag.replace("_", "-")
-            raise ConvertInputError(f"{name} {value}", expected="a number >= 0", fix=f"pass {name} 0 or more")
+    check_minimum(ns, ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
+                       "ms_dp_size", "ms_cp_size", "ep_size"), 1)
+    check_minimum(ns, ("iteration", "consumed_train_samples"), 0)
     noop = tuple(sorted(set(ns.noop or ())))
     if noop and noop[0] < 0:
         raise ConvertInputError(f"--noop {' '.join(map(str, ns.noop))}", expected="layer numbers >= 0",
@@ -332,11 +323,8 @@ def resolve_topology(options: Options, metas: dict[tuple[int, int, int], RankMet
              "--num-layers": getattr(args, "num_layers", None)}
     given = {"--tp-size": options.tp_size, "--pp-size": options.pp_size, "--vpp-size": options.vpp_size,
              "--num-layers": options.num_layers}
-    for flag, value in given.items():
-        if value is not None and saved[flag] is not None and value != saved[flag]:
-            raise ConvertInputError(f"{flag} {value} contradicts {first.path}",
-                                    expected=f"{flag} {saved[flag]} (the training run's value)", found=str(value),
-                                    fix=f"pass {flag} {saved[flag]}, or the pt_meta of this run as --param-map-path")
+    check_against_saved({flag: (given[flag], saved[flag]) for flag in given}, first.path,
+                        fix_also=", or the pt_meta of this run as --param-map-path")
     for rank in metas.values():
         if len(rank.skeletons) != options.vpp_size:
             raise ConvertInputError(f"{rank.path}: {len(rank.skeletons)} model chunks",
@@ -480,11 +468,7 @@ class Job:
 def prepare(options: Options) -> Job:
     """Find -> read pt_meta and scalars -> map names -> plans. Raises ConvertInputError before any
     output exists; a failure to read an input is reported as such, naming the file."""
-    try:
-        return _prepare(options)
-    except OSError as err:
-        raise ConvertInputError(f"cannot read {err.filename or 'an input file'}: {err.strerror or err}",
-                                fix="check --ms-path / --param-map-path, their permissions and the disk") from None
+    return reading_inputs(_prepare, options, "--ms-path / --param-map-path")
 
 
 def _prepare(options: Options) -> Job:
@@ -526,11 +510,6 @@ def _prepare(options: Options) -> Job:
 # main
 
 
-def run_settings(options: Options) -> RunSettings:
-    return RunSettings(verify=options.verify, debug=options.debug, multiprocess_off=options.multiprocess_off,
-                       process_limit=options.process_limit, process_timeout=options.process_timeout)
-
-
 def prepare_outputs(options: Options) -> tuple[Job, dict]:
     """Plan the whole conversion and keep this shard's share of it; which of those an earlier run
     finished, and no foreign outputs among them."""
@@ -547,10 +526,7 @@ def prepare_outputs(options: Options) -> tuple[Job, dict]:
 
 def check_conversion(options: Options) -> int:
     """--check: the state of every output folder of the whole conversion, from the manifests."""
-    job = prepare(options)
-    statuses = {plan.folder: rank_status(plan) for plan in job.plans}
-    complete = log_check(job.plans, statuses, lambda plan: (plan.source_file, plan.out_dir), log)
-    return EXIT_OK if complete else EXIT_FAILED
+    return check_plans(prepare(options).plans)
 
 
 def write_tracker_when_complete(job: Job, options: Options) -> None:
@@ -577,17 +553,13 @@ def run_and_report(job: Job, statuses: dict, options: Options, started: float) -
     """Convert the folders not done yet (verify the done ones with --verify), write the tracker file
     once the whole conversion is complete, log one line per folder and the summary."""
     results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_back_plan,
-                                 report=report, where=lambda plan: plan.out_dir)
+                                 where=lambda plan: plan.out_dir)
     if stopped is None and all(r.status != "failed" for r in results):
         write_tracker_when_complete(job, options)
     if options.verify and stopped is None:
         log_verified(results)
     summary(results, len(job.plans), started, options.shard)
     return stopped if stopped is not None else exit_code(results)
-
-
-def report(plan: BackPlan, result: RankResult) -> None:
-    report_line(plan.source_file, plan.out_dir, result)
 
 
 def cli() -> None:

@@ -16,8 +16,9 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .errors import ConvertInputError
 from .folder_lock import folder_lock
+from .manifest import rank_status
 from .runner import RankResult, RunSettings, RunStopped, Task, run_tasks, signals_stop_the_run
-from .shard import Shard, lock_name
+from .shard import Shard, lock_name, log_check
 
 log = logging.getLogger("convert_pt2ckpt")
 
@@ -32,6 +33,60 @@ class ShowDefaults(argparse.HelpFormatter):
         if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: the checks both tools make
+
+
+def check_minimum(ns: argparse.Namespace, flags: Sequence[str], minimum: int) -> None:
+    """Each of these flags (dest names), when given, is at least `minimum` (1: a size or count, 0: an
+    iteration or sample count)."""
+    for flag in flags:
+        value = getattr(ns, flag, None)
+        if value is not None and value < minimum:
+            name = "--" + flag.replace("_", "-")
+            raise ConvertInputError(f"{name} {value}",
+                                    expected="a whole number >= 1" if minimum == 1 else f"a number >= {minimum}",
+                                    fix=f"pass {name} {minimum} or more")
+
+
+def check_against_saved(flags: dict[str, tuple[Any, Any]], where: Any, fix_also: str = "") -> None:
+    """Each flag given (`flag: (given, saved)`) must equal the training run's value saved in `where`,
+    when that value is known."""
+    for flag, (given, saved) in flags.items():
+        if given is not None and saved is not None and given != saved:
+            raise ConvertInputError(f"{flag} {given} contradicts {where}",
+                                    expected=f"{flag} {saved} (the training run's value)", found=str(given),
+                                    fix=f"pass {flag} {saved}{fix_also}")
+
+
+def reading_inputs(prepare: Callable[[Any], Any], options: Any, flags: str) -> Any:
+    """`prepare(options)`, with a failure to read an input (permissions, an I/O error) reported as bad
+    input naming the file, and the flags (`flags`) that point at the inputs."""
+    try:
+        return prepare(options)
+    except OSError as err:
+        raise ConvertInputError(f"cannot read {err.filename or 'an input file'}: {err.strerror or err}",
+                                fix=f"check {flags}, their permissions and the disk") from None
+
+
+def run_settings(options: Any) -> RunSettings:
+    """The flags that shape how the plans run, from either tool's options."""
+    return RunSettings(verify=options.verify, debug=options.debug, multiprocess_off=options.multiprocess_off,
+                       process_limit=options.process_limit, process_timeout=options.process_timeout)
+
+
+def check_plans(plans: Sequence[Any]) -> int:
+    """--check: the state of every output folder of the whole conversion, from the manifests; nothing
+    written. Each plan names its ends with `ends()` (source, target)."""
+    statuses = {plan.folder: rank_status(plan) for plan in plans}
+    complete = log_check(plans, statuses, lambda plan: plan.ends(), log)
+    return EXIT_OK if complete else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# A run
 
 
 def configure_logging(debug: bool) -> None:
@@ -74,7 +129,7 @@ def run_command(ns: argparse.Namespace, *, options_of: Callable[[argparse.Namesp
 
 
 def run_plans(plans: Sequence[Any], statuses: dict, settings: RunSettings, *, execute: Callable,
-              report: Callable[[Any, RankResult], None], where: Callable[[Any], Any]) -> tuple[list[RankResult], int | None]:
+              where: Callable[[Any], Any]) -> tuple[list[RankResult], int | None]:
     """Convert the plans not done yet (with --verify, verify the done ones), reporting each as it
     ends; returns the results and, when a signal stopped the run, its exit code."""
     if settings.debug:
@@ -85,7 +140,7 @@ def run_plans(plans: Sequence[Any], statuses: dict, settings: RunSettings, *, ex
         def on_done(plan, result: RankResult) -> None:
             results.append(result)
             advance()
-            report(plan, result)
+            report_line(plan, result)
 
         tasks = []
         for plan in plans:
@@ -107,8 +162,9 @@ def run_plans(plans: Sequence[Any], statuses: dict, settings: RunSettings, *, ex
     return results, None
 
 
-def report_line(source: Any, target: Any, result: RankResult) -> None:
+def report_line(plan: Any, result: RankResult) -> None:
     """The line users grep: `successfully` once per folder whose files are complete."""
+    source, target = plan.ends()
     if result.status == "failed":
         log.error("failed to convert '%s': %s", source, result.message)
     elif result.status == "skipped":

@@ -131,6 +131,10 @@ class RankPlan:
         """Every file this plan writes, besides its manifest."""
         return (*self.outputs, self.meta_file)
 
+    def ends(self) -> tuple[Path, Path]:
+        """(what it reads, what it writes), as the log names them."""
+        return self.folder.path, self.outputs[0]
+
     def source_files(self) -> list[Path]:
         """The files the plan reads, whose identity its fingerprint records (the layouts' too: a
         changed param_map file makes another conversion)."""
@@ -196,6 +200,10 @@ class BackPlan:
     @property
     def output_files(self) -> tuple[Path, ...]:
         return self.outputs
+
+    def ends(self) -> tuple[Path, Path]:
+        """(what it reads, what it writes), as the log names them."""
+        return self.source_file, self.out_dir
 
     def source_files(self) -> list[Path]:
         """The files the plan reads, whose identity its fingerprint records."""

@@ -24,8 +24,8 @@ import torch
 
 from .atomic import write_common_file
 from .errors import ConvertInputError
-from .command import (EXIT_FAILED, EXIT_OK, ShowDefaults, exit_code, log_verified, report_line, run_command,
-                      run_plans, summary)
+from .command import (ShowDefaults, check_against_saved, check_minimum, check_plans, exit_code, log_verified,
+                      reading_inputs, run_command, run_plans, run_settings, summary)
 from .manifest import check_no_foreign_outputs, plan_fingerprint, rank_status
 from .megatron import checkpoint as reader
 from .megatron.pt_meta import PT_META_DIR, args_file_name, manifest_file_name
@@ -37,8 +37,7 @@ from .plan import RankInfo, RankPlan
 from .pt2ckpt_execute import execute_plan
 from .pt2ckpt_plan import (check_layer_counts, check_unique_names, optimizer_scalars, plan_model_tensors,
                            plan_optimizer_tensors, stack_local_experts)
-from .shard import Shard, add_shard_flags, log_check, own_share
-from .runner import RankResult, RunSettings
+from .shard import Shard, add_shard_flags, own_share
 from .topology import RankFolder, Topology
 
 log = logging.getLogger("convert_pt2ckpt")
@@ -150,11 +149,8 @@ class Options:
 
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
     """The flags as Options; `environ` is the launcher's environment, read by --shard auto."""
-    for flag in ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
-                 "ep_size"):
-        if getattr(ns, flag, None) is not None and getattr(ns, flag) < 1:
-            raise ConvertInputError(f"--{flag.replace('_', '-')} {getattr(ns, flag)}", expected="a whole number >= 1",
-                                    fix=f"pass --{flag.replace('_', '-')} 1 or more")
+    check_minimum(ns, ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
+                       "ep_size"), 1)
     if ns.parallel_init_order != "tp-cp-ep-dp-pp":
         raise ConvertInputError(f"--parallel-init-order {ns.parallel_init_order}", expected="tp-cp-ep-dp-pp",
                                 fix="drop --parallel-init-order; only tp-cp-ep-dp-pp is supported")
@@ -278,10 +274,7 @@ def resolve_expert_parallel(options: Options, args: Any, where: Path) -> ExpertP
     saved_pp = getattr(args, "pipeline_model_parallel_size", None)
     saved_ep = getattr(args, "expert_model_parallel_size", None)
     num_experts = getattr(args, "num_experts", None)
-    if saved_pp is not None and saved_pp != options.pp_size:
-        raise ConvertInputError(f"--pp-size {options.pp_size} contradicts {where}",
-                                expected=f"--pp-size {saved_pp} (the training run's value)", found=str(options.pp_size),
-                                fix=f"pass --pp-size {saved_pp}")
+    check_against_saved({"--pp-size": (options.pp_size, saved_pp)}, where)
     if options.ep_size is not None and saved_ep is not None and options.ep_size != saved_ep:
         raise ConvertInputError(f"--ep-size {options.ep_size} contradicts {where}",
                                 expected=f"--ep-size {saved_ep} (the training run's expert_model_parallel_size)",
@@ -316,18 +309,13 @@ def resolve_expert_parallel(options: Options, args: Any, where: Path) -> ExpertP
 def resolve_topology(options: Options, first: RankInfo, experts: ExpertParallel = ExpertParallel()) -> Topology:
     """Check the flags against the args stored in the checkpoint and fill in what the flags leave open."""
     args = first.args
-    stored = {
+    check_against_saved({
         "--tp-size": (options.tp_size, getattr(args, "tensor_model_parallel_size", None)),
         "--pp-size": (options.pp_size, getattr(args, "pipeline_model_parallel_size", None)),
         "--vpp-size": (options.vpp_size, getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
                        if args is not None else None),
         "--num-layers": (options.num_layers, getattr(args, "num_layers", None)),
-    }
-    for flag, (given, saved) in stored.items():
-        if given is not None and saved is not None and given != saved:
-            raise ConvertInputError(f"{flag} {given} contradicts {first.folder.model_file}",
-                                    expected=f"{flag} {saved} (the training run's value)", found=str(given),
-                                    fix=f"pass {flag} {saved}")
+    }, first.folder.model_file)
     if len(first.chunk_keys) != options.vpp_size:
         raise ConvertInputError(f"--vpp-size {options.vpp_size} contradicts {first.folder.model_file}",
                                 expected=f"{options.vpp_size} model chunks", found=f"{len(first.chunk_keys)}",
@@ -513,12 +501,7 @@ class Job:
 def prepare(options: Options) -> Job:
     """Discover -> read metadata -> layouts -> plans. Raises ConvertInputError before any output exists;
     a failure to read an input (permissions, I/O error) is reported as such, naming the file."""
-    try:
-        return _prepare(options)
-    except OSError as err:
-        where = err.filename or "an input file"
-        raise ConvertInputError(f"cannot read {where}: {err.strerror or err}",
-                                fix="check --megatron-path / --param-map-path, their permissions and the disk") from None
+    return reading_inputs(_prepare, options, "--megatron-path / --param-map-path")
 
 
 def _prepare(options: Options) -> Job:
@@ -643,11 +626,6 @@ def save_param_maps(job: Job, options: Options) -> None:
 # main
 
 
-def run_settings(options: Options) -> RunSettings:
-    return RunSettings(verify=options.verify, debug=options.debug, multiprocess_off=options.multiprocess_off,
-                       process_limit=options.process_limit, process_timeout=options.process_timeout)
-
-
 def canonical_paths(options: Options) -> Options:
     """The path flags made absolute with symlinks resolved, so that a conversion is recognised as the
     same one (to resume it) however its paths were spelled, e.g. `o1` or `$PWD/o1`."""
@@ -698,10 +676,7 @@ def source_bytes(plan: RankPlan) -> int:
 
 def check_conversion(options: Options) -> int:
     """--check: the state of every rank of the whole conversion, from the manifests; nothing written."""
-    job = prepare(options)
-    statuses = {plan.folder: rank_status(plan) for plan in job.plans}
-    complete = log_check(job.plans, statuses, lambda plan: (plan.folder.path, plan.outputs[0]), log)
-    return EXIT_OK if complete else EXIT_FAILED
+    return check_plans(prepare(options).plans)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -716,16 +691,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the ranks not done yet (verify the done ones with --verify), log one line per folder
     and the summary; returns the exit code."""
-    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_plan, report=report,
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_plan,
                                  where=lambda plan: plan.folder.path)
     if options.verify and stopped is None:
         log_verified(results)
     summary(results, len(job.plans), started, options.shard)
     return stopped if stopped is not None else exit_code(results)
-
-
-def report(plan: RankPlan, result: RankResult) -> None:
-    report_line(plan.folder.path, plan.outputs[0], result)
 
 
 def cli() -> None:
