@@ -18,7 +18,6 @@ carry (args, rng state, flops counter) come from pt_meta.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
 import os
@@ -30,7 +29,7 @@ from typing import Any, Mapping, Sequence
 
 from .atomic import write_common_file
 from .ckpt2pt_execute import execute_back_plan
-from .ckpt2pt_facts import read_rank_meta
+from .ckpt2pt_facts import MsFileFacts, read_ms_facts, read_rank_meta
 from .command import (ShowDefaults, check_against_saved, check_minimum, check_plans, exit_code, log_verified,
                       reading_inputs, run_command, run_plans, run_settings, summary)
 from .errors import ConvertInputError
@@ -39,7 +38,7 @@ from .megatron.checkpoint import TRACKER_FILE, load_pt, optimizer_param_groups
 from .megatron.layout import state_key_for
 from .megatron.pt_meta import args_file_name, args_file_pattern, manifest_file_name
 from .megatron.writer import OPTIMIZER_STATES, skeleton_specs
-from .mindspore.reader import MindSporeFile, open_mindspore_file
+from .mindspore.reader import open_mindspore_file
 from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, megatron_name,
                      megatron_state_dict_key, naming_facts, renumber_layers, split_state, stacked_expert_name)
 from .plan import BackPlan, RankMeta
@@ -242,35 +241,24 @@ def recorded_ep_size(options: Options) -> int:
 # Values training changes
 
 
-def read_scalar(ms: MindSporeFile, name: str) -> float | int | None:
-    if name not in ms:
-        return None
-    tensor = ms.read(name)
-    if tensor.numel() != 1:
-        raise ConvertInputError(f"{ms.path}: {name} has shape {list(tensor.shape)}", expected="one value",
-                                fix="re-copy the file (damaged?) or check --ms-path")
-    value = tensor.reshape(()).item()
-    return value
-
-
-def group_updates(ms: MindSporeFile, param_groups: Sequence[dict]) -> tuple[tuple[int, str, Any], ...]:
+def group_updates(ms: MsFileFacts, param_groups: Sequence[dict]) -> tuple[tuple[int, str, Any], ...]:
     """(group, key, value) for each optimizer param-group number MindSpore holds a different value of."""
     out = []
     for i, group in enumerate(param_groups):
         for key, saved in group.items():
             if key == "params" or not is_number(saved):
                 continue
-            stored = read_scalar(ms, group_scalar(i, key)[0])
+            stored = ms.scalar(group_scalar(i, key)[0])
             if stored is not None and decode_number(saved, stored) != saved:
                 out.append((i, key, decode_number(saved, stored)))
     return tuple(out)
 
 
-def scheduler_updates(ms: MindSporeFile, scheduler: dict) -> tuple[tuple[str, Any], ...]:
+def scheduler_updates(ms: MsFileFacts, scheduler: dict) -> tuple[tuple[str, Any], ...]:
     """(key, value) for each opt_param_scheduler entry MindSpore holds a different value of."""
     out = []
     for key, saved in scheduler.items():
-        stored = read_scalar(ms, key)
+        stored = ms.scalar(key)
         if stored is None:
             continue
         value = decode_scheduler(key, stored, saved, ms.path)
@@ -279,11 +267,11 @@ def scheduler_updates(ms: MindSporeFile, scheduler: dict) -> tuple[tuple[str, An
     return tuple(out)
 
 
-def iteration_of(ms: MindSporeFile, options: Options) -> int:
+def iteration_of(ms: MsFileFacts, options: Options) -> int:
     """--iteration, else step_num; a step_num that counts within an epoch (epoch_num != 0) is no iteration."""
     if options.iteration is not None:
         return options.iteration
-    step, epoch = read_scalar(ms, STEP_NUM), read_scalar(ms, EPOCH_NUM)
+    step, epoch = ms.scalar(STEP_NUM), ms.scalar(EPOCH_NUM)
     if step is None:
         raise ConvertInputError(f"{ms.path}: no step_num", expected="step_num (the iteration) in the file",
                                 fix="pass --iteration N")
@@ -353,7 +341,7 @@ def megatron_layer(ms_layer: int, noop: Sequence[int]) -> int | None:
     return ms_layer - sum(1 for n in noop if n < ms_layer)
 
 
-def ms_name_index(ms: MindSporeFile, facts: NamingFacts, noop: Sequence[int]) -> dict[tuple[str, str], str]:
+def ms_name_index(ms: MsFileFacts, facts: NamingFacts, noop: Sequence[int]) -> dict[tuple[str, str], str]:
     """(state, state-dict key with Megatron's global layer numbers) -> name, for every parameter and
     moment in a MindSpore file written in either name style; scalars and no-op layers left out."""
     index = {}
@@ -384,7 +372,7 @@ def needed_tensors(rank: RankMeta, with_optimizer: bool) -> list[tuple[int, str,
     return [(c, k, s, shape) for (c, k, s), shape in out.items()]
 
 
-def map_sources(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp_pp: tuple[int, int], options: Options,
+def map_sources(rank: RankMeta, ms: MsFileFacts, topo: Topology, tp_pp: tuple[int, int], options: Options,
                 facts: NamingFacts) -> tuple[tuple[tuple[int, str, str], str], ...]:
     """Each needed tensor's MindSpore name, checked to be there as float32 of the right size."""
     index = ms_name_index(ms, facts, options.noop)
@@ -431,7 +419,7 @@ def map_sources(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp_pp: tuple[
     return tuple(out)
 
 
-def plan_rank(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp: int, pp: int, options: Options,
+def plan_rank(rank: RankMeta, ms: MsFileFacts, topo: Topology, tp: int, pp: int, options: Options,
               iteration: int, ep: int = 0) -> BackPlan:
     meta = rank.meta
     facts = naming_facts(meta["args"], keys=[k for s in rank.skeletons for k, _ in skeleton_specs(s)])
@@ -472,6 +460,27 @@ def prepare(options: Options) -> Job:
 
 
 def _prepare(options: Options) -> Job:
+    facts = read_back_facts(options)
+    job = plan_conversion(facts, options)
+    return dataclasses.replace(job, plans=[dataclasses.replace(plan, fingerprint=plan_fingerprint(plan))
+                                           for plan in job.plans])
+
+
+@dataclass(frozen=True)
+class BackFacts:
+    """Everything the way back's planning reads, read once: per (tp, pp, ep) rank its pt_meta record
+    and its MindSpore file's header and scalars, and the MindSpore run's layout they imply."""
+
+    topology: Topology
+    metas: dict[tuple[int, int, int], RankMeta]
+    files: dict[tuple[int, int, int], MsFileFacts]
+
+    def ranks(self) -> list[tuple[int, int, int]]:
+        return list(self.metas)
+
+
+def read_back_facts(options: Options) -> BackFacts:
+    """pt_meta records, then the layout (checked against the flags), then the MindSpore files."""
     if not options.param_map_path.is_dir():
         raise ConvertInputError(f"--param-map-path {options.param_map_path}: no such folder",
                                 fix="pass the pt_meta folder convert_pt2ckpt.py wrote")
@@ -481,29 +490,28 @@ def _prepare(options: Options) -> Job:
                                           not options.convert_param_only, tp, pp, options.vpp_size)
              for tp, pp, ep in ranks}
     topo = resolve_topology(options, metas, ep_size)
-    # ep rank e's experts are in the file of dp rank e (whose ep rank is e mod ep_size), cp 0
-    files = {(tp, pp, ep): pick_ms_file(options.ms_path / f"rank_{topo.ms_rank(tp, pp, dp=ep)}", options.fmt)
-             for tp, pp, ep in ranks}
-    plans, iterations = [], {}
-    with contextlib.ExitStack() as stack:
-        opened = {r: stack.enter_context(open_mindspore_file(files[r], options.fmt)) for r in ranks}
-        for r in ranks:
-            log.info("rank tp %d pp %d%s: reading %s", r[0], r[1], f" ep {r[2]}" if ep_size > 1 else "", files[r])
-            iterations[files[r]] = iteration_of(opened[r], options)
-        if len(set(iterations.values())) != 1:
-            shown = ", ".join(f"{path}: {it}" for path, it in list(iterations.items())[:4])
-            raise ConvertInputError(f"the MindSpore files hold different step_num values ({shown})",
-                                    expected="one iteration", fix="copy every rank's file of the same save, or pass "
-                                                                  "--iteration N")
-        iteration = next(iter(iterations.values()))
-        for r in ranks:
-            plan = plan_rank(metas[r], opened[r], topo, r[0], r[1], options, iteration, ep=r[2])
-            plans.append(dataclasses.replace(plan, fingerprint=plan_fingerprint(plan)))
+    files = {}
+    for tp, pp, ep in ranks:
+        # ep rank e's experts are in the file of dp rank e (whose ep rank is e mod ep_size), cp 0
+        path = pick_ms_file(options.ms_path / f"rank_{topo.ms_rank(tp, pp, dp=ep)}", options.fmt)
+        log.info("rank tp %d pp %d%s: reading %s", tp, pp, f" ep {ep}" if ep_size > 1 else "", path)
+        with open_mindspore_file(path, options.fmt) as ms:
+            files[(tp, pp, ep)] = read_ms_facts(ms)
+    return BackFacts(topo, metas, files)
+
+
+def plan_conversion(facts: BackFacts, options: Options) -> Job:
+    """The plans of every rank, from the facts and the flags alone (no file is read)."""
+    iterations = {facts.files[r].path: iteration_of(facts.files[r], options) for r in facts.ranks()}
+    if len(set(iterations.values())) != 1:
+        shown = ", ".join(f"{path}: {it}" for path, it in list(iterations.items())[:4])
+        raise ConvertInputError(f"the MindSpore files hold different step_num values ({shown})",
+                                expected="one iteration", fix="copy every rank's file of the same save, or pass "
+                                                              "--iteration N")
+    iteration = next(iter(iterations.values()))
+    plans = [plan_rank(facts.metas[r], facts.files[r], facts.topology, r[0], r[1], options, iteration, ep=r[2])
+             for r in facts.ranks()]
     return Job(plans, iteration)
-
-
-# ---------------------------------------------------------------------------------------------
-# Executing a plan (worker process)
 
 
 # ---------------------------------------------------------------------------------------------

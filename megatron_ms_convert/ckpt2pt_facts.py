@@ -1,11 +1,14 @@
-"""Reading the facts of the way back: each rank's pt_meta record decoded into a `RankMeta` (the
-model skeletons, grad-buffer layouts and bucket sizes the Megatron files are rebuilt from). The
-mirror of `pt2ckpt_facts`; planning (in `ckpt2pt`) and the worker (`ckpt2pt_execute`) both use it.
+"""Reading the facts of the way back, at the edge, once: each rank's pt_meta record decoded into a
+`RankMeta` (the model skeletons, grad-buffer layouts and bucket sizes the Megatron files are rebuilt
+from) and each MindSpore file's header and scalar values as `MsFileFacts`. Planning (in `ckpt2pt`)
+is a function of these; the worker (`ckpt2pt_execute`) re-reads its rank's pt_meta itself.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import ConvertInputError
@@ -13,6 +16,7 @@ from .megatron.checkpoint import load_pt
 from .megatron.layout import list_param_map_files, read_rank_layouts, state_key_for
 from .megatron.pt_meta import counts_from_meta, layouts_from_meta, skeletons_from_meta
 from .megatron.rebuild_rules import rule_counts, rule_skeletons
+from .mindspore.reader import MindSporeFile, StoredTensor
 from .naming import naming_facts
 from .plan import RankMeta
 
@@ -57,3 +61,40 @@ def documented_rank_meta(path: Path, meta: dict, tp: int, pp: int, num_chunks: i
                 "Megatron's rules, and _extra_state entries are left out (see docs/ckpt2pt.md)", path)
     return RankMeta(path, meta, rule_skeletons(layouts, num_chunks, family), layouts,
                     rule_counts(layouts, meta["args"]))
+
+
+@dataclass(frozen=True)
+class MsFileFacts:
+    """What planning needs of one MindSpore file: every tensor's name, shape and dtype (the header),
+    and the values of its one-element tensors (step_num, learning rates, scheduler state). Offers the
+    part of `MindSporeFile`'s interface planning uses, without the file."""
+
+    path: Path
+    tensors: tuple[StoredTensor, ...]
+    values: tuple[tuple[str, float | int], ...]  # (name, value) of every one-element tensor
+
+    def names(self) -> list[str]:
+        return [t.name for t in self.tensors]
+
+    def info(self, name: str) -> StoredTensor:
+        return {t.name: t for t in self.tensors}[name]
+
+    def __contains__(self, name) -> bool:
+        return any(t.name == name for t in self.tensors)
+
+    def scalar(self, name: str) -> float | int | None:
+        """The value of a scalar the converter stores (None when the file has none of that name)."""
+        if name not in self:
+            return None
+        shape = self.info(name).shape
+        if math.prod(shape) != 1:
+            raise ConvertInputError(f"{self.path}: {name} has shape {list(shape)}", expected="one value",
+                                    fix="re-copy the file (damaged?) or check --ms-path")
+        return dict(self.values)[name]
+
+
+def read_ms_facts(ms: MindSporeFile) -> MsFileFacts:
+    """The header of an open MindSpore file and the values of its one-element tensors (a few bytes)."""
+    tensors = tuple(ms.info(name) for name in ms.names())
+    values = tuple((t.name, ms.read(t.name).reshape(()).item()) for t in tensors if math.prod(t.shape) == 1)
+    return MsFileFacts(ms.path, tensors, values)

@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
 
 from .atomic import write_common_file
 from .errors import ConvertInputError
@@ -34,6 +33,7 @@ from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_
                               layout_differences, list_expert_param_map_files, list_param_map_files,
                               param_map_file_name, param_map_json, read_rank_layouts, state_key_for)
 from .plan import RankInfo, RankPlan
+from .pt2ckpt_facts import read_rank_info
 from .pt2ckpt_execute import execute_plan
 from .pt2ckpt_plan import (check_layer_counts, check_unique_names, optimizer_scalars, plan_model_tensors,
                            plan_optimizer_tensors, stack_local_experts)
@@ -185,70 +185,6 @@ def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None 
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading metadata (parent process)
-
-
-def read_rank_info(folder: RankFolder, need_distrib: bool) -> RankInfo:
-    """Metadata of one rank folder; the .pt files are mmap'd, so no tensor data is read."""
-    if need_distrib and not folder.distrib_file.is_file():
-        raise ConvertInputError(f"{folder.distrib_file}: file is missing",
-                                expected="distrib_optim.pt in every mp_rank folder (distributed optimizer)",
-                                fix="copy it from the training run, or pass --convert-param-only to convert "
-                                    "the model weights alone")
-    model_sd = reader.load_pt(folder.model_file)
-    if not isinstance(model_sd, dict):
-        raise ConvertInputError(f"{folder.model_file}: expected a dict", found=type(model_sd).__name__,
-                                fix="check --megatron-path")
-    chunk_keys = reader.model_chunk_keys(model_sd, folder.model_file)
-    chunk_tensors = tuple(
-        tuple((key, tuple(t.shape), str(t.dtype)) for key, t in reader.model_tensors(model_sd[ck]).items())
-        for ck in chunk_keys)
-    param_groups = tuple(_plain_numbers(g) for g in reader.optimizer_param_groups(model_sd.get("optimizer")))
-    iteration = model_sd.get("iteration")
-    if iteration is None and folder.path.parent.name == "release":
-        iteration = 0  # as Megatron does when it loads a release checkpoint without one
-    if not isinstance(iteration, int):
-        raise ConvertInputError(f"{folder.model_file}: no iteration number", expected="an int 'iteration' entry",
-                                found=repr(iteration)[:40], fix="check --megatron-path")
-    info = RankInfo(folder=folder, iteration=iteration, args=model_sd.get("args"), chunk_keys=tuple(chunk_keys),
-                    chunk_tensors=chunk_tensors, param_groups=param_groups,
-                    scheduler=dict(model_sd.get("opt_param_scheduler") or {}))
-    if not need_distrib:
-        return info
-    distrib = reader.load_pt(folder.distrib_file)
-    if not isinstance(distrib, list):
-        counts, states = read_bucket_counts(distrib, folder.distrib_file)
-        return dataclasses.replace(info, counts=counts, states=states)
-    # MoE: [dense, expert]; the dense state is None on ep ranks > 0 (filled in from ep rank 0's folder)
-    expert_buffers = reader.decode_optimizer_part(distrib, folder.distrib_file, reader.EXPERT)
-    dense_buffers = (reader.decode_optimizer_part(distrib, folder.distrib_file, reader.DENSE)
-                     if folder.ep == 0 else [])
-    return dataclasses.replace(info, counts=_counts_of(dense_buffers), expert_counts=_counts_of(expert_buffers),
-                               states=_common_states(dense_buffers + expert_buffers),
-                               dense_distrib_file=folder.distrib_file if folder.ep == 0 else None)
-
-
-def _plain_numbers(group: dict) -> dict:
-    """Optimizer values saved as one-element tensors (capturable optimizers) become plain numbers."""
-    return {key: value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-            for key, value in group.items()}
-
-
-def read_bucket_counts(distrib: Any, path: Path) -> tuple[tuple[BucketCounts, ...], tuple[str, ...]]:
-    """Bucket sizes per grad buffer and the optimizer states every buffer holds."""
-    buffers = reader.decode_distrib_optim(distrib, path)
-    return _counts_of(buffers), _common_states(buffers)
-
-
-def _counts_of(buffers) -> tuple[BucketCounts, ...]:
-    return tuple(BucketCounts(b.gbuf_idx, b.dtype_names, b.padded, b.unpadded) for b in buffers)
-
-
-def _common_states(buffers) -> tuple[str, ...]:
-    return tuple(s for s in (buffers[0].states if buffers else ()) if all(s in b.states for b in buffers))
-
-
-# ---------------------------------------------------------------------------------------------
 # Planning
 
 
@@ -371,23 +307,33 @@ def infer_rank_layouts(info: RankInfo, part: OptimizerPart) -> list[BufferLayout
                          source=f"{what} inferred from {info.folder.model_file}")
 
 
-def rank_layouts(info: RankInfo, options: Options, map_files,
-                 expert_map_files=None) -> tuple[list[BufferLayout], list[BufferLayout]]:
-    """The bucket layouts of one rank, dense and (MoE) expert ones: the param_map's when given,
-    cross-checked against the layout the checkpoint itself implies; the inferred one otherwise. A map
-    and an inferred layout that both pass every check yet differ mean one of them is wrong, so that is
-    an error unless --trust-layout says which to believe. Expert buffers use the expert param_map
-    files when the folder has any (the documented patch records none: then they are inferred)."""
-    tensors = [info.tensors_by_key(c) for c in range(len(info.chunk_keys))]
+def mapped_layouts(info: RankInfo, options: Options, map_files,
+                   expert_map_files=None) -> tuple[tuple[BufferLayout, ...] | None, ...]:
+    """Facts: per optimizer part of the rank (dense, then the experts'), the layouts its param_map
+    files give, or None where no map is used for it (then the layout is inferred). Expert buffers use
+    the expert param_map files when the folder has any (the documented patch records none)."""
     out = []
     for part in optimizer_parts(info):
         files = map_files if part.kind == "dense" else expert_files_of(info, expert_map_files, options)
-        if files is None:
+        out.append(None if files is None else tuple(read_rank_layouts(files, info.folder.tp, info.folder.pp,
+                                                                      len(info.chunk_keys), options.param_map_path)))
+    return tuple(out)
+
+
+def rank_layouts(info: RankInfo, options: Options,
+                 mapped: Sequence[Sequence[BufferLayout] | None]) -> tuple[list[BufferLayout], list[BufferLayout]]:
+    """The bucket layouts of one rank, dense and (MoE) expert ones: the param_map's when given
+    (`mapped`, from mapped_layouts), cross-checked against the layout the checkpoint itself implies;
+    the inferred one otherwise. A map and an inferred layout that both pass every check yet differ
+    mean one of them is wrong, so that is an error unless --trust-layout says which to believe."""
+    tensors = [info.tensors_by_key(c) for c in range(len(info.chunk_keys))]
+    out = []
+    for part, given in zip(optimizer_parts(info), mapped):
+        if given is None:
             layouts = infer_rank_layouts(info, part)
             check_layouts(layouts, part.counts, tensors, part.distrib_file)
         else:
-            layouts = read_rank_layouts(files, info.folder.tp, info.folder.pp, len(info.chunk_keys),
-                                        options.param_map_path)
+            layouts = list(given)
             check_layouts(layouts, part.counts, tensors, part.distrib_file)
             check_map_against_checkpoint(layouts, info, tensors, options.trust_layout, part)
         out.append(layouts)
@@ -505,6 +451,28 @@ def prepare(options: Options) -> Job:
 
 
 def _prepare(options: Options) -> Job:
+    job = plan_conversion(read_source_facts(options), options)
+    return dataclasses.replace(job, plans=[dataclasses.replace(plan, fingerprint=plan_fingerprint(plan))
+                                           for plan in job.plans])
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """Everything the forward planning reads, read once: the saved args, the expert parallelism they
+    imply, each rank folder's metadata, and (per folder and optimizer part) the layouts the given
+    param_map files hold (None where the layout is to be inferred)."""
+
+    iteration_dir: Path
+    args: Any
+    experts: ExpertParallel
+    infos: tuple[RankInfo, ...]
+    mapped: tuple[tuple[tuple[BufferLayout, ...] | None, ...], ...] = ()
+    param_map_files: Any = None  # the param_map files found (None: no map used), copied into pt_meta/
+
+
+def read_source_facts(options: Options) -> SourceFacts:
+    """Folders (named by the pipeline and expert parallel sizes, checked against the saved args),
+    their metadata, and the param_map files' layouts."""
     iteration_dir = reader.resolve_iteration_dir(options.megatron_path)
     args, args_file = reader.saved_args_of(iteration_dir)
     experts = resolve_expert_parallel(options, args, args_file or iteration_dir)
@@ -516,21 +484,28 @@ def _prepare(options: Options) -> Job:
     infos = [read_rank_info(folder, need_distrib) for folder in folders]
     if experts.ep_size > 1 and need_distrib:
         infos = with_dense_state_of_ep_rank_0(infos)
+    mapped = tuple(mapped_layouts(info, options, map_files, expert_map_files) if need_distrib else ()
+                   for info in infos)
+    return SourceFacts(iteration_dir, args, experts, tuple(infos), mapped, map_files)
+
+
+def plan_conversion(facts: SourceFacts, options: Options) -> Job:
+    """The plans of every rank folder, from the facts and the flags alone (no file is read)."""
+    infos, experts = facts.infos, facts.experts
     topo = resolve_topology(options, infos[0], experts)
     iterations = {info.iteration for info in infos}
     if len(iterations) != 1:
-        raise ConvertInputError(f"{iteration_dir}: rank folders hold different iterations {sorted(iterations)}",
+        raise ConvertInputError(f"{facts.iteration_dir}: rank folders hold different iterations {sorted(iterations)}",
                                 expected="one iteration", fix="copy all folders from the same checkpoint")
-    facts = naming_facts(infos[0].args, options.name_style,
-                         keys=[key for tensors in infos[0].chunk_tensors for key, _, _ in tensors])
+    facts_of_names = naming_facts(infos[0].args, options.name_style,
+                                  keys=[key for tensors in infos[0].chunk_tensors for key, _, _ in tensors])
     warn_position_table_rows(infos)
     plans = []
-    for info in infos:
+    for info, mapped in zip(infos, facts.mapped):
         check_expert_keys(info, experts)
-        layouts, expert_layouts = rank_layouts(info, options, map_files, expert_map_files) if need_distrib else ([], [])
-        plan = plan_rank(info, topo, options, layouts, facts, expert_layouts, experts)
-        plans.append(dataclasses.replace(plan, fingerprint=plan_fingerprint(plan)))
-    return Job(plans, map_files, infos[0].args, topo)
+        layouts, expert_layouts = rank_layouts(info, options, mapped) if mapped else ([], [])
+        plans.append(plan_rank(info, topo, options, layouts, facts_of_names, expert_layouts, experts))
+    return Job(plans, facts.param_map_files, infos[0].args, topo)
 
 
 def with_dense_state_of_ep_rank_0(infos: Sequence[RankInfo]) -> list[RankInfo]:
