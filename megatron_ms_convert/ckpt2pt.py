@@ -30,21 +30,21 @@ from typing import Any, Mapping, Sequence
 from .atomic import write_common_file
 from .ckpt2pt_execute import execute_back_plan
 from .ckpt2pt_facts import MsFileFacts, read_ms_facts, read_rank_meta
-from .command import (ShowDefaults, check_against_saved, check_minimum, check_plans, exit_code, log_verified,
-                      reading_inputs, run_command, run_plans, run_settings, summary)
+from .command import (ShowDefaults, add_dry_run_flag, check_against_saved, check_minimum, exit_code,
+                      log_verified, reading_inputs, run_command, run_plans, run_settings, summary)
 from .errors import ConvertInputError
 from .manifest import check_no_foreign_outputs, plan_fingerprint, rank_status
 from .megatron.checkpoint import TRACKER_FILE, load_pt, optimizer_param_groups
 from .megatron.layout import state_key_for
 from .megatron.pt_meta import args_file_name, args_file_pattern, manifest_file_name
-from .megatron.writer import OPTIMIZER_STATES, skeleton_specs
+from .megatron.writer import OPTIMIZER_STATES, skeleton_specs, target_counts
 from .mindspore.reader import open_mindspore_file
 from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, megatron_name,
                      megatron_state_dict_key, naming_facts, renumber_layers, split_state, stacked_expert_name)
-from .plan import BackPlan, RankMeta
+from .plan import BackPlan, BackTarget, RankMeta
 from .scalars import EPOCH_NUM, STEP_NUM, decode_number, decode_scheduler, group_scalar, is_number
 from .shard import Shard, add_shard_flags, own_share
-from .topology import RankFolder, Topology, folder_name
+from .topology import DISTRIB_FILE, MODEL_FILE, RankFolder, Topology, folder_name
 
 log = logging.getLogger("convert_pt2ckpt")
 
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "outputs written from another source")
     group.add_argument("--debug", action="store_true", default=False, help="print debug info (the plans)")
     add_shard_flags(parser, "--megatron-path")
+    add_dry_run_flag(parser)
     return parser
 
 
@@ -141,6 +142,7 @@ class Options:
     shard: Shard | None = None
     check: bool = False
     ep_size: int | None = None
+    dry_run: bool = False
 
 
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
@@ -161,7 +163,7 @@ def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None 
         process_limit=ns.process_limit, multiprocess_off=ns.multiprocess_off, process_timeout=ns.process_timeout,
         iteration=ns.iteration, consumed_train_samples=ns.consumed_train_samples, verify=ns.verify,
         overwrite=ns.overwrite, debug=ns.debug, shard=Shard.parse(ns.shard, environ) if ns.shard else None,
-        check=ns.check, ep_size=ns.ep_size)
+        check=ns.check, ep_size=ns.ep_size, dry_run=ns.dry_run)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -436,7 +438,7 @@ def plan_rank(rank: RankMeta, ms: MsFileFacts, topo: Topology, tp: int, pp: int,
             args_updates.append((key, value))
     groups = optimizer_param_groups(meta.get("optimizer"))
     iteration_dir = options.megatron_path / f"iter_{iteration:07d}"
-    return BackPlan(
+    plan = BackPlan(
         folder=RankFolder(pp=pp, tp=tp, path=ms.path.parent, ep=ep), source_file=ms.path, fmt=options.fmt,
         pt_meta_file=rank.path, out_dir=iteration_dir / folder_name(tp, pp, options.pp_size, ep, topo.ep_size),
         write_distrib=not options.convert_param_only, dp_cp=dp_cp, sources=sources, iteration=iteration,
@@ -444,6 +446,36 @@ def plan_rank(rank: RankMeta, ms: MsFileFacts, topo: Topology, tp: int, pp: int,
         scheduler_updates=scheduler_updates(ms, dict(meta.get("opt_param_scheduler") or {})),
         manifest_file=iteration_dir / MANIFEST_DIR / manifest_file_name(tp, pp, ep, topo.ep_size),
         num_chunks=len(rank.skeletons), ep_size=topo.ep_size)
+    return dataclasses.replace(plan, targets=back_targets(rank, plan))
+
+
+def back_targets(rank: RankMeta, plan: BackPlan) -> tuple[BackTarget, ...]:
+    """Every tensor the plan writes (what --dry-run prints): each model parameter with its MindSpore
+    source, and each optimizer-state bucket with the parameters laid into it (offset: name[row])."""
+    sources = dict(plan.sources)
+
+    def source_text(chunk: int, key: str, state: str) -> str:
+        name, row = sources[(chunk, key, state)]
+        return name + ("" if row is None else f"[{row}]")
+
+    out = []
+    for chunk, skeleton in enumerate(rank.skeletons):
+        chunk_key = "model" if len(rank.skeletons) == 1 else f"model{chunk}"
+        out += [BackTarget(MODEL_FILE, f"{chunk_key}.{key}", tuple(spec.shape), str(spec.dtype),
+                           source_text(chunk, key, "param")) for key, spec in skeleton_specs(skeleton)]
+    parts = [part for part in rank.distrib_parts() if part is not None] if plan.write_distrib else []
+    for part in parts:
+        for gbuf, (layout, target) in enumerate(zip(part.layouts, target_counts(part.counts, plan.padded_for(part)))):
+            source = part.counts[gbuf]
+            for state in OPTIMIZER_STATES:
+                for bucket, numel in enumerate(target.padded):
+                    laid = [f"{span.start - source.bucket_start(bucket)}: "
+                            + source_text(layout.chunk, state_key_for(span.name), state)
+                            for span in layout.params if span.bucket == bucket]
+                    out.append(BackTarget(DISTRIB_FILE, f"{part.kind} buffer {gbuf} {target.dtype_key} {state} "
+                                          f"bucket {bucket}", (numel,), "torch.float32",
+                                          "zeros + " + ", ".join(laid)))
+    return tuple(out)
 
 
 @dataclass
@@ -532,11 +564,6 @@ def prepare_outputs(options: Options) -> tuple[Job, dict]:
     return job, statuses
 
 
-def check_conversion(options: Options) -> int:
-    """--check: the state of every output folder of the whole conversion, from the manifests."""
-    return check_plans(prepare(options).plans)
-
-
 def write_tracker_when_complete(job: Job, options: Options) -> None:
     """latest_checkpointed_iteration.txt, last: only once every folder of the whole conversion is
     complete (with shards, whichever finishes last writes it; two finishing together write the same
@@ -554,7 +581,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_command(build_parser().parse_args(argv), options_of=lambda ns: options_from_args(ns, os.environ),
                        describe=lambda options: (options.ms_path, options.megatron_path),
                        output_flag="--megatron-path", output_of=lambda options: options.megatron_path,
-                       check=check_conversion, prepare_outputs=prepare_outputs, run_and_report=run_and_report)
+                       plans_of=lambda options: prepare(options).plans, prepare_outputs=prepare_outputs,
+                       run_and_report=run_and_report)
 
 
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:

@@ -110,16 +110,10 @@ def execute_back_plan(plan: BackPlan, settings: RunSettings, write: bool = True)
     return result
 
 
-def part_dp(part: StatePart, plan: BackPlan) -> int:
-    """The data-parallel size a part's buckets are padded for: DP x CP for the dense optimizer, the
-    expert-data-parallel size (DP x CP / EP) for the experts'."""
-    return plan.dp_cp // plan.ep_size if part.kind == "expert" else plan.dp_cp
-
-
 def distrib_optim_content(rank: RankMeta, plan: BackPlan, state_value) -> Any:
     """distrib_optim.pt's tree: one dict, or for a MoE run with expert parallelism the list
     `[dense, expert]` Megatron's ChainedOptimizer saves (None where it saves None)."""
-    trees = [None if part is None else distrib_optim_tree(part.layouts, part.counts, part_dp(part, plan), state_value)
+    trees = [None if part is None else distrib_optim_tree(part.layouts, part.counts, plan.padded_for(part), state_value)
              for part in rank.distrib_parts()]
     return trees if rank.list_form else trees[0]
 
@@ -149,7 +143,7 @@ def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources) -> int:
                 if tree is not None:
                     problems.append(f"{DISTRIB_FILE}: a dense state where Megatron saves None")
                 continue
-            compared += verify_state_part(part, tree, part_dp(part, plan), sources, problems)
+            compared += verify_state_part(part, tree, plan.padded_for(part), sources, problems)
     if problems:
         raise VerificationError(f"verification of {plan.out_dir} failed (outputs removed): " + "; ".join(problems[:10]))
     return compared
@@ -175,7 +169,8 @@ def verify_state_part(part: StatePart, tree: dict, dp_cp: int, sources: RankSour
                     covered[offset:offset + span.numel] = True
                     compared += 1
                 if tensor.numel() != target.padded[bucket] or tensor[~covered].view(torch.int32).any():
-                    problems.append(f"{DISTRIB_FILE} {part.kind} buffer {gbuf} {state} bucket {bucket}: size or padding")
+                    problems.append(f"{DISTRIB_FILE} {part.kind} buffer {gbuf} {state} bucket {bucket}: "
+                                    "size or padding")
     return compared
 
 

@@ -71,6 +71,20 @@ def reading_inputs(prepare: Callable[[Any], Any], options: Any, flags: str) -> A
                                 fix=f"check {flags}, their permissions and the disk") from None
 
 
+def add_dry_run_flag(parser: argparse.ArgumentParser) -> None:
+    """--dry-run, the same in both directions."""
+    parser.add_argument("--dry-run", action="store_true", default=False,
+                        help="convert nothing: print the plan (every output tensor's name, shape, dtype and where "
+                             "its values come from) without reading tensor data or writing anything, and exit 0")
+
+
+def print_plans(plans: Sequence[Any]) -> int:
+    """--dry-run: every plan as text, on stdout."""
+    for plan in plans:
+        print(plan.describe(), flush=True)
+    return EXIT_OK
+
+
 def run_settings(options: Any) -> RunSettings:
     """The flags that shape how the plans run, from either tool's options."""
     return RunSettings(verify=options.verify, debug=options.debug, multiprocess_off=options.multiprocess_off,
@@ -99,18 +113,21 @@ def configure_logging(debug: bool) -> None:
 
 def run_command(ns: argparse.Namespace, *, options_of: Callable[[argparse.Namespace], Any],
                 describe: Callable[[Any], tuple[Any, Any]], output_flag: str, output_of: Callable[[Any], Any],
-                check: Callable[[Any], int], prepare_outputs: Callable[[Any], tuple[Any, dict]],
+                plans_of: Callable[[Any], Sequence[Any]], prepare_outputs: Callable[[Any], tuple[Any, dict]],
                 run_and_report: Callable[[Any, dict, Any, float], int]) -> int:
-    """A whole run: options, then --check (nothing written) or the lock on the output folder (until
-    the run ends, however it ends; a shard locks only its own share), planning, and the run. Returns
-    the exit code; bad input found before the run is one ERROR line and EXIT_BAD_INPUT."""
+    """A whole run: options, then --check or --dry-run (the whole conversion's plans, `plans_of`;
+    nothing written) or the lock on the output folder (until the run ends, however it ends; a shard
+    locks only its own share), planning, and the run. Returns the exit code; bad input found before
+    the run is one ERROR line and EXIT_BAD_INPUT."""
     configure_logging(ns.debug)
     started = time.monotonic()
     with signals_stop_the_run(), contextlib.ExitStack() as held:
         try:
             options = options_of(ns)
             if options.check:
-                return check(options)
+                return check_plans(plans_of(options))
+            if options.dry_run:
+                return print_plans(plans_of(options))
             log.info("converting %s -> %s", *describe(options))
             held.enter_context(folder_lock(output_of(options), lock_name(options.shard), flag=output_flag))
             job, statuses = prepare_outputs(options)

@@ -171,6 +171,18 @@ def _source_text(source: Source) -> str:
 
 
 @dataclass(frozen=True)
+class BackTarget:
+    """One tensor the way back writes: a model parameter of model_optim_rng.pt, or one bucket of an
+    optimizer state of distrib_optim.pt, with where its values come from as text."""
+
+    file: str
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    source: str
+
+
+@dataclass(frozen=True)
 class BackPlan:
     """Everything one worker does for one (tp, pp[, ep]) rank: read `source_file`, write `out_dir`."""
 
@@ -192,6 +204,14 @@ class BackPlan:
     num_chunks: int = 1
     ep_size: int = 1  # the expert buffers are padded for dp_cp // ep_size (the expert-data-parallel size)
     fingerprint: str = field(default="", compare=False)
+    # every output tensor, for describe(): what the worker derives from pt_meta again (not part of the
+    # fingerprint, which predates it)
+    targets: tuple[BackTarget, ...] = field(default=(), compare=False, repr=False)
+
+    def padded_for(self, part: StatePart) -> int:
+        """The data-parallel size a part's buckets are padded for: DP x CP for the dense optimizer, the
+        expert-data-parallel size (DP x CP / EP) for the experts'."""
+        return self.dp_cp // self.ep_size if part.kind == "expert" else self.dp_cp
 
     @property
     def outputs(self) -> tuple[Path, ...]:
@@ -214,8 +234,11 @@ class BackPlan:
         lines += [f"  set args.{k} = {v!r}" for k, v in self.args_updates]
         lines += [f"  set param_groups[{i}][{k!r}] = {v!r}" for i, k, v in self.group_updates]
         lines += [f"  set opt_param_scheduler[{k!r}] = {v!r}" for k, v in self.scheduler_updates]
-        lines += [f"  chunk {c} {key} {state} <- {name}" + ("" if row is None else f"[{row}]")
-                  for (c, key, state), (name, row) in self.sources]
+        if self.targets:
+            lines += [f"  {t.file} {t.key} {list(t.shape)} {t.dtype} <- {t.source}" for t in self.targets]
+        else:
+            lines += [f"  chunk {c} {key} {state} <- {name}" + ("" if row is None else f"[{row}]")
+                      for (c, key, state), (name, row) in self.sources]
         return "\n".join(lines)
 
 

@@ -23,8 +23,8 @@ from typing import Any, Mapping, Sequence
 
 from .atomic import write_common_file
 from .errors import ConvertInputError
-from .command import (ShowDefaults, check_against_saved, check_minimum, check_plans, exit_code, log_verified,
-                      reading_inputs, run_command, run_plans, run_settings, summary)
+from .command import (ShowDefaults, add_dry_run_flag, check_against_saved, check_minimum, exit_code,
+                      log_verified, reading_inputs, run_command, run_plans, run_settings, summary)
 from .manifest import check_no_foreign_outputs, plan_fingerprint, rank_status
 from .megatron import checkpoint as reader
 from .megatron.pt_meta import PT_META_DIR, args_file_name, manifest_file_name
@@ -111,6 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="parameter names to write: 'mindspeed' = the names MindSpeed-Core-MS's GPTModel "
                             "loads; 'documented' = the documented tool's names (see docs/names.md)")
     add_shard_flags(parser, "--ms-path")
+    add_dry_run_flag(parser)
     return parser
 
 
@@ -145,6 +146,7 @@ class Options:
     shard: Shard | None = None
     check: bool = False
     ep_size: int | None = None
+    dry_run: bool = False
 
 
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
@@ -181,6 +183,7 @@ def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None 
         shard=Shard.parse(ns.shard, environ) if ns.shard else None,
         check=ns.check,
         ep_size=getattr(ns, "ep_size", None),
+        dry_run=ns.dry_run,
     )
 
 
@@ -649,18 +652,14 @@ def source_bytes(plan: RankPlan) -> int:
     return sum(path.stat().st_size for path in files)
 
 
-def check_conversion(options: Options) -> int:
-    """--check: the state of every rank of the whole conversion, from the manifests; nothing written."""
-    return check_plans(prepare(options).plans)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """parse -> options -> lock --ms-path -> prepare -> run -> report; returns the exit code."""
     return run_command(build_parser().parse_args(argv),
                        options_of=lambda ns: canonical_paths(options_from_args(ns, os.environ)),
                        describe=lambda options: (options.megatron_path, options.ms_path),
                        output_flag="--ms-path", output_of=lambda options: options.ms_path,
-                       check=check_conversion, prepare_outputs=prepare_outputs, run_and_report=run_and_report)
+                       plans_of=lambda options: prepare(options).plans, prepare_outputs=prepare_outputs,
+                       run_and_report=run_and_report)
 
 
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
