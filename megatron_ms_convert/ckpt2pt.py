@@ -1,13 +1,19 @@
 """Convert per-rank MindSpore checkpoints back into a Megatron-LM core_r0.6.0 checkpoint.
 
-The story, top to bottom (the mirror of `pt2ckpt`): `main` parses the flags and locks
---megatron-path; `prepare` finds each rank's MindSpore file and its pt_meta record, reads the
-scalars training changes (step, learning rates, scheduler counters), maps every tensor the Megatron
-files need to its MindSpore name and checks that it is there with the right shape, and builds one
-`BackPlan` per (tp, pp) rank -- all before any output is opened; `run_tasks` (the runner) executes
-the plans in worker processes, each streaming `distrib_optim.pt` (one bucket in memory at a time)
-and `model_optim_rng.pt` out of the mmap'd MindSpore file; when every rank is complete the parent
-writes `latest_checkpointed_iteration.txt`. `convert_ckpt2pt.py -h` lists every flag.
+The story, top to bottom, in the same four steps as the way there (`pt2ckpt`): `main` parses the
+flags and locks --megatron-path; then
+1. facts: `read_facts` reads each rank's pt_meta record (`ckpt2pt_facts.read_rank_meta`) and its
+   MindSpore file's header and scalars (`MsFileFacts`), once, into a `BackFacts`;
+2. plan: `plan_conversion` maps every tensor the Megatron files need to its MindSpore name, checks
+   that it is there with the right shape, decodes the values training changed (`scalars`), and
+   builds one `BackPlan` per (tp, pp[, ep]) rank -- all before any output is opened (--dry-run
+   prints the plans and stops here);
+3. execute: `runner.run_tasks` runs `ckpt2pt_execute.execute_rank` in worker processes, each
+   streaming `distrib_optim.pt` (one bucket in memory at a time) and `model_optim_rng.pt` out of the
+   mmap'd MindSpore file;
+4. verify (--verify): the worker reads its outputs back with torch.load (`verify_rank`).
+When every rank is complete the parent writes `latest_checkpointed_iteration.txt`.
+`convert_ckpt2pt.py -h` lists every flag.
 
 What comes from where (see docs/ckpt2pt.md): tensors (fp32 master weights, Adam moments, the model
 weights as the master weights cast to the run's dtype) and the values training changes come from the
@@ -28,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .atomic import write_common_file
-from .ckpt2pt_execute import execute_back_plan
+from .ckpt2pt_execute import execute_rank
 from .ckpt2pt_facts import MsFileFacts, read_ms_facts, read_rank_meta
 from .command import (ShowDefaults, add_dry_run_flag, check_against_saved, check_minimum, exit_code,
                       log_verified, reading_inputs, run_command, run_plans, run_settings, summary)
@@ -492,7 +498,7 @@ def prepare(options: Options) -> Job:
 
 
 def _prepare(options: Options) -> Job:
-    facts = read_back_facts(options)
+    facts = read_facts(options)
     job = plan_conversion(facts, options)
     return dataclasses.replace(job, plans=[dataclasses.replace(plan, fingerprint=plan_fingerprint(plan))
                                            for plan in job.plans])
@@ -511,7 +517,7 @@ class BackFacts:
         return list(self.metas)
 
 
-def read_back_facts(options: Options) -> BackFacts:
+def read_facts(options: Options) -> BackFacts:
     """pt_meta records, then the layout (checked against the flags), then the MindSpore files."""
     if not options.param_map_path.is_dir():
         raise ConvertInputError(f"--param-map-path {options.param_map_path}: no such folder",
@@ -588,7 +594,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the folders not done yet (verify the done ones with --verify), write the tracker file
     once the whole conversion is complete, log one line per folder and the summary."""
-    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_back_plan,
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank,
                                  where=lambda plan: plan.out_dir)
     if stopped is None and all(r.status != "failed" for r in results):
         write_tracker_when_complete(job, options)

@@ -74,7 +74,7 @@ class RankSources:
         return self.value(chunk, key, "param")
 
 
-def execute_back_plan(plan: BackPlan, settings: RunSettings, write: bool = True) -> RankResult:
+def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True) -> RankResult:
     """Write one rank's distrib_optim.pt and model_optim_rng.pt (or, with write=False, only verify a
     complete output of an earlier run). Files appear under their final names only when complete; an
     output that fails --verify is removed."""

@@ -1,12 +1,16 @@
 """Convert a Megatron-LM core_r0.6.0 distributed-optimizer checkpoint into MindSpore checkpoints.
 
-The story of a conversion, top to bottom: `main` parses the flags, resolves their paths and locks
---ms-path against a second run; `prepare` finds the rank folders, reads their metadata and the bucket
-layouts, and builds one `RankPlan` per folder (checking everything before any output is opened);
-`run_tasks` (the runner) executes the plans in worker processes, each streaming its tensors straight
-from the mmap'd .pt files into the output file; the log gets one `... successfully.` line per source
-folder and a summary. Ctrl-C and SIGTERM stop the run cleanly (exit 130 / 143).
-`convert_pt2ckpt.py -h` lists every flag.
+The story of a conversion, top to bottom, in the same four steps as the way back (`ckpt2pt`):
+`main` parses the flags, resolves their paths and locks --ms-path against a second run; then
+1. facts: `read_facts` finds the rank folders and reads their metadata (`pt2ckpt_facts`, mmap'd, no
+   tensor data) and the param_map files' layouts, once, into a `SourceFacts`;
+2. plan: `plan_conversion` turns facts and options into one `RankPlan` per folder (`pt2ckpt_plan`),
+   checking everything before any output is opened (--dry-run prints the plans and stops here);
+3. execute: `runner.run_tasks` runs `pt2ckpt_execute.execute_rank` in worker processes, each
+   streaming its tensors straight from the mmap'd .pt files into the output file;
+4. verify (--verify): the worker reads its output back with MindSpore (`verify_rank`).
+The log gets one `... successfully.` line per source folder and a summary. Ctrl-C and SIGTERM stop
+the run cleanly (exit 130 / 143). `convert_pt2ckpt.py -h` lists every flag.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_
                               param_map_file_name, param_map_json, read_rank_layouts, state_key_for)
 from .plan import RankInfo, RankPlan
 from .pt2ckpt_facts import read_rank_info
-from .pt2ckpt_execute import execute_plan
+from .pt2ckpt_execute import execute_rank
 from .pt2ckpt_plan import (check_layer_counts, check_unique_names, optimizer_scalars, plan_model_tensors,
                            plan_optimizer_tensors, stack_local_experts)
 from .shard import Shard, add_shard_flags, own_share
@@ -454,7 +458,7 @@ def prepare(options: Options) -> Job:
 
 
 def _prepare(options: Options) -> Job:
-    job = plan_conversion(read_source_facts(options), options)
+    job = plan_conversion(read_facts(options), options)
     return dataclasses.replace(job, plans=[dataclasses.replace(plan, fingerprint=plan_fingerprint(plan))
                                            for plan in job.plans])
 
@@ -473,7 +477,7 @@ class SourceFacts:
     param_map_files: Any = None  # the param_map files found (None: no map used), copied into pt_meta/
 
 
-def read_source_facts(options: Options) -> SourceFacts:
+def read_facts(options: Options) -> SourceFacts:
     """Folders (named by the pipeline and expert parallel sizes, checked against the saved args),
     their metadata, and the param_map files' layouts."""
     iteration_dir = reader.resolve_iteration_dir(options.megatron_path)
@@ -665,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the ranks not done yet (verify the done ones with --verify), log one line per folder
     and the summary; returns the exit code."""
-    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_plan,
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank,
                                  where=lambda plan: plan.folder.path)
     if options.verify and stopped is None:
         log_verified(results)

@@ -60,7 +60,7 @@ class SourceTensors:
         return self.array(self._by_name[entry.name])
 
 
-def execute_plan(plan: RankPlan, settings: RunSettings, write: bool = True) -> RankResult:
+def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True) -> RankResult:
     """Write one rank's output, its copies and its pt_meta args file (or, with write=False, only
     verify a complete output an earlier run left). An output that fails --verify is removed, so no
     final path ever holds a file that is not complete and correct."""
@@ -80,7 +80,7 @@ def execute_plan(plan: RankPlan, settings: RunSettings, write: bool = True) -> R
         result.status, result.tensors = "converted", len(entries)
     if settings.verify:
         try:
-            result.verified_tensors, result.verified_files = verify_outputs(plan, sources)
+            result.verified_tensors, result.verified_files = verify_rank(plan, sources)
         except VerificationError:
             for path in plan.outputs:
                 path.unlink(missing_ok=True)
@@ -124,7 +124,7 @@ def write_meta_file(plan: RankPlan, model_sd: dict) -> None:
         torch.save(meta, partial)
 
 
-def verify_outputs(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
+def verify_rank(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
     """Re-open the written file with MindSpore's own loader and compare every tensor bit for bit."""
     import mindspore as ms  # only here: importing it costs seconds
 

@@ -1,7 +1,7 @@
 """Running plans of either direction: one forked worker process per plan (at most `process_limit` at
 a time), the timeout, and the signals that stop a run. It knows nothing of what a plan writes: the
-caller passes `execute(plan, settings, write)` (pt2ckpt_execute.execute_plan or
-ckpt2pt_execute.execute_back_plan), and every plan has `folder` (with `.name` and `.path`),
+caller passes `execute(plan, settings, write)` (pt2ckpt_execute.execute_rank or
+ckpt2pt_execute.execute_rank), and every plan has `folder` (with `.name` and `.path`),
 `output_files` and `manifest_file`.
 
 Stopping: SIGINT (Ctrl-C) and SIGTERM (`timeout`, Slurm, Kubernetes) reach the parent as
