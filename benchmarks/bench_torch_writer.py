@@ -80,12 +80,14 @@ def main() -> int:
     numel = args.bucket_mib * 2**20 // 4
     buckets = max(1, round(args.gib * 2**30 / (3 * numel * 4)))
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_torch_writer_"))
-    print(f"| writer | file GiB | seconds | GiB/s | peak RssAnon growth MiB | (buckets {buckets} x 3 of {args.bucket_mib} MiB)")
+    print("| writer | file GiB | seconds | GiB/s | peak RssAnon growth MiB | "
+          f"(buckets {buckets} x 3 of {args.bucket_mib} MiB)")
     print("|---|---|---|---|---|")
     for mode in ("lazy", "torch.save"):
         r = run(mode, workdir / "distrib_optim.pt", buckets, numel)
         gib = r["bytes"] / 2**30
-        print(f"| {mode} | {gib:.2f} | {r['seconds']:.2f} | {gib / r['seconds']:.2f} | {r['peak_anon_growth'] / 2**20:.0f} |")
+        print(f"| {mode} | {gib:.2f} | {r['seconds']:.2f} | {gib / r['seconds']:.2f} | "
+              f"{r['peak_anon_growth'] / 2**20:.0f} |")
     return 0
 
 

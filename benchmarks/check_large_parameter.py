@@ -61,7 +61,8 @@ def mindspore_step(path: Path) -> dict:
     path.chmod(0o644)
     path.unlink()
     ms.save_checkpoint(changed, str(path))
-    return {"largest_tensor_bytes": biggest, "records": records_of(path, "language_model.embedding.word_embeddings.weight")}
+    return {"largest_tensor_bytes": biggest,
+            "records": records_of(path, "language_model.embedding.word_embeddings.weight")}
 
 
 def records_of(path: Path, name: str) -> int:

@@ -16,8 +16,9 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .errors import ConvertInputError
 from .folder_lock import folder_lock
+from .manifest import rank_status
 from .runner import RankResult, RunSettings, RunStopped, Task, run_tasks, signals_stop_the_run
-from .shard import Shard, lock_name
+from .shard import Shard, lock_name, log_check
 
 log = logging.getLogger(__name__)
 # Every module logs under its own name (megatron_ms_convert.pt2ckpt, .ckpt2pt, .command, .runner); the
@@ -25,6 +26,67 @@ log = logging.getLogger(__name__)
 package_log = logging.getLogger(__package__)
 
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2  # and 130 / 143 for Ctrl-C / SIGTERM (RunStopped)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flags: the checks both tools make
+
+
+def check_minimum(ns: argparse.Namespace, flags: Sequence[str], minimum: int) -> None:
+    """Each of these flags (dest names), when given, is at least `minimum` (1: a size or count, 0: an
+    iteration or sample count)."""
+    for flag in flags:
+        value = getattr(ns, flag, None)
+        if value is not None and value < minimum:
+            name = "--" + flag.replace("_", "-")
+            raise ConvertInputError(f"{name} {value}",
+                                    expected="a whole number >= 1" if minimum == 1 else f"a number >= {minimum}",
+                                    fix=f"pass {name} {minimum} or more")
+
+
+def check_against_saved(flags: dict[str, tuple[Any, Any]], where: Any, fix_also: str = "") -> None:
+    """Each flag given (`flag: (given, saved)`) must equal the training run's value saved in `where`,
+    when that value is known."""
+    for flag, (given, saved) in flags.items():
+        if given is not None and saved is not None and given != saved:
+            raise ConvertInputError(f"{flag} {given} contradicts {where}",
+                                    expected=f"{flag} {saved} (the training run's value)", found=str(given),
+                                    fix=f"pass {flag} {saved}{fix_also}")
+
+
+def reading_inputs(prepare: Callable[[Any], Any], options: Any, flags: str) -> Any:
+    """`prepare(options)`, with a failure to read an input (permissions, an I/O error) reported as bad
+    input naming the file, and the flags (`flags`) that point at the inputs."""
+    try:
+        return prepare(options)
+    except OSError as err:
+        raise ConvertInputError(f"cannot read {err.filename or 'an input file'}: {err.strerror or err}",
+                                fix=f"check {flags}, their permissions and the disk") from None
+
+
+def print_plans(plans: Sequence[Any]) -> int:
+    """--dry-run: every plan as text, on stdout."""
+    for plan in plans:
+        print(plan.describe(), flush=True)
+    return EXIT_OK
+
+
+def run_settings(options: Any) -> RunSettings:
+    """The flags that shape how the plans run, from either tool's options."""
+    return RunSettings(verify=options.verify, debug=options.debug, multiprocess_off=options.multiprocess_off,
+                       process_limit=options.process_limit, process_timeout=options.process_timeout)
+
+
+def check_plans(plans: Sequence[Any]) -> int:
+    """--check: the state of every output folder of the whole conversion, from the manifests; nothing
+    written. Each plan names its ends with `ends()` (source, target)."""
+    statuses = {plan.folder: rank_status(plan) for plan in plans}
+    complete = log_check(plans, statuses, lambda plan: plan.ends(), log)
+    return EXIT_OK if complete else EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# A run
 
 
 def configure_logging(debug: bool) -> None:
@@ -37,18 +99,21 @@ def configure_logging(debug: bool) -> None:
 
 def run_command(ns: argparse.Namespace, *, options_of: Callable[[argparse.Namespace], Any],
                 describe: Callable[[Any], tuple[Any, Any]], output_flag: str, output_of: Callable[[Any], Any],
-                check: Callable[[Any], int], prepare_outputs: Callable[[Any], tuple[Any, dict]],
+                plans_of: Callable[[Any], Sequence[Any]], prepare_outputs: Callable[[Any], tuple[Any, dict]],
                 run_and_report: Callable[[Any, dict, Any, float], int]) -> int:
-    """A whole run: options, then --check (nothing written) or the lock on the output folder (until
-    the run ends, however it ends; a shard locks only its own share), planning, and the run. Returns
-    the exit code; bad input found before the run is one ERROR line and EXIT_BAD_INPUT."""
+    """A whole run: options, then --check or --dry-run (the whole conversion's plans, `plans_of`;
+    nothing written) or the lock on the output folder (until the run ends, however it ends; a shard
+    locks only its own share), planning, and the run. Returns the exit code; bad input found before
+    the run is one ERROR line and EXIT_BAD_INPUT."""
     configure_logging(ns.debug)
     started = time.monotonic()
     with signals_stop_the_run(), contextlib.ExitStack() as held:
         try:
             options = options_of(ns)
             if options.check:
-                return check(options)
+                return check_plans(plans_of(options))
+            if options.dry_run:
+                return print_plans(plans_of(options))
             log.info("converting %s -> %s", *describe(options))
             held.enter_context(folder_lock(output_of(options), lock_name(options.shard), flag=output_flag))
             job, statuses = prepare_outputs(options)
@@ -67,7 +132,7 @@ def run_command(ns: argparse.Namespace, *, options_of: Callable[[argparse.Namesp
 
 
 def run_plans(plans: Sequence[Any], statuses: dict, settings: RunSettings, *, execute: Callable,
-              report: Callable[[Any, RankResult], None], where: Callable[[Any], Any]) -> tuple[list[RankResult], int | None]:
+              where: Callable[[Any], Any]) -> tuple[list[RankResult], int | None]:
     """Convert the plans not done yet (with --verify, verify the done ones), reporting each as it
     ends; returns the results and, when a signal stopped the run, its exit code."""
     if settings.debug:
@@ -78,7 +143,7 @@ def run_plans(plans: Sequence[Any], statuses: dict, settings: RunSettings, *, ex
         def on_done(plan, result: RankResult) -> None:
             results.append(result)
             advance()
-            report(plan, result)
+            report_line(plan, result)
 
         tasks = []
         for plan in plans:
@@ -100,8 +165,9 @@ def run_plans(plans: Sequence[Any], statuses: dict, settings: RunSettings, *, ex
     return results, None
 
 
-def report_line(source: Any, target: Any, result: RankResult) -> None:
+def report_line(plan: Any, result: RankResult) -> None:
     """The line users grep: `successfully` once per folder whose files are complete."""
+    source, target = plan.ends()
     if result.status == "failed":
         log.error("failed to convert '%s': %s", source, result.message)
     elif result.status == "skipped":

@@ -1,4 +1,4 @@
-"""The one error type for bad input.
+"""The one error type for bad input, and the one for an output that fails --verify.
 
 Every problem a user can fix (a wrong flag, a missing or damaged file, a param_map that does not fit
 the checkpoint) is raised as `ConvertInputError`. Its message names the file or flag, what was
@@ -23,3 +23,8 @@ class ConvertInputError(Exception):
         if fix:
             message += f" -> {fix}"
         super().__init__(message)
+
+
+class VerificationError(RuntimeError):
+    """An output read back (with mindspore.load_checkpoint, or torch.load on the way back) differs
+    from its source: a fault of the converter or the disk, not of the input."""

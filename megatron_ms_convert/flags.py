@@ -25,6 +25,13 @@ class ShowDefaults(argparse.HelpFormatter):
         return text
 
 
+def add_dry_run_flag(parser: argparse.ArgumentParser) -> None:
+    """--dry-run, the same in both directions."""
+    parser.add_argument("--dry-run", action="store_true", default=False,
+                        help="convert nothing: print the plan (every output tensor's name, shape, dtype and where "
+                             "its values come from) without reading tensor data or writing anything, and exit 0")
+
+
 def program_name(command: str, argv0: str | None = None) -> str:
     """What the user typed to run `command`: the console script `convert_pt2ckpt`, or the checkout
     script `convert_pt2ckpt.py`; any other caller (tests, `python -m`) gets the script's name.
@@ -109,6 +116,7 @@ def pt2ckpt_parser() -> argparse.ArgumentParser:
                        help="parameter names to write: 'mindspeed' = the names MindSpeed-Core-MS's GPTModel "
                             "loads; 'documented' = the documented tool's names (see docs/names.md)")
     add_shard_flags(parser, "--ms-path")
+    add_dry_run_flag(parser)
     return parser
 
 
@@ -167,4 +175,5 @@ def ckpt2pt_parser() -> argparse.ArgumentParser:
                             "outputs written from another source")
     group.add_argument("--debug", action="store_true", default=False, help="print debug info (the plans)")
     add_shard_flags(parser, "--megatron-path")
+    add_dry_run_flag(parser)
     return parser

@@ -1,7 +1,10 @@
-"""The plan: for every output tensor of every target rank, its name, shape and where its values come from.
+"""The records of both directions: the facts planning reads (`RankInfo` of a Megatron folder,
+`RankMeta` of a pt_meta record) and the plans it makes (`RankPlan` with its `PlannedTensor`s forward,
+`BackPlan` with its `StatePart`s back): for every output tensor of every target rank, its name,
+shape and where its values come from.
 
-Plans are frozen dataclasses built from metadata only (no tensor data), so they can be printed,
-compared and unit-tested without a disk; the runner executes them.
+Plans are frozen dataclasses built from metadata only (no tensor data), so they can be printed
+(`describe()`, --dry-run), compared and unit-tested without a disk; the workers execute them.
 """
 
 from __future__ import annotations
@@ -9,19 +12,13 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
-from .errors import ConvertInputError
 from .megatron.layout import BucketCounts, BufferLayout
 from .mindspore.format import ITEMSIZE
-from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, mindspore_name,
-                     stacked_expert_name)
-from .topology import RankFolder, Topology
-
-LR_DECAY_STYLES = ["constant", "WSD", "linear", "cosine", "inverse-square-root"]
-WD_INCR_STYLES = ["constant", "linear", "cosine"]
-SCHEDULER_FLOAT64 = {"max_lr", "min_lr", "start_wd", "end_wd"}
-SCHEDULER_INT64 = {"lr_warmup_steps", "num_steps", "lr_decay_steps", "wd_incr_steps"}
+from .megatron.pt_meta import is_moe_record
+from .naming import is_expert_key
+from .topology import DISTRIB_FILE, MODEL_FILE, RankFolder
 
 
 @dataclass(frozen=True)
@@ -134,6 +131,18 @@ class RankPlan:
         """Every file this plan writes, besides its manifest."""
         return (*self.outputs, self.meta_file)
 
+    def ends(self) -> tuple[Path, Path]:
+        """(what it reads, what it writes), as the log names them."""
+        return self.folder.path, self.outputs[0]
+
+    def source_files(self) -> list[Path]:
+        """The files the plan reads, whose identity its fingerprint records (the layouts' too: a
+        changed param_map file makes another conversion)."""
+        sources = [self.folder.model_file] + ([path for path, _ in self.distrib_sources()] if self.reads_distrib
+                                              else [])
+        return sources + [Path(layout.source) for layout in (*self.layouts, *self.expert_layouts)
+                          if Path(layout.source).is_file()]
+
     @property
     def total_bytes(self) -> int:
         return sum(math.prod(t.shape) * _itemsize(t.dtype) for t in self.tensors)
@@ -150,21 +159,6 @@ def _itemsize(dtype: str) -> int:
     return ITEMSIZE[dtype]
 
 
-# Floating-point model tensors are written as fp32 (what MindSpore's optimizer state holds); integer
-# and flag tensors keep their values, so a step counter or a mask does not turn into floats.
-_OUTPUT_DTYPES = {"torch.int32": "int32", "torch.int64": "int64", "torch.int16": "int32", "torch.int8": "int32",
-                  "torch.uint8": "uint8", "torch.bool": "bool"}
-
-
-def output_dtype(source_dtype: str) -> str:
-    """The MindSpore-side dtype (numpy name) of a model tensor of torch dtype `source_dtype`.
-
-    >>> output_dtype("torch.bfloat16"), output_dtype("torch.int64"), output_dtype("torch.bool")
-    ('float32', 'int64', 'bool')
-    """
-    return _OUTPUT_DTYPES.get(source_dtype, "float32")
-
-
 def _source_text(source: Source) -> str:
     if isinstance(source, Stacked):
         return "stack(" + ", ".join(_source_text(p) for p in source.parts) + ")"
@@ -176,159 +170,117 @@ def _source_text(source: Source) -> str:
     return repr(source.value)
 
 
-# ---------------------------------------------------------------------------------------------
-# Names
+@dataclass(frozen=True)
+class BackTarget:
+    """One tensor the way back writes: a model parameter of model_optim_rng.pt, or one bucket of an
+    optimizer state of distrib_optim.pt, with where its values come from as text."""
+
+    file: str
+    key: str
+    shape: tuple[int, ...]
+    dtype: str
+    source: str
 
 
-def check_layer_counts(info: RankInfo, topo: Topology) -> None:
-    """Each chunk must hold exactly the layers the numbering assumes, or global names would be wrong."""
-    expected = topo.layers_in_chunk(info.folder.pp)
-    for chunk, tensors in enumerate(info.chunk_tensors):
-        found = local_layer_numbers([key for key, _, _ in tensors])
-        if found != set(range(expected)):
-            flag = "--vpp-size/--num-layers" if topo.vpp_size > 1 else "--stage-list/--num-layers"
-            raise ConvertInputError(
-                f"{info.folder.model_file}: model chunk {chunk} holds layers {_ranges(found)}",
-                expected=f"{expected} layers (0..{expected - 1}) from {flag} "
-                         f"(num_layers {topo.num_layers}, pp {topo.pp_size}, vpp {topo.vpp_size}"
-                         + (f", stage_list {list(topo.stage_list)})" if topo.vpp_size == 1 else ")"),
-                found=f"{len(found)} layers",
-                fix=f"set {flag} to the training run's values")
+@dataclass(frozen=True)
+class BackPlan:
+    """Everything one worker does for one (tp, pp[, ep]) rank: read `source_file`, write `out_dir`."""
+
+    folder: RankFolder  # the MindSpore rank_N folder, with the Megatron (tp, pp, ep) it becomes
+    source_file: Path
+    fmt: str
+    pt_meta_file: Path
+    out_dir: Path
+    write_distrib: bool
+    dp_cp: int
+    # (chunk, state-dict key with local layer numbers, state) -> (MindSpore name, row): row None for
+    # a tensor stored as it is, k for local expert k of experts stored stacked on axis 0
+    sources: tuple[tuple[tuple[int, str, str], tuple[str, int | None]], ...]
+    iteration: int
+    args_updates: tuple[tuple[str, Any], ...]
+    group_updates: tuple[tuple[int, str, Any], ...]
+    scheduler_updates: tuple[tuple[str, Any], ...]
+    manifest_file: Path
+    num_chunks: int = 1
+    ep_size: int = 1  # the expert buffers are padded for dp_cp // ep_size (the expert-data-parallel size)
+    fingerprint: str = field(default="", compare=False)
+    # every output tensor, for describe(): what the worker derives from pt_meta again (not part of the
+    # fingerprint, which predates it)
+    targets: tuple[BackTarget, ...] = field(default=(), compare=False, repr=False)
+
+    def padded_for(self, part: StatePart) -> int:
+        """The data-parallel size a part's buckets are padded for: DP x CP for the dense optimizer, the
+        expert-data-parallel size (DP x CP / EP) for the experts'."""
+        return self.dp_cp // self.ep_size if part.kind == "expert" else self.dp_cp
+
+    @property
+    def outputs(self) -> tuple[Path, ...]:
+        return (self.out_dir / MODEL_FILE,) + ((self.out_dir / DISTRIB_FILE,) if self.write_distrib else ())
+
+    @property
+    def output_files(self) -> tuple[Path, ...]:
+        return self.outputs
+
+    def ends(self) -> tuple[Path, Path]:
+        """(what it reads, what it writes), as the log names them."""
+        return self.source_file, self.out_dir
+
+    def source_files(self) -> list[Path]:
+        """The files the plan reads, whose identity its fingerprint records."""
+        return [self.source_file, self.pt_meta_file]
+
+    def describe(self) -> str:
+        lines = [f"plan for {self.source_file} -> {self.out_dir} (iteration {self.iteration}, dp x cp {self.dp_cp})"]
+        lines += [f"  set args.{k} = {v!r}" for k, v in self.args_updates]
+        lines += [f"  set param_groups[{i}][{k!r}] = {v!r}" for i, k, v in self.group_updates]
+        lines += [f"  set opt_param_scheduler[{k!r}] = {v!r}" for k, v in self.scheduler_updates]
+        if self.targets:
+            lines += [f"  {t.file} {t.key} {list(t.shape)} {t.dtype} <- {t.source}" for t in self.targets]
+        else:
+            lines += [f"  chunk {c} {key} {state} <- {name}" + ("" if row is None else f"[{row}]")
+                      for (c, key, state), (name, row) in self.sources]
+        return "\n".join(lines)
 
 
-def _ranges(numbers: set[int]) -> str:
-    if not numbers:
-        return "none"
-    return f"{min(numbers)}..{max(numbers)}" if numbers == set(range(min(numbers), max(numbers) + 1)) \
-        else str(sorted(numbers))
+@dataclass(frozen=True)
+class StatePart:
+    """One optimizer's grad buffers: the dense optimizer's, or (MoE) the experts'."""
+
+    kind: str  # "dense" or "expert"
+    layouts: list[BufferLayout] | None
+    counts: list[BucketCounts] | None
 
 
-# ---------------------------------------------------------------------------------------------
-# Extra scalars
+@dataclass(frozen=True)
+class RankMeta:
+    """What one rank's pt_meta says, decoded."""
 
+    path: Path
+    meta: dict
+    skeletons: list[dict]
+    layouts: list[BufferLayout] | None
+    counts: list[BucketCounts] | None
+    expert_layouts: list[BufferLayout] | None = None
+    expert_counts: list[BucketCounts] | None = None
 
-def optimizer_scalars(iteration: int, param_groups: Sequence[dict], scheduler: dict,
-                      model_file: Path) -> list[PlannedTensor]:
-    """step_num, epoch_num, the optimizer's param-group numbers and the LR scheduler's state."""
-    out = [PlannedTensor("step_num", (), "int64", Scalar(int(iteration))),
-           PlannedTensor("epoch_num", (), "int64", Scalar(0))]
-    group_entries: dict[str, PlannedTensor] = {}
-    for i, group in enumerate(param_groups):
-        for key, value in group.items():
-            if key == "params" or not _is_number(value):
-                continue
-            if key == "step":
-                # one step counter for all groups, as MindSpore's optimizer keeps it
-                group_entries["state_step"] = PlannedTensor("state_step", (1,), "float32", Scalar(float(value)))
-                continue
-            name = f"learning_rate_group_{i}" if key == "lr" else f"{key}_group_{i}"
-            group_entries[name] = PlannedTensor(name, (), "float32", Scalar(float(value)))
-    out.extend(group_entries.values())
-    for key, value in scheduler.items():
-        if key in ("lr_decay_style", "wd_incr_style"):
-            styles = LR_DECAY_STYLES if key == "lr_decay_style" else WD_INCR_STYLES
-            if value not in styles:
-                raise ConvertInputError(f"{model_file}: opt_param_scheduler {key} is {value!r}",
-                                        expected=f"one of {styles}", found=repr(value),
-                                        fix="this style has no MindSpore equivalent; convert with a supported one")
-            out.append(PlannedTensor(key, (), "int64", Scalar(styles.index(value))))
-        elif key in SCHEDULER_FLOAT64 and _is_number(value):
-            out.append(PlannedTensor(key, (), "float64", Scalar(float(value))))
-        elif key in SCHEDULER_INT64 and _is_number(value):
-            out.append(PlannedTensor(key, (), "int64", Scalar(int(value))))
-        elif _is_number(value):
-            out.append(PlannedTensor(key, (), "float32", Scalar(float(value))))
-    return out
+    @property
+    def list_form(self) -> bool:
+        """distrib_optim.pt is `[dense, expert]` (a MoE run with expert parallelism), not one dict."""
+        return self.meta.get("distrib_form") == "list"
 
+    @property
+    def num_local_experts(self) -> int:
+        """Experts per rank (stacked in the MindSpore file), 0 without experts."""
+        return int(self.meta.get("num_local_experts") or 0) if is_moe_record(self.meta) else 0
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float))  # bool included: MindSpore keeps flags as 0.0/1.0
+    def distrib_parts(self) -> list[StatePart | None]:
+        """distrib_optim.pt's optimizers in saved order; None where Megatron saves None (the dense
+        element in the folders of ep ranks > 0: the dense optimizer's dp rank 0 is ep rank 0)."""
+        dense = StatePart("dense", self.layouts, self.counts)
+        if not self.list_form:
+            return [dense]
+        return [dense if int(self.meta.get("ep_rank") or 0) == 0 else None,
+                StatePart("expert", self.expert_layouts, self.expert_counts)]
 
-
-# ---------------------------------------------------------------------------------------------
-# Plans
-
-
-def plan_optimizer_tensors(info: RankInfo, layouts: Sequence[BufferLayout], topo: Topology,
-                           states: Sequence[str], facts: NamingFacts,
-                           expert_layouts: Sequence[BufferLayout] = ()) -> list[PlannedTensor]:
-    """fp32 master weights and Adam moments of every parameter, sliced out of their buckets (the dense
-    optimizer's, then the experts' in a MoE run)."""
-    missing = [s for s in states if s not in info.states]
-    if missing:
-        raise ConvertInputError(f"{info.folder.distrib_file}: no optimizer state {missing}",
-                                expected=f"--dist-opt-content from {list(info.states)}", found=str(missing),
-                                fix="pass --dist-opt-content with states the file holds")
-    out = []
-    for optimizer, (these, counts) in enumerate(((layouts, info.counts), (expert_layouts, info.expert_counts))):
-        for gbuf, layout in enumerate(these):
-            count = counts[gbuf]
-            layer_map = topo.layer_map(info.folder.pp, layout.chunk)
-            for span in layout.params:
-                base = count.bucket_start(span.bucket)
-                for state in states:
-                    source = BucketSlice(gbuf, count.dtype_key, state, span.bucket, span.start - base,
-                                         span.end - base, optimizer)
-                    name = mindspore_name(span.name, facts, layer_map, state, where=str(info.folder.model_file))
-                    out.append(PlannedTensor(name, span.shape, "float32", source))
-    return out
-
-
-def stack_local_experts(tensors: Sequence[PlannedTensor], num_local: int, where: Path) -> list[PlannedTensor]:
-    """MindSpeed-Core-MS's checkpoint form of a rank's experts: the tensors of local experts 0..n-1 of
-    one parameter (or moment) become one tensor of shape (n, *shape) under the name of local expert 0,
-    at the place of the first of them. Every local expert must be there, with one shape."""
-    groups: dict[str, list[PlannedTensor]] = {}
-    out: list[PlannedTensor | str] = []
-    for t in tensors:
-        index = local_expert_index(t.name)
-        if index is None:
-            out.append(t)
-            continue
-        stacked = stacked_expert_name(t.name)
-        if stacked not in groups:
-            groups[stacked] = []
-            out.append(stacked)
-        groups[stacked].append(t)
-    result = []
-    for item in out:
-        if isinstance(item, PlannedTensor):
-            result.append(item)
-            continue
-        members = sorted(groups[item], key=lambda t: local_expert_index(t.name))
-        indices = [local_expert_index(t.name) for t in members]
-        shapes = {t.shape for t in members}
-        if indices != list(range(num_local)) or len(shapes) != 1:
-            raise ConvertInputError(f"{where}: local experts {indices} of {item} (shapes {sorted(shapes)})",
-                                    expected=f"local experts 0..{num_local - 1} (num_experts / ep size) of one shape",
-                                    found=f"{len(indices)} experts",
-                                    fix="set --ep-size to the training run's expert_model_parallel_size")
-        first = members[0]
-        result.append(PlannedTensor(item, (num_local, *first.shape), first.dtype,
-                                    Stacked(tuple(t.source for t in members))))
-    return result
-
-
-def plan_model_tensors(info: RankInfo, topo: Topology,
-                       facts: NamingFacts) -> tuple[list[PlannedTensor], tuple[tuple[str, ...], ...]]:
-    """--convert-param-only: every tensor of model_optim_rng.pt (floating point ones as fp32, integer
-    ones keeping their values), plus the per-chunk list of source names (reversed, as the documented
-    tool records them for the way back)."""
-    out, name_lists = [], []
-    for chunk, (chunk_key, tensors) in enumerate(zip(info.chunk_keys, info.chunk_tensors)):
-        layer_map = topo.layer_map(info.folder.pp, chunk)
-        for key, shape, dtype in tensors:
-            name = mindspore_name(key, facts, layer_map, where=str(info.folder.model_file))
-            out.append(PlannedTensor(name, shape, output_dtype(dtype), ModelTensor(chunk_key, key)))
-        name_lists.append(tuple(f"{chunk_key}.{key}" for key, _, _ in reversed(tensors)))
-    return out, tuple(name_lists)
-
-
-def check_unique_names(tensors: Sequence[PlannedTensor], where: Path) -> None:
-    seen: set[str] = set()
-    for t in tensors:
-        if t.name in seen:
-            raise ConvertInputError(f"{where}: two tensors would both be named {t.name}",
-                                    expected="unique MindSpore names", found="a duplicate",
-                                    fix="check --num-layers/--stage-list/--vpp-size")
-        seen.add(t.name)
+    def all_layouts(self) -> list[BufferLayout]:
+        return [layout for part in self.distrib_parts() if part is not None for layout in part.layouts or ()]

@@ -1,12 +1,16 @@
 """Convert a Megatron-LM core_r0.6.0 distributed-optimizer checkpoint into MindSpore checkpoints.
 
-The story of a conversion, top to bottom: `main` parses the flags, resolves their paths and locks
---ms-path against a second run; `prepare` finds the rank folders, reads their metadata and the bucket
-layouts, and builds one `RankPlan` per folder (checking everything before any output is opened);
-`run_tasks` (the runner) executes the plans in worker processes, each streaming its tensors straight
-from the mmap'd .pt files into the output file; the log gets one `... successfully.` line per source
-folder and a summary. Ctrl-C and SIGTERM stop the run cleanly (exit 130 / 143).
-`convert_pt2ckpt.py -h` lists every flag.
+The story of a conversion, top to bottom, in the same four steps as the way back (`ckpt2pt`):
+`main` parses the flags, resolves their paths and locks --ms-path against a second run; then
+1. facts: `read_facts` finds the rank folders and reads their metadata (`pt2ckpt_facts`, mmap'd, no
+   tensor data) and the param_map files' layouts, once, into a `SourceFacts`;
+2. plan: `plan_conversion` turns facts and options into one `RankPlan` per folder (`pt2ckpt_plan`),
+   checking everything before any output is opened (--dry-run prints the plans and stops here);
+3. execute: `runner.run_tasks` runs `pt2ckpt_execute.execute_rank` in worker processes, each
+   streaming its tensors straight from the mmap'd .pt files into the output file;
+4. verify (--verify): the worker reads its output back with MindSpore (`verify_rank`).
+The log gets one `... successfully.` line per source folder and a summary. Ctrl-C and SIGTERM stop
+the run cleanly (exit 130 / 143). `convert_pt2ckpt.py -h` lists every flag.
 """
 
 from __future__ import annotations
@@ -20,31 +24,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
 
 from .atomic import write_common_file
 from .errors import ConvertInputError
 from .flags import pt2ckpt_parser as build_parser
-from .command import (EXIT_FAILED, EXIT_OK, exit_code, log_verified, report_line, run_command,
-                      run_plans, summary)
+from .command import (check_against_saved, check_minimum, exit_code,
+                      log_verified, reading_inputs, run_command, run_plans, run_settings, summary)
+from .manifest import check_no_foreign_outputs, plan_fingerprint, rank_status
 from .megatron import checkpoint as reader
-from .naming import NamingFacts, naming_facts
+from .megatron.pt_meta import PT_META_DIR, args_file_name, manifest_file_name
+from .naming import NamingFacts, is_expert_key, local_expert_index, naming_facts
 from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_param_map_file_name, infer_layouts,
                               layout_differences, list_expert_param_map_files, list_param_map_files,
                               param_map_file_name, param_map_json, read_rank_layouts, state_key_for)
-from .naming import is_expert_key, local_expert_index
-from .plan import (RankInfo, RankPlan, check_layer_counts, check_unique_names, optimizer_scalars,
-                   plan_model_tensors, plan_optimizer_tensors, stack_local_experts)
-from .shard import Shard, log_check, own_share
-from .runner import (RankResult, RunSettings, check_no_foreign_outputs, execute_plan, plan_fingerprint,
-                     rank_status)
+from .plan import RankInfo, RankPlan
+from .pt2ckpt_facts import read_rank_info
+from .pt2ckpt_execute import execute_rank
+from .pt2ckpt_plan import (check_layer_counts, check_unique_names, optimizer_scalars, plan_model_tensors,
+                           plan_optimizer_tensors, stack_local_experts)
+from .shard import Shard, own_share
 from .topology import RankFolder, Topology
 
 log = logging.getLogger(__name__)
-
-# Also 130 (Ctrl-C) and 143 (SIGTERM): 128 + the signal number, as RunStopped.exit_code computes.
-PT_META = "pt_meta"
-
 
 # ---------------------------------------------------------------------------------------------
 # Flags
@@ -81,15 +82,13 @@ class Options:
     shard: Shard | None = None
     check: bool = False
     ep_size: int | None = None
+    dry_run: bool = False
 
 
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
     """The flags as Options; `environ` is the launcher's environment, read by --shard auto."""
-    for flag in ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
-                 "ep_size"):
-        if getattr(ns, flag, None) is not None and getattr(ns, flag) < 1:
-            raise ConvertInputError(f"--{flag.replace('_', '-')} {getattr(ns, flag)}", expected="a whole number >= 1",
-                                    fix=f"pass --{flag.replace('_', '-')} 1 or more")
+    check_minimum(ns, ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
+                       "ep_size"), 1)
     if ns.parallel_init_order != "tp-cp-ep-dp-pp":
         raise ConvertInputError(f"--parallel-init-order {ns.parallel_init_order}", expected="tp-cp-ep-dp-pp",
                                 fix="drop --parallel-init-order; only tp-cp-ep-dp-pp is supported")
@@ -120,71 +119,8 @@ def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None 
         shard=Shard.parse(ns.shard, environ) if ns.shard else None,
         check=ns.check,
         ep_size=getattr(ns, "ep_size", None),
+        dry_run=ns.dry_run,
     )
-
-
-# ---------------------------------------------------------------------------------------------
-# Reading metadata (parent process)
-
-
-def read_rank_info(folder: RankFolder, need_distrib: bool) -> RankInfo:
-    """Metadata of one rank folder; the .pt files are mmap'd, so no tensor data is read."""
-    if need_distrib and not folder.distrib_file.is_file():
-        raise ConvertInputError(f"{folder.distrib_file}: file is missing",
-                                expected="distrib_optim.pt in every mp_rank folder (distributed optimizer)",
-                                fix="copy it from the training run, or pass --convert-param-only to convert "
-                                    "the model weights alone")
-    model_sd = reader.load_pt(folder.model_file)
-    if not isinstance(model_sd, dict):
-        raise ConvertInputError(f"{folder.model_file}: expected a dict", found=type(model_sd).__name__,
-                                fix="check --megatron-path")
-    chunk_keys = reader.model_chunk_keys(model_sd, folder.model_file)
-    chunk_tensors = tuple(
-        tuple((key, tuple(t.shape), str(t.dtype)) for key, t in reader.model_tensors(model_sd[ck]).items())
-        for ck in chunk_keys)
-    param_groups = tuple(_plain_numbers(g) for g in reader.optimizer_param_groups(model_sd.get("optimizer")))
-    iteration = model_sd.get("iteration")
-    if iteration is None and folder.path.parent.name == "release":
-        iteration = 0  # as Megatron does when it loads a release checkpoint without one
-    if not isinstance(iteration, int):
-        raise ConvertInputError(f"{folder.model_file}: no iteration number", expected="an int 'iteration' entry",
-                                found=repr(iteration)[:40], fix="check --megatron-path")
-    info = RankInfo(folder=folder, iteration=iteration, args=model_sd.get("args"), chunk_keys=tuple(chunk_keys),
-                    chunk_tensors=chunk_tensors, param_groups=param_groups,
-                    scheduler=dict(model_sd.get("opt_param_scheduler") or {}))
-    if not need_distrib:
-        return info
-    distrib = reader.load_pt(folder.distrib_file)
-    if not isinstance(distrib, list):
-        counts, states = read_bucket_counts(distrib, folder.distrib_file)
-        return dataclasses.replace(info, counts=counts, states=states)
-    # MoE: [dense, expert]; the dense state is None on ep ranks > 0 (filled in from ep rank 0's folder)
-    expert_buffers = reader.decode_optimizer_part(distrib, folder.distrib_file, reader.EXPERT)
-    dense_buffers = (reader.decode_optimizer_part(distrib, folder.distrib_file, reader.DENSE)
-                     if folder.ep == 0 else [])
-    return dataclasses.replace(info, counts=_counts_of(dense_buffers), expert_counts=_counts_of(expert_buffers),
-                               states=_common_states(dense_buffers + expert_buffers),
-                               dense_distrib_file=folder.distrib_file if folder.ep == 0 else None)
-
-
-def _plain_numbers(group: dict) -> dict:
-    """Optimizer values saved as one-element tensors (capturable optimizers) become plain numbers."""
-    return {key: value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
-            for key, value in group.items()}
-
-
-def read_bucket_counts(distrib: Any, path: Path) -> tuple[tuple[BucketCounts, ...], tuple[str, ...]]:
-    """Bucket sizes per grad buffer and the optimizer states every buffer holds."""
-    buffers = reader.decode_distrib_optim(distrib, path)
-    return _counts_of(buffers), _common_states(buffers)
-
-
-def _counts_of(buffers) -> tuple[BucketCounts, ...]:
-    return tuple(BucketCounts(b.gbuf_idx, b.dtype_names, b.padded, b.unpadded) for b in buffers)
-
-
-def _common_states(buffers) -> tuple[str, ...]:
-    return tuple(s for s in (buffers[0].states if buffers else ()) if all(s in b.states for b in buffers))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,10 +149,7 @@ def resolve_expert_parallel(options: Options, args: Any, where: Path) -> ExpertP
     saved_pp = getattr(args, "pipeline_model_parallel_size", None)
     saved_ep = getattr(args, "expert_model_parallel_size", None)
     num_experts = getattr(args, "num_experts", None)
-    if saved_pp is not None and saved_pp != options.pp_size:
-        raise ConvertInputError(f"--pp-size {options.pp_size} contradicts {where}",
-                                expected=f"--pp-size {saved_pp} (the training run's value)", found=str(options.pp_size),
-                                fix=f"pass --pp-size {saved_pp}")
+    check_against_saved({"--pp-size": (options.pp_size, saved_pp)}, where)
     if options.ep_size is not None and saved_ep is not None and options.ep_size != saved_ep:
         raise ConvertInputError(f"--ep-size {options.ep_size} contradicts {where}",
                                 expected=f"--ep-size {saved_ep} (the training run's expert_model_parallel_size)",
@@ -251,18 +184,13 @@ def resolve_expert_parallel(options: Options, args: Any, where: Path) -> ExpertP
 def resolve_topology(options: Options, first: RankInfo, experts: ExpertParallel = ExpertParallel()) -> Topology:
     """Check the flags against the args stored in the checkpoint and fill in what the flags leave open."""
     args = first.args
-    stored = {
+    check_against_saved({
         "--tp-size": (options.tp_size, getattr(args, "tensor_model_parallel_size", None)),
         "--pp-size": (options.pp_size, getattr(args, "pipeline_model_parallel_size", None)),
         "--vpp-size": (options.vpp_size, getattr(args, "virtual_pipeline_model_parallel_size", None) or 1
                        if args is not None else None),
         "--num-layers": (options.num_layers, getattr(args, "num_layers", None)),
-    }
-    for flag, (given, saved) in stored.items():
-        if given is not None and saved is not None and given != saved:
-            raise ConvertInputError(f"{flag} {given} contradicts {first.folder.model_file}",
-                                    expected=f"{flag} {saved} (the training run's value)", found=str(given),
-                                    fix=f"pass {flag} {saved}")
+    }, first.folder.model_file)
     if len(first.chunk_keys) != options.vpp_size:
         raise ConvertInputError(f"--vpp-size {options.vpp_size} contradicts {first.folder.model_file}",
                                 expected=f"{options.vpp_size} model chunks", found=f"{len(first.chunk_keys)}",
@@ -318,23 +246,33 @@ def infer_rank_layouts(info: RankInfo, part: OptimizerPart) -> list[BufferLayout
                          source=f"{what} inferred from {info.folder.model_file}")
 
 
-def rank_layouts(info: RankInfo, options: Options, map_files,
-                 expert_map_files=None) -> tuple[list[BufferLayout], list[BufferLayout]]:
-    """The bucket layouts of one rank, dense and (MoE) expert ones: the param_map's when given,
-    cross-checked against the layout the checkpoint itself implies; the inferred one otherwise. A map
-    and an inferred layout that both pass every check yet differ mean one of them is wrong, so that is
-    an error unless --trust-layout says which to believe. Expert buffers use the expert param_map
-    files when the folder has any (the documented patch records none: then they are inferred)."""
-    tensors = [info.tensors_by_key(c) for c in range(len(info.chunk_keys))]
+def mapped_layouts(info: RankInfo, options: Options, map_files,
+                   expert_map_files=None) -> tuple[tuple[BufferLayout, ...] | None, ...]:
+    """Facts: per optimizer part of the rank (dense, then the experts'), the layouts its param_map
+    files give, or None where no map is used for it (then the layout is inferred). Expert buffers use
+    the expert param_map files when the folder has any (the documented patch records none)."""
     out = []
     for part in optimizer_parts(info):
         files = map_files if part.kind == "dense" else expert_files_of(info, expert_map_files, options)
-        if files is None:
+        out.append(None if files is None else tuple(read_rank_layouts(files, info.folder.tp, info.folder.pp,
+                                                                      len(info.chunk_keys), options.param_map_path)))
+    return tuple(out)
+
+
+def rank_layouts(info: RankInfo, options: Options,
+                 mapped: Sequence[Sequence[BufferLayout] | None]) -> tuple[list[BufferLayout], list[BufferLayout]]:
+    """The bucket layouts of one rank, dense and (MoE) expert ones: the param_map's when given
+    (`mapped`, from mapped_layouts), cross-checked against the layout the checkpoint itself implies;
+    the inferred one otherwise. A map and an inferred layout that both pass every check yet differ
+    mean one of them is wrong, so that is an error unless --trust-layout says which to believe."""
+    tensors = [info.tensors_by_key(c) for c in range(len(info.chunk_keys))]
+    out = []
+    for part, given in zip(optimizer_parts(info), mapped):
+        if given is None:
             layouts = infer_rank_layouts(info, part)
             check_layouts(layouts, part.counts, tensors, part.distrib_file)
         else:
-            layouts = read_rank_layouts(files, info.folder.tp, info.folder.pp, len(info.chunk_keys),
-                                        options.param_map_path)
+            layouts = list(given)
             check_layouts(layouts, part.counts, tensors, part.distrib_file)
             check_map_against_checkpoint(layouts, info, tensors, options.trust_layout, part)
         out.append(layouts)
@@ -425,15 +363,15 @@ def plan_rank(info: RankInfo, topo: Topology, options: Options, layouts: Sequenc
         tensors = stack_local_experts(tensors, experts.num_local_experts, info.folder.model_file)
     tensors = tensors + optimizer_scalars(info.iteration, info.param_groups, info.scheduler, info.folder.model_file)
     check_unique_names(tensors, info.folder.path)
-    stem = f"tp{info.folder.tp:02}_pp{info.folder.pp:03}" + (f"_ep{info.folder.ep:03}" if topo.ep_size > 1 else "")
+    rank = (info.folder.tp, info.folder.pp, info.folder.ep, topo.ep_size)
     moe = ((("ep_rank", info.folder.ep), ("ep_size", experts.ep_size), ("num_local_experts", experts.num_local_experts))
            if experts.moe else ())
     distrib_parts = (((info.dense_distrib_file, reader.DENSE), (info.folder.distrib_file, reader.EXPERT))
                      if info.expert_counts and not options.convert_param_only else ())
     return RankPlan(folder=info.folder, fmt=options.fmt, outputs=output_paths(options, topo, info.folder),
-                    meta_file=options.ms_path / PT_META / f"args_{stem}.pt", tensors=tuple(tensors),
+                    meta_file=options.ms_path / PT_META_DIR / args_file_name(*rank), tensors=tuple(tensors),
                     reads_distrib=not options.convert_param_only, param_name_list=name_lists,
-                    layouts=tuple(layouts), manifest_file=options.ms_path / PT_META / f"manifest_{stem}.json",
+                    layouts=tuple(layouts), manifest_file=options.ms_path / PT_META_DIR / manifest_file_name(*rank),
                     distrib_parts=distrib_parts, expert_layouts=tuple(expert_layouts), moe=moe)
 
 
@@ -448,15 +386,32 @@ class Job:
 def prepare(options: Options) -> Job:
     """Discover -> read metadata -> layouts -> plans. Raises ConvertInputError before any output exists;
     a failure to read an input (permissions, I/O error) is reported as such, naming the file."""
-    try:
-        return _prepare(options)
-    except OSError as err:
-        where = err.filename or "an input file"
-        raise ConvertInputError(f"cannot read {where}: {err.strerror or err}",
-                                fix="check --megatron-path / --param-map-path, their permissions and the disk") from None
+    return reading_inputs(_prepare, options, "--megatron-path / --param-map-path")
 
 
 def _prepare(options: Options) -> Job:
+    job = plan_conversion(read_facts(options), options)
+    return dataclasses.replace(job, plans=[dataclasses.replace(plan, fingerprint=plan_fingerprint(plan))
+                                           for plan in job.plans])
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """Everything the forward planning reads, read once: the saved args, the expert parallelism they
+    imply, each rank folder's metadata, and (per folder and optimizer part) the layouts the given
+    param_map files hold (None where the layout is to be inferred)."""
+
+    iteration_dir: Path
+    args: Any
+    experts: ExpertParallel
+    infos: tuple[RankInfo, ...]
+    mapped: tuple[tuple[tuple[BufferLayout, ...] | None, ...], ...] = ()
+    param_map_files: Any = None  # the param_map files found (None: no map used), copied into pt_meta/
+
+
+def read_facts(options: Options) -> SourceFacts:
+    """Folders (named by the pipeline and expert parallel sizes, checked against the saved args),
+    their metadata, and the param_map files' layouts."""
     iteration_dir = reader.resolve_iteration_dir(options.megatron_path)
     args, args_file = reader.saved_args_of(iteration_dir)
     experts = resolve_expert_parallel(options, args, args_file or iteration_dir)
@@ -468,21 +423,28 @@ def _prepare(options: Options) -> Job:
     infos = [read_rank_info(folder, need_distrib) for folder in folders]
     if experts.ep_size > 1 and need_distrib:
         infos = with_dense_state_of_ep_rank_0(infos)
+    mapped = tuple(mapped_layouts(info, options, map_files, expert_map_files) if need_distrib else ()
+                   for info in infos)
+    return SourceFacts(iteration_dir, args, experts, tuple(infos), mapped, map_files)
+
+
+def plan_conversion(facts: SourceFacts, options: Options) -> Job:
+    """The plans of every rank folder, from the facts and the flags alone (no file is read)."""
+    infos, experts = facts.infos, facts.experts
     topo = resolve_topology(options, infos[0], experts)
     iterations = {info.iteration for info in infos}
     if len(iterations) != 1:
-        raise ConvertInputError(f"{iteration_dir}: rank folders hold different iterations {sorted(iterations)}",
+        raise ConvertInputError(f"{facts.iteration_dir}: rank folders hold different iterations {sorted(iterations)}",
                                 expected="one iteration", fix="copy all folders from the same checkpoint")
-    facts = naming_facts(infos[0].args, options.name_style,
-                         keys=[key for tensors in infos[0].chunk_tensors for key, _, _ in tensors])
+    facts_of_names = naming_facts(infos[0].args, options.name_style,
+                                  keys=[key for tensors in infos[0].chunk_tensors for key, _, _ in tensors])
     warn_position_table_rows(infos)
     plans = []
-    for info in infos:
+    for info, mapped in zip(infos, facts.mapped):
         check_expert_keys(info, experts)
-        layouts, expert_layouts = rank_layouts(info, options, map_files, expert_map_files) if need_distrib else ([], [])
-        plan = plan_rank(info, topo, options, layouts, facts, expert_layouts, experts)
-        plans.append(dataclasses.replace(plan, fingerprint=plan_fingerprint(plan)))
-    return Job(plans, map_files, infos[0].args, topo)
+        layouts, expert_layouts = rank_layouts(info, options, mapped) if mapped else ([], [])
+        plans.append(plan_rank(info, topo, options, layouts, facts_of_names, expert_layouts, experts))
+    return Job(plans, facts.param_map_files, infos[0].args, topo)
 
 
 def with_dense_state_of_ep_rank_0(infos: Sequence[RankInfo]) -> list[RankInfo]:
@@ -526,7 +488,7 @@ def check_expert_keys(info: RankInfo, experts: ExpertParallel) -> None:
 
 def write_param_map_copies(job: Job, options: Options) -> None:
     """pt_meta/ gets the param_map used: copies of the given files, or the inferred layout as files."""
-    meta_dir = options.ms_path / PT_META
+    meta_dir = options.ms_path / PT_META_DIR
     meta_dir.mkdir(parents=True, exist_ok=True)
     copied = set()
     if job.param_map_files is not None:
@@ -578,11 +540,6 @@ def save_param_maps(job: Job, options: Options) -> None:
 # main
 
 
-def run_settings(options: Options) -> RunSettings:
-    return RunSettings(verify=options.verify, debug=options.debug, multiprocess_off=options.multiprocess_off,
-                       process_limit=options.process_limit, process_timeout=options.process_timeout)
-
-
 def canonical_paths(options: Options) -> Options:
     """The path flags made absolute with symlinks resolved, so that a conversion is recognised as the
     same one (to resume it) however its paths were spelled, e.g. `o1` or `$PWD/o1`."""
@@ -631,14 +588,6 @@ def source_bytes(plan: RankPlan) -> int:
     return sum(path.stat().st_size for path in files)
 
 
-def check_conversion(options: Options) -> int:
-    """--check: the state of every rank of the whole conversion, from the manifests; nothing written."""
-    job = prepare(options)
-    statuses = {plan.folder: rank_status(plan) for plan in job.plans}
-    complete = log_check(job.plans, statuses, lambda plan: (plan.folder.path, plan.outputs[0]), log)
-    return EXIT_OK if complete else EXIT_FAILED
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """parse, then `run`; returns the exit code."""
     return run(build_parser().parse_args(argv))
@@ -650,22 +599,19 @@ def run(ns: argparse.Namespace) -> int:
                        options_of=lambda ns: canonical_paths(options_from_args(ns, os.environ)),
                        describe=lambda options: (options.megatron_path, options.ms_path),
                        output_flag="--ms-path", output_of=lambda options: options.ms_path,
-                       check=check_conversion, prepare_outputs=prepare_outputs, run_and_report=run_and_report)
+                       plans_of=lambda options: prepare(options).plans, prepare_outputs=prepare_outputs,
+                       run_and_report=run_and_report)
 
 
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the ranks not done yet (verify the done ones with --verify), log one line per folder
     and the summary; returns the exit code."""
-    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_plan, report=report,
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank,
                                  where=lambda plan: plan.folder.path)
     if options.verify and stopped is None:
         log_verified(results)
     summary(results, len(job.plans), started, options.shard)
     return stopped if stopped is not None else exit_code(results)
-
-
-def report(plan: RankPlan, result: RankResult) -> None:
-    report_line(plan.folder.path, plan.outputs[0], result)
 
 
 def cli() -> None:

@@ -1,8 +1,8 @@
-"""Executing plans: each rank's worker streams its tensors from the mmap'd .pt files into its output
-file, copies it to the other dp/cp ranks, writes the pt_meta args file and, with --verify, reads the
-output back with MindSpore. The parent runs the workers (one forked process per rank, at most
-`process_limit` at a time), enforces the timeout, and records which ranks are complete so that a
-re-run resumes instead of starting over.
+"""Running plans of either direction: one forked worker process per plan (at most `process_limit` at
+a time), the timeout, and the signals that stop a run. It knows nothing of what a plan writes: the
+caller passes `execute(plan, settings, write)` (pt2ckpt_execute.execute_rank or
+ckpt2pt_execute.execute_rank), and every plan has `folder` (with `.name` and `.path`),
+`output_files` and `manifest_file`.
 
 Stopping: SIGINT (Ctrl-C) and SIGTERM (`timeout`, Slurm, Kubernetes) reach the parent as
 `RunStopped`; it kills the workers and removes their temporaries. Workers ignore SIGINT (the parent
@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import filecmp
-import hashlib
-import json
 import logging
-import math
 import multiprocessing
 import multiprocessing.connection
 import os
@@ -28,19 +24,10 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-import numpy as np
-import torch
-
-from . import __version__
-from .atomic import atomic_target, copy_file_atomically, partial_path, write_text_atomically
+from .atomic import partial_path
 from .errors import ConvertInputError
-from .megatron import checkpoint as reader
-from .megatron.pt_meta import pt_meta_record
-from .mindspore.writer import TensorEntry, write_mindspore_file
-from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan, Stacked
 
 log = logging.getLogger(__name__)
 
@@ -56,75 +43,6 @@ class RunSettings:
     process_timeout: float = 3600
 
 
-# ---------------------------------------------------------------------------------------------
-# Resuming: which ranks a previous run already finished
-
-
-def plan_fingerprint(plan: RankPlan) -> str:
-    """Hash of the plan and of the source files' identity (path, size, mtime): equal fingerprints mean
-    an existing output was written by this same conversion. The plan's paths must be canonical
-    (resolved), so that spelling a path another way does not make a conversion look like another."""
-    sources = [plan.folder.model_file] + ([path for path, _ in plan.distrib_sources()] if plan.reads_distrib else [])
-    sources += [Path(layout.source) for layout in (*plan.layouts, *plan.expert_layouts)
-                if Path(layout.source).is_file()]
-    return fingerprint_of(plan, sources)  # the repr includes the layouts
-
-
-def fingerprint_of(plan: Any, sources: Sequence[Path]) -> str:
-    """Hash of a plan (any dataclass; its repr) and of its source files' identity (path, size, mtime)."""
-    stats = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in sources]
-    return hashlib.sha256(repr((plan, stats)).encode()).hexdigest()
-
-
-def read_manifest(plan: RankPlan) -> dict:
-    try:
-        return json.loads(plan.manifest_file.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def write_manifest(plan: RankPlan, state: str, files: dict[str, int] | None = None) -> None:
-    write_text_atomically(plan.manifest_file, json.dumps(
-        {"fingerprint": plan.fingerprint, "converter_version": __version__, "state": state,
-         "source": str(plan.folder.path), "files": files or {}}, indent=1))
-
-
-def rank_status(plan: RankPlan) -> str:
-    """'done' (complete output of this conversion, written by this version of the converter), 'todo',
-    'outdated' (output of this conversion written by another version of the converter, which may have
-    had a bug this one fixes: it is converted again, never skipped), or 'foreign' (outputs exist that
-    this conversion did not write, which must not be silently mixed with new ones)."""
-    manifest = read_manifest(plan)
-    if manifest.get("fingerprint") == plan.fingerprint:
-        if manifest.get("converter_version") != __version__:
-            return "outdated"
-        files = manifest.get("files", {})
-        complete = manifest.get("state") == "complete" and all(
-            Path(f).is_file() and Path(f).stat().st_size == size for f, size in files.items())
-        return "done" if complete else "todo"
-    return "foreign" if any(p.exists() for p in plan.output_files) else "todo"
-
-
-def check_no_foreign_outputs(plans: Sequence[RankPlan], statuses: dict, flag: str = "--ms-path",
-                             root: Path | None = None) -> None:
-    """Stop when any plan's status (from rank_status, by folder) is 'foreign'. `flag` and `root` name
-    the output folder in the message (by default --ms-path, the parent of the first rank's folder)."""
-    foreign = [p for p in plans if statuses[p.folder] == "foreign"]
-    if foreign:
-        existing = [str(o) for p in foreign for o in p.output_files if o.exists()]
-        root = root if root is not None else foreign[0].outputs[0].parent.parent
-        raise ConvertInputError(
-            f"{flag} {root}: {len(existing)} output files already exist that "
-            f"this conversion did not write (another source, other flags, changed inputs, or a version of "
-            f"the converter that planned differently), e.g. {existing[0]}",
-            expected="an empty --ms-path or outputs of this same conversion", found=f"{len(foreign)} ranks' outputs",
-            fix=f"pass --overwrite to replace them, or choose another {flag}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Executing a plan (worker process)
-
-
 @dataclass
 class RankResult:
     folder: str
@@ -137,78 +55,6 @@ class RankResult:
     peak_anon_bytes: int = 0
 
 
-class SourceTensors:
-    """Hands out the data of planned tensors as numpy views of the mmap'd source files."""
-
-    def __init__(self, plan: RankPlan):
-        self.model_sd = reader.load_pt(plan.folder.model_file)
-        # per optimizer (dense, then the experts' in a MoE run), its grad buffers
-        self.buffers = ([reader.decode_optimizer_part(reader.load_pt(path), path, element)
-                         for path, element in plan.distrib_sources()] if plan.reads_distrib else None)
-        self._by_name = {t.name: t for t in plan.tensors}
-        self._flat: dict[str, dict[str, torch.Tensor]] = {}
-
-    def array(self, planned: PlannedTensor) -> np.ndarray:
-        return self._array(planned.source, planned.shape, planned.dtype)
-
-    def _array(self, source, shape: tuple[int, ...], dtype: str) -> np.ndarray:
-        if isinstance(source, Stacked):
-            return np.stack([self._array(part, shape[1:], dtype) for part in source.parts])
-        if isinstance(source, BucketSlice):
-            bucket = self.buffers[source.optimizer][source.gbuf_idx].states[source.state][source.bucket]
-            tensor = bucket[source.start:source.end].view(shape)
-        elif isinstance(source, ModelTensor):
-            if source.chunk_key not in self._flat:
-                self._flat[source.chunk_key] = reader.model_tensors(self.model_sd[source.chunk_key])
-            tensor = self._flat[source.chunk_key][source.key]
-        else:
-            return np.array(source.value, dtype=dtype).reshape(shape)
-        want = getattr(torch, dtype)
-        if tensor.dtype != want:
-            tensor = tensor.to(want)
-        return tensor.numpy()
-
-    def fetch(self, entry: TensorEntry) -> np.ndarray:
-        return self.array(self._by_name[entry.name])
-
-
-def execute_plan(plan: RankPlan, settings: RunSettings, write: bool = True) -> RankResult:
-    """Write one rank's output, its copies and its pt_meta args file (or, with write=False, only
-    verify a complete output an earlier run left). An output that fails --verify is removed, so no
-    final path ever holds a file that is not complete and correct."""
-    sources = SourceTensors(plan)
-    result = RankResult(plan.folder.name, "skipped")
-    if write:
-        write_manifest(plan, "writing")
-        entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
-        fetch = _measuring_memory(sources.fetch, result)
-        if settings.debug and sys.stderr.isatty():
-            fetch = _with_tensor_progress(fetch, len(entries), plan.folder.name)
-        plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
-        result.bytes_written = write_mindspore_file(plan.outputs[0], entries, fetch, plan.fmt)
-        for copy in plan.outputs[1:]:
-            result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
-        write_meta_file(plan, sources.model_sd)
-        result.status, result.tensors = "converted", len(entries)
-    if settings.verify:
-        try:
-            result.verified_tensors, result.verified_files = verify_outputs(plan, sources)
-        except VerificationError:
-            for path in plan.outputs:
-                path.unlink(missing_ok=True)
-            write_manifest(plan, "writing")  # our own unfinished work: a re-run redoes it
-            raise
-    if write:
-        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in (*plan.outputs, plan.meta_file)})
-    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
-              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
-    return result
-
-
-class VerificationError(RuntimeError):
-    """An output read back with mindspore.load_checkpoint differs from its source."""
-
-
 def anon_memory_bytes() -> int:
     """This process's resident anonymous memory (RssAnon): copies we made, not mmap'd input pages."""
     try:
@@ -219,65 +65,6 @@ def anon_memory_bytes() -> int:
     except OSError:
         pass
     return 0
-
-
-def _measuring_memory(fetch, result: RankResult):
-    """Sample RssAnon as each tensor is handed out, when the previous one is gone and this one exists."""
-    def measured_fetch(entry):
-        array = fetch(entry)
-        result.peak_anon_bytes = max(result.peak_anon_bytes, anon_memory_bytes())
-        return array
-    return measured_fetch
-
-
-def _with_tensor_progress(fetch, total: int, label: str):
-    from tqdm import tqdm
-    bar = tqdm(total=total, desc=label, unit="tensor", leave=False)
-
-    def counting_fetch(entry):
-        bar.update(1)
-        return fetch(entry)
-    return counting_fetch
-
-
-def write_meta_file(plan: RankPlan, model_sd: dict) -> None:
-    """pt_meta/args_tpTT_ppPPP.pt: what the way back (MindSpore -> Megatron) needs besides the tensors:
-    the documented keys plus the skeletons, layouts and bucket sizes that make it exact. The bucket
-    sizes come from the pickle of distrib_optim.pt (mmap'd: its tensors are not read), when it was read."""
-    distrib = reader.load_pt(plan.folder.distrib_file) if plan.reads_distrib else None
-    meta = pt_meta_record(model_sd, plan.folder.model_file, distrib, plan.layouts, plan.param_name_list,
-                          expert_layouts=plan.expert_layouts, moe=dict(plan.moe) if plan.moe else None)
-    del distrib
-    with atomic_target(plan.meta_file) as partial, reader.megatron_enum_importable():
-        torch.save(meta, partial)
-
-
-def verify_outputs(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
-    """Re-open the written file with MindSpore's own loader and compare every tensor bit for bit."""
-    import mindspore as ms  # only here: importing it costs seconds
-
-    loaded = ms.load_checkpoint(str(plan.outputs[0]), format=plan.fmt)
-    problems = []
-    for planned in plan.tensors:
-        if math.prod(planned.shape) == 0:
-            continue  # MindSpore writes no record for an empty tensor
-        got = loaded.get(planned.name)
-        want = sources.array(planned)
-        if got is None:
-            problems.append(f"{planned.name}: missing")
-            continue
-        got = got.asnumpy()
-        if got.shape != want.shape or got.dtype != want.dtype or got.tobytes() != np.ascontiguousarray(want).tobytes():
-            problems.append(f"{planned.name}: differs")
-    extra = set(loaded) - {t.name for t in plan.tensors}
-    problems += [f"{name}: not planned" for name in sorted(extra)]
-    for copy in plan.outputs[1:]:
-        if not filecmp.cmp(plan.outputs[0], copy, shallow=False):  # compares in chunks, not whole files
-            problems.append(f"{copy}: differs from {plan.outputs[0]}")
-    if problems:
-        raise VerificationError(f"verification of {plan.outputs[0]} failed (output removed): "
-                                + "; ".join(problems[:10]))
-    return len([t for t in plan.tensors if math.prod(t.shape)]), len(plan.outputs)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,15 +160,14 @@ def _kill_workers(processes: Sequence[Any]) -> None:
 
 @dataclass(frozen=True)
 class Task:
-    """One plan to execute. A plan of either direction has `folder` (with `.name` and `.path`),
-    `output_files`, `manifest_file` and `fingerprint`; `execute(plan, settings, write)` runs it."""
+    """One plan to execute (of either direction); `execute(plan, settings, write)` runs it."""
 
     plan: Any
     write: bool  # False: the output is complete from an earlier run and is only verified
 
 
 def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[Any, RankResult], None],
-              execute: Callable[[Any, RunSettings, bool], RankResult] = execute_plan) -> None:
+              execute: Callable[[Any, RunSettings, bool], RankResult]) -> None:
     """Execute every task with `execute`, at most --process-limit at a time, each in its own forked
     worker so that a crash, a signal or --process_timeout stops that rank only and is reported with its folder.
     Forking after the parent imported torch makes a worker's start-up cost nothing. However this
@@ -392,7 +178,7 @@ def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[A
         return
     context = multiprocessing.get_context("fork")
     pending = deque(tasks)
-    running: dict[Any, tuple[RankPlan, Any, Any, float]] = {}
+    running: dict[Any, tuple[Any, Any, Any, float]] = {}
     try:
         while pending or running:
             while pending and len(running) < settings.process_limit:
@@ -439,7 +225,7 @@ def _worker_main(task: Task, settings: RunSettings, execute, sender, parent_pid:
     sender.close()
 
 
-def _execute_reporting_errors(task: Task, settings: RunSettings, execute=execute_plan) -> RankResult:
+def _execute_reporting_errors(task: Task, settings: RunSettings, execute) -> RankResult:
     plan = task.plan
     try:
         return execute(plan, settings, task.write)
@@ -456,7 +242,7 @@ def _execute_reporting_errors(task: Task, settings: RunSettings, execute=execute
         raise
 
 
-def _collect(plan: RankPlan, process, receiver) -> RankResult:
+def _collect(plan: Any, process, receiver) -> RankResult:
     try:
         result = receiver.recv() if receiver.poll() else None
     except EOFError:  # the worker died before sending its result

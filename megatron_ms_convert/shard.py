@@ -65,8 +65,8 @@ def from_launcher(environ: Mapping[str, str]) -> Shard:
     a * ntasks + t of A * ntasks)."""
     for name, rank_var, size_var in _PROCESS_LAUNCHERS:
         if rank_var in environ and size_var in environ:
-            return Shard.checked(_int(environ, rank_var), _int(environ, size_var),
-                                 f"--shard auto ({name}: {rank_var}={environ[rank_var]} {size_var}={environ[size_var]})")
+            origin = f"--shard auto ({name}: {rank_var}={environ[rank_var]} {size_var}={environ[size_var]})"
+            return Shard.checked(_int(environ, rank_var), _int(environ, size_var), origin)
     array = _slurm_array(environ)
     step = _slurm_step(environ)
     if array or step:
@@ -89,8 +89,8 @@ def _slurm_array(environ: Mapping[str, str]) -> tuple[int, int, str] | None:
         raise ConvertInputError("--shard auto: SLURM_ARRAY_TASK_ID is set without " + " and ".join(missing),
                                 expected="the array's bounds", found="an incomplete Slurm environment",
                                 fix="pass --shard I/N")
-    task, low, high = (_int(environ, v) for v in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN",
-                                                   "SLURM_ARRAY_TASK_MAX"))
+    names = ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX")
+    task, low, high = (_int(environ, v) for v in names)
     step = _int(environ, "SLURM_ARRAY_TASK_STEP") if "SLURM_ARRAY_TASK_STEP" in environ else 1
     if step < 1 or (task - low) % step or not low <= task <= high:
         raise ConvertInputError(f"--shard auto: SLURM_ARRAY_TASK_ID={task} in array {low}-{high}:{step}",

@@ -44,7 +44,6 @@ class Topology:
     ep_size: int = 1
     moe: bool = False  # expert parameters in the checkpoint: every dp rank needs its own file
 
-
     def layers_in_chunk(self, pp: int) -> int:
         if self.vpp_size > 1:
             return self.num_layers // (self.pp_size * self.vpp_size)

@@ -51,7 +51,7 @@ import types
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -596,62 +596,75 @@ def _chunk_skeleton(spec: FixtureSpec, pp_rank: int, chunk: int) -> tuple[bool, 
 
 def plan_fixture(spec: FixtureSpec) -> FixturePlan:
     """Everything about the files except the tensors: parameters, codes, buffers, buckets."""
+    stride, exact = _code_stride(spec)
+    ranks = tuple(RankPlan(tp_rank, pp_rank, _rank_chunks(spec, tp_rank, pp_rank, stride), pp_size=spec.pp)
+                  for tp_rank in range(spec.tp) for pp_rank in range(spec.pp))
+    return FixturePlan(spec, ranks, stride, exact)
+
+
+def _code_stride(spec: FixtureSpec) -> tuple[int, bool]:
+    """The distance between the value codes of consecutive chunks (larger than any chunk's element
+    count), and whether every value v and v + 0.5 is exact in fp32 (v < 2**23)."""
     n_chunks = spec.tp * spec.pp * spec.vpp
-    max_numel = 0
-    for pp_rank in range(spec.pp):
-        for chunk in range(spec.vpp):
-            _, _, b = _chunk_skeleton(spec, pp_rank, chunk)
-            max_numel = max(max_numel, sum(math.prod(p["shape"]) for p in b.params))
-    # Keep v and v + 0.5 exact in fp32 (v < 2**23) where possible; the sample's stride otherwise.
+    max_numel = max(sum(math.prod(p["shape"]) for p in _chunk_skeleton(spec, pp_rank, chunk)[2].params)
+                    for pp_rank in range(spec.pp) for chunk in range(spec.vpp))
+    # Keep v and v + 0.5 exact in fp32 where possible; the sample's stride otherwise.
     if max_numel < _DEFAULT_CODE_STRIDE and n_chunks * _DEFAULT_CODE_STRIDE <= (1 << 23):
         stride = _DEFAULT_CODE_STRIDE
     else:
         stride = 1 << max_numel.bit_length()
-    exact = n_chunks * stride <= (1 << 23)
+    return stride, n_chunks * stride <= (1 << 23)
 
-    ranks = []
-    for tp_rank in range(spec.tp):
-        for pp_rank in range(spec.pp):
-            chunks = []
-            gbuf_idx = 0
-            for chunk in range(spec.vpp):
-                pre, post, b = _chunk_skeleton(spec, pp_rank, chunk)
-                chunk_index = (tp_rank * spec.pp + pp_rank) * spec.vpp + chunk
-                code = chunk_index * stride + 1
-                plans = []
-                for d in b.params:
-                    name = d["local_name"]
-                    pdtype = torch.float32 if (spec.mixed_dtype and d["norm"]) else spec.train_dtype
-                    plans.append(ParamPlan(
-                        local_name=name, ddp_name=spec.ddp_prefix + name, sd_path=d["sd_path"],
-                        shape=d["shape"], local_layer=d["layer"], is_norm=d["norm"],
-                        shared_embedding=d["shared"],
-                        requires_grad=not any(f in name for f in spec.frozen),
-                        param_dtype=pdtype, code=code))
-                    code += math.prod(d["shape"])
-                # DDP: buckets only on chunk 0 of pipeline rank 0 with overlap_grad_reduce
-                bucket_size = spec.bucket_size
-                if not spec.overlap_grad_reduce or pp_rank > 0 or chunk > 0:
-                    bucket_size = None
-                # DDP.allocate_buffers_for_parameters: group by (param dtype, grad dtype) in
-                # named_parameters order of first appearance.
-                groups: dict[tuple[torch.dtype, torch.dtype], list[ParamPlan]] = {}
-                for p in plans:
-                    if not p.requires_grad:
-                        continue
-                    grad = torch.float32 if spec.accumulate_grads_in_fp32 else p.param_dtype
-                    groups.setdefault((p.param_dtype, grad), []).append(p)
-                buffers = []
-                for bi, ((pdt, gdt), members) in enumerate(groups.items()):
-                    entries, buckets = _layout_buffer(members, bucket_size, spec.dp_cp)
-                    buffers.append(BufferPlan(bi, gbuf_idx, pdt, gdt, bucket_size, tuple(entries), tuple(buckets)))
-                    gbuf_idx += 1
-                sd_entries = tuple((path, None if i is None else plans[i]) for path, i in b.sd)
-                chunks.append(ChunkPlan(tp_rank, pp_rank, chunk, pre, post, spec.layers_in_chunk(pp_rank),
-                                        spec.layer_offset(pp_rank, chunk), tuple(plans), sd_entries,
-                                        tuple(buffers)))
-            ranks.append(RankPlan(tp_rank, pp_rank, tuple(chunks), pp_size=spec.pp))
-    return FixturePlan(spec, tuple(ranks), stride, exact)
+
+def _rank_chunks(spec: FixtureSpec, tp_rank: int, pp_rank: int, stride: int) -> tuple[ChunkPlan, ...]:
+    """The model chunks of one (tp, pp) rank; grad buffers are numbered on across its chunks."""
+    chunks, gbuf_idx = [], 0
+    for chunk in range(spec.vpp):
+        pre, post, b = _chunk_skeleton(spec, pp_rank, chunk)
+        plans = _param_plans(spec, b, code=((tp_rank * spec.pp + pp_rank) * spec.vpp + chunk) * stride + 1)
+        buffers = _chunk_buffers(spec, plans, _chunk_bucket_size(spec, pp_rank, chunk), gbuf_idx)
+        gbuf_idx += len(buffers)
+        sd_entries = tuple((path, None if i is None else plans[i]) for path, i in b.sd)
+        chunks.append(ChunkPlan(tp_rank, pp_rank, chunk, pre, post, spec.layers_in_chunk(pp_rank),
+                                spec.layer_offset(pp_rank, chunk), plans, sd_entries, buffers))
+    return tuple(chunks)
+
+
+def _param_plans(spec: FixtureSpec, b: _ParamListBuilder, code: int) -> tuple[ParamPlan, ...]:
+    """The chunk's parameters in named_parameters() order, each with the code its values start at."""
+    plans = []
+    for d in b.params:
+        name = d["local_name"]
+        pdtype = torch.float32 if (spec.mixed_dtype and d["norm"]) else spec.train_dtype
+        plans.append(ParamPlan(local_name=name, ddp_name=spec.ddp_prefix + name, sd_path=d["sd_path"],
+                               shape=d["shape"], local_layer=d["layer"], is_norm=d["norm"],
+                               shared_embedding=d["shared"], requires_grad=not any(f in name for f in spec.frozen),
+                               param_dtype=pdtype, code=code))
+        code += math.prod(d["shape"])
+    return tuple(plans)
+
+
+def _chunk_bucket_size(spec: FixtureSpec, pp_rank: int, chunk: int) -> int | None:
+    """DDP makes buckets only on chunk 0 of pipeline rank 0, and only with overlap_grad_reduce."""
+    if not spec.overlap_grad_reduce or pp_rank > 0 or chunk > 0:
+        return None
+    return spec.bucket_size
+
+
+def _chunk_buffers(spec: FixtureSpec, plans: Sequence[ParamPlan], bucket_size: int | None,
+                   first_gbuf: int) -> tuple[BufferPlan, ...]:
+    """DDP.allocate_buffers_for_parameters: one buffer per (param dtype, grad dtype), in
+    named_parameters order of first appearance; frozen parameters have none."""
+    groups: dict[tuple[torch.dtype, torch.dtype], list[ParamPlan]] = {}
+    for p in plans:
+        if p.requires_grad:
+            grad = torch.float32 if spec.accumulate_grads_in_fp32 else p.param_dtype
+            groups.setdefault((p.param_dtype, grad), []).append(p)
+    buffers = []
+    for bi, ((pdt, gdt), members) in enumerate(groups.items()):
+        entries, buckets = _layout_buffer(members, bucket_size, spec.dp_cp)
+        buffers.append(BufferPlan(bi, first_gbuf + bi, pdt, gdt, bucket_size, tuple(entries), tuple(buckets)))
+    return tuple(buffers)
 
 
 # --------------------------------------------------------------------------------------------

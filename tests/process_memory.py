@@ -94,5 +94,3 @@ def read_status_kib(pid: int) -> tuple[int, int]:
         return 0, 0
     fields = dict(re.findall(r"^(VmRSS|RssAnon):\s+(\d+) kB", text, re.M))
     return int(fields.get("VmRSS", 0)), int(fields.get("RssAnon", 0))
-
-

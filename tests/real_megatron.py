@@ -263,3 +263,22 @@ def resume_and_train(root: Path, spec: MegatronSpec, steps: int, *, timeout: flo
     """Load the checkpoint in `root`, train `steps` more iterations; (per-step losses, final state)."""
     run = run_megatron(spec, [("load", Path(root)), ("train", steps), ("dump", "final")], timeout=timeout)
     return run.losses, run.dumps["final"]
+
+
+TP_DP = MegatronSpec(tp=2, dp=2, num_layers=2, ffn=66, bucket_size=1500)
+
+
+PP_VPP = MegatronSpec(pp=3, vpp=2, dp=1, num_layers=6, ffn=66, num_microbatches=3)
+
+
+def assert_same_state(got: dict, want: dict) -> None:
+    """Same parameters, every tensor bitwise equal (dtype, shape and bytes), same optimizer metadata."""
+    assert sorted(got["params"]) == sorted(want["params"])
+    for key, entry in want["params"].items():
+        for state in ("param", "exp_avg", "exp_avg_sq", "model"):
+            a, b = got["params"][key][state], entry[state]
+            assert a.dtype == b.dtype and a.shape == b.shape, (key, state)
+            assert a.contiguous().view(torch.uint8).equal(b.contiguous().view(torch.uint8)), (key, state)
+    for rank, meta in want["ranks"].items():
+        for field in ("param_groups", "scheduler", "iteration", "per_bucket_numel_unpadded", "layer_offset"):
+            assert got["ranks"][rank][field] == meta[field], (rank, field)

@@ -7,8 +7,6 @@ fix, non-zero exit, nothing half-written, and a re-run completes."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
 import shutil
 import signal
@@ -24,14 +22,12 @@ import torch
 from megatron_ms_convert.ckpt2pt import main as ckpt2pt_main
 from megatron_ms_convert.megatron.checkpoint import load_pt
 from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main
-from tests.expected_outputs import REPO, SAMPLE
+from tests.expected_outputs import SAMPLE
+from tests.helpers import BACK_CLI, back_flags, in_process, run_back
 from tests.megatron_fixture import FixtureSpec, write_fixture
-from tests.test_convert_layouts import LAYOUTS, size_flags
-from tests.test_faults import kill_first_worker, leftovers, stop_first_worker
-from tests.test_megatron_writer import Recorded, assert_distrib_equal
-from tests.test_torch_writer import assert_same
+from tests.helpers import (LAYOUTS, Recorded, assert_distrib_equal, assert_same, kill_first_worker, leftovers,
+                           mindspore_train_step, size_flags, stop_first_worker)
 
-BACK_CLI = REPO / "convert_ckpt2pt.py"
 SAMPLE_SIZES = dict(tp=2, pp=2, dp=2, cp=1, vpp=1)
 
 # layouts of the forward tests (tp/pp/vpp/dp/cp, padding, several buckets and buffers, fp16/fp32, legacy/mcore,
@@ -41,23 +37,6 @@ ROUND_TRIP_LAYOUTS = ["tp2_pp2_dp2_small_buckets_padded", "pp4_vpp2_dp2_buckets_
                       "fp32_pp2", "mcore_te_pp3_vpp2_untied", "legacy_rmsnorm_untied_pp2", "mixed_dtype_two_buffers",
                       "mcore_cp2_release", "uneven_stage_list", "mcore_tp2_pp2_tied"]
 ROUND_TRIPS = {name: (LAYOUTS[name], *COMBOS[i % len(COMBOS)]) for i, name in enumerate(ROUND_TRIP_LAYOUTS)}
-
-
-def in_process(main, *args) -> subprocess.CompletedProcess:
-    """A CLI's main() run in this process (no interpreter start-up), its log captured like run_cli's."""
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        code = main([str(a) for a in args])
-    return subprocess.CompletedProcess(args, code, log.getvalue(), "")
-
-
-def run_back(*args, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BACK_CLI), *map(str, args)], capture_output=True, text=True,
-                          timeout=600, **kw)
-
-
-def back_flags(tp=1, pp=1, dp=1, cp=1, vpp=1) -> list:
-    return ["--tp-size", tp, "--pp-size", pp, "--dp-size", dp, "--cp-size", cp, "--vpp-size", vpp]
 
 
 def to_ms(megatron_iter: Path, ms_path: Path, flags: list, *extra) -> None:
@@ -169,31 +148,6 @@ def test_convert_param_only_writes_the_model_file_alone(sample_ms, tmp_path):
 # A checkpoint MindSpore changed
 
 
-def mindspore_train_step(path: Path, fmt: str, step: int, epoch: int = 0,
-                         extra: dict[str, float] | None = None) -> dict[str, np.ndarray]:
-    """Load with mindspore.load_checkpoint, change every tensor and scalar training changes (and the
-    float32 scalars `extra` names), save with mindspore.save_checkpoint; returns the values saved (as
-    MindSpore holds them)."""
-    import mindspore as ms
-    loaded = {k: v.asnumpy() for k, v in ms.load_checkpoint(str(path), format=fmt).items()}
-    changed = {}
-    for name, value in loaded.items():
-        if "." in name and value.dtype == np.float32:
-            changed[name] = (value * np.float32(0.75) + np.float32(0.125)).astype(np.float32)
-        else:
-            changed[name] = value
-    changed["step_num"] = np.array(step, np.int64)
-    changed["epoch_num"] = np.array(epoch, np.int64)
-    changed["learning_rate_group_0"] = np.array(1.25e-4, np.float32)
-    changed["state_step"] = np.full(loaded["state_step"].shape, step, np.float32)
-    changed["num_steps"] = np.array(step * 16, np.int64)
-    changed.update({name: np.array(value, np.float32) for name, value in (extra or {}).items()})
-    path.chmod(0o644)
-    path.unlink()
-    ms.save_checkpoint([{"name": k, "data": ms.Tensor(v)} for k, v in changed.items()], str(path), format=fmt)
-    return changed
-
-
 @pytest.mark.parametrize("fmt", ["ckpt", "safetensors"])
 def test_values_changed_by_mindspore_come_back(tmp_path, fmt):
     forward = in_process(pt2ckpt_main, "--megatron-path", SAMPLE / "iter_0000010", "--ms-path", tmp_path / "ms",
@@ -290,7 +244,7 @@ def ms_copy(sample_ms, tmp_path):
 
 def back(ms: Path, out: Path, *extra, sizes=SAMPLE_SIZES):
     return in_process(ckpt2pt_main, "--ms-path", ms, "--param-map-path", ms / "pt_meta", "--megatron-path", out,
-                    *back_flags(**sizes), *extra)
+                      *back_flags(**sizes), *extra)
 
 
 def assert_refused(proc, out: Path, *needles) -> None:

@@ -13,40 +13,7 @@ from tests.expected_outputs import (assert_rank_files_match, expected_scalars, e
                                     load_record, ms_rank, run_cli)
 from tests.megatron_fixture import FixtureSpec, write_fixture
 from tests.mindspeed_model_facts import check_rank_names, stages_of
-
-SMALL = dict(hidden=24, ffn=52, heads=2, vocab=61)
-LAYOUTS = {
-    "tp1_pp1_dp1": FixtureSpec(num_layers=2, **SMALL),
-    "tp2_pp2_dp2_small_buckets_padded": FixtureSpec(tp=2, pp=2, dp=2, num_layers=4, hidden=20, ffn=38, heads=2,
-                                                    vocab=97, overlap_grad_reduce=True, bucket_size=300),
-    "pp4_vpp2_dp2_buckets_in_chunk0": FixtureSpec(pp=4, vpp=2, dp=2, num_layers=8, overlap_grad_reduce=True,
-                                                  bucket_size=500, **SMALL),
-    "fp16_tp2_dp3": FixtureSpec(tp=2, dp=3, num_layers=2, dtype="fp16", overlap_grad_reduce=True,
-                                bucket_size=400, **SMALL),
-    "fp32_pp2": FixtureSpec(pp=2, num_layers=2, dtype="fp32", **SMALL),
-    "mcore_tp2_pp2_tied": FixtureSpec(tp=2, pp=2, dp=2, num_layers=4, model="mcore", overlap_grad_reduce=True,
-                                      bucket_size=700, **SMALL),
-    "mcore_te_pp3_vpp2_untied": FixtureSpec(pp=3, vpp=2, dp=2, num_layers=6, model="mcore", mcore_spec="te",
-                                            untie_embeddings=True, **SMALL),
-    "mcore_te_rmsnorm_rope_tp2_pp2": FixtureSpec(tp=2, pp=2, num_layers=2, model="mcore", mcore_spec="te",
-                                                 normalization="RMSNorm", position_embedding="rope", **SMALL),
-    "legacy_rmsnorm_untied_pp2": FixtureSpec(pp=2, dp=2, num_layers=4, normalization="RMSNorm",
-                                             untie_embeddings=True, **SMALL),
-    "mixed_dtype_two_buffers": FixtureSpec(pp=2, dp=2, num_layers=2, mixed_dtype=True, overlap_grad_reduce=True,
-                                           bucket_size=300, **SMALL),
-    "mcore_cp2_release": FixtureSpec(tp=2, dp=2, cp=2, num_layers=2, model="mcore", release=True, **SMALL),
-    "uneven_stage_list": FixtureSpec(pp=2, dp=2, num_layers=5, stage_list=(3, 2), **SMALL),
-    "sidecar_map": FixtureSpec(tp=2, pp=2, dp=2, num_layers=2, param_map="with_sidecar",
-                               overlap_grad_reduce=True, bucket_size=200, **SMALL),
-}
-
-
-def size_flags(spec: FixtureSpec) -> list:
-    flags = ["--tp-size", spec.tp, "--pp-size", spec.pp, "--dp-size", spec.dp, "--cp-size", spec.cp,
-             "--vpp-size", spec.vpp]
-    if spec.stage_list:
-        flags += ["--stage-list", *spec.stage_list]
-    return flags
+from tests.helpers import LAYOUTS, SMALL, size_flags
 
 
 def scalars_per_rank(fixture, spec: FixtureSpec) -> dict[int, dict]:

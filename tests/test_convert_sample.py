@@ -84,7 +84,7 @@ def test_pt_meta_holds_args_and_layout(inferred_run):
     meta = out / "pt_meta"
     names = sorted(p.name for p in meta.iterdir())
     assert [n for n in names if n.startswith("args_")] == ["args_tp00_pp000.pt", "args_tp00_pp001.pt",
-                                                          "args_tp01_pp000.pt", "args_tp01_pp001.pt"]
+                                                           "args_tp01_pp000.pt", "args_tp01_pp001.pt"]
     assert len([n for n in names if n.startswith("param_map_buffer")]) == 4
     from megatron_ms_convert.megatron.checkpoint import load_pt
     args = load_pt(meta / "args_tp01_pp001.pt")

@@ -10,53 +10,15 @@ import os
 import resource
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from tests.expected_outputs import CLI, SAMPLE, assert_rank_files_match, expected_tensors, load_record, run_cli
-
-SIZES = ["--tp-size", 2, "--pp-size", 2, "--dp-size", 2]
-RANKS = (0, 1, 4, 5)
-
-
-@pytest.fixture
-def ckpt(tmp_path):
-    """A writable copy of the Megatron-written sample."""
-    root = tmp_path / "save"
-    shutil.copytree(SAMPLE, root)
-    for path in root.rglob("*"):
-        path.chmod(0o755 if path.is_dir() else 0o644)
-    return root
-
-
-@pytest.fixture(scope="module")
-def clean_outputs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("clean")
-    proc = run_cli("--megatron-path", SAMPLE / "iter_0000010", "--ms-path", out, *SIZES)
-    assert proc.returncode == 0, proc.stdout
-    return {rank: (out / f"rank_{rank}/network.ckpt").read_bytes() for rank in RANKS}
-
-
-def convert(ckpt: Path, out: Path, *extra, **kw) -> subprocess.CompletedProcess:
-    return run_cli("--megatron-path", ckpt / "iter_0000010", "--ms-path", out, *SIZES, *extra, **kw)
-
-
-def error_lines(proc) -> list[str]:
-    return [line for line in proc.stdout.splitlines() if " ERROR " in line]
-
-
-def success_count(proc) -> int:
-    return sum("successfully" in line for line in proc.stdout.splitlines())
-
-
-def leftovers(out: Path) -> list[str]:
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if ".partial" in p.name or p.suffix == ".tmp")
+from tests.expected_outputs import SAMPLE, assert_rank_files_match, expected_tensors, load_record, run_cli
+from tests.helpers import (RANKS, assert_outputs_complete_and_correct, convert, error_lines, kill_first_worker,
+                           leftovers, start_cli, stop_first_worker, success_count)
 
 
 def output_files(out: Path) -> list[str]:
@@ -208,51 +170,6 @@ def test_disk_full_mid_write_then_resume(ckpt, tmp_path, clean_outputs):
     assert "summary: 4 converted, 0 skipped, 0 failed" in again.stdout
     for rank in RANKS:
         assert (out / f"rank_{rank}/network.ckpt").read_bytes() == clean_outputs[rank]
-
-
-def start_cli(ckpt: Path, out: Path, *extra) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(CLI), "--megatron-path", str(ckpt / "iter_0000010"),
-                             "--ms-path", str(out), *map(str, SIZES), *map(str, extra)],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def assert_outputs_complete_and_correct(out: Path, clean_outputs: dict) -> int:
-    """Whatever sits at a final output path equals the clean run's file. (A worker frozen by the test
-    may already have renamed its finished output, so how many exist is not fixed.)"""
-    files = list(out.glob("rank_*/network.ckpt"))
-    for path in files:
-        assert path.read_bytes() == clean_outputs[int(path.parent.name[5:])], path
-    assert leftovers(out) == []
-    return len(files)
-
-
-def stop_first_worker(proc: subprocess.Popen, deadline_s: float = 60) -> psutil.Process:
-    """Freeze the first worker the CLI forks (SIGSTOP), so the test controls what happens to it."""
-    parent = psutil.Process(proc.pid)
-    end = time.monotonic() + deadline_s
-    while time.monotonic() < end:
-        for child in parent.children():
-            try:
-                child.suspend()
-                if child.status() == psutil.STATUS_STOPPED:
-                    return child
-            except psutil.NoSuchProcess:
-                continue
-        time.sleep(0.002)
-    raise AssertionError("no worker appeared")
-
-
-def kill_first_worker(proc: subprocess.Popen, folder_word: str, converted: int) -> str:
-    """SIGKILL the CLI's first worker; the run must fail that one folder (its error names the signal
-    and a `folder_word` folder), convert the `converted` others, exit 1. Returns the log."""
-    worker = stop_first_worker(proc)
-    worker.kill()
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 1, log
-    [error] = [line for line in log.splitlines() if " ERROR " in line]
-    assert "killed by signal SIGKILL" in error and folder_word in error
-    assert sum("successfully" in line for line in log.splitlines()) == converted
-    return log
 
 
 def test_worker_killed_by_a_signal(ckpt, tmp_path, clean_outputs):

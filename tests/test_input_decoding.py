@@ -11,7 +11,6 @@ import torch
 
 from tests.expected_outputs import load_ms, run_cli
 from tests.megatron_fixture import _megatron_enums_module, load_megatron_file
-from tests.test_faults import ckpt  # noqa: F401  (the writable copy of the sample)
 
 SIZES = ["--tp-size", 2, "--pp-size", 2, "--dp-size", 2]
 DISTRIB = "iter_0000010/mp_rank_01_000/distrib_optim.pt"

@@ -7,7 +7,6 @@ Values come from the fixture's own record (expected.pt), never from the files un
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from megatron_ms_convert.megatron.writer import (TensorSpec, TrainingUpdates, ap
                                                  skeleton_specs)
 from tests.expected_outputs import run_cli
 from tests.megatron_fixture import FixtureSpec, write_fixture
-from tests.test_torch_writer import assert_same
+from tests.helpers import Recorded, assert_distrib_equal, assert_same
 
 SAMPLE = Path(__file__).parent / "data" / "megatron_sample"
 
@@ -36,38 +35,6 @@ FIXTURES = {
     "legacy_untied_fp32": FixtureSpec(pp=2, dp=3, dtype="fp32", untie_embeddings=True, num_layers=3,
                                       stage_list=(1, 2)),
 }
-
-
-class Recorded:
-    """The fixture's record of what it wrote: per (tp, pp, chunk) and parameter, every state's tensor."""
-
-    def __init__(self, root: Path):
-        self.params = json.loads((root / "expected.json").read_text())["params"]
-        self.tensors = torch.load(root / "expected.pt", weights_only=True)
-
-    def entry(self, tp: int, pp: int, chunk: int, ddp_name: str) -> str:
-        return f"tp{tp}/pp{pp}/chunk{chunk}/{ddp_name}"
-
-    def state_value(self, tp: int, pp: int):
-        def value(chunk: int, ddp_name: str, state: str) -> torch.Tensor:
-            return self.tensors[f"{self.entry(tp, pp, chunk, ddp_name)}::{state}"].reshape(-1)
-        return value
-
-    def model_value(self, tp: int, pp: int):
-        """The fp32 master weight of a state-dict key, or (a frozen parameter has none) its model copy."""
-        by_key = {(e["vpp_chunk"], e.get("state_dict_key") or _state_key(e["name"])): e["key"]
-                  for e in self.params if (e["tp"], e["pp"]) == (tp, pp)}
-
-        def value(chunk: int, key: str) -> torch.Tensor:
-            prefix = by_key[(chunk, key)]
-            master = self.tensors.get(f"{prefix}::param")
-            return master if master is not None else self.tensors[f"{prefix}::model_bf16"]
-        return value
-
-
-def _state_key(ddp_name: str) -> str:
-    key = ddp_name.removeprefix("module.")
-    return "word_embeddings_for_head.weight" if key == "word_embeddings.weight" else key
 
 
 def rank_folders(megatron_path: Path) -> list[tuple[int, int, Path]]:
@@ -101,36 +68,6 @@ def rebuild_rank(tmp_path: Path, meta: dict, recorded: Recorded, tp: int, pp: in
     with megatron_enum_importable():
         write_torch_file(out / "model_optim_rng.pt", model)
     return out / "distrib_optim.pt", out / "model_optim_rng.pt"
-
-
-def assert_distrib_equal(ours: Path, theirs: Path) -> int:
-    """Equal outside padding, zeros in it; returns how many buckets were compared. A MoE run's list
-    `[dense, expert]` is compared element by element (None where the original has None)."""
-    got, want = load_pt(ours), load_pt(theirs)
-    if isinstance(want, list):
-        assert isinstance(got, list) and len(got) == len(want)
-        assert [g is None for g in got] == [w is None for w in want]
-        return sum(assert_distrib_trees_equal(g, w) for g, w in zip(got, want) if w is not None)
-    return assert_distrib_trees_equal(got, want)
-
-
-def assert_distrib_trees_equal(got: dict, want: dict) -> int:
-    assert list(got) == list(want)
-    for key in ("per_bucket_numel", "per_bucket_numel_unpadded"):
-        assert got[key] == want[key]
-        assert [type(k[0]) for d in got[key] for k in d] == [torch.dtype for d in got[key] for _ in d]
-    buckets = 0
-    for gbuf, by_dtype in enumerate(want["per_bucket_numel_unpadded"]):
-        [(dtype_key, unpadded)] = by_dtype.items()
-        assert list(got[gbuf]) == [dtype_key] and list(got[gbuf][dtype_key]) == list(want[gbuf][dtype_key])
-        for state, tensors in want[gbuf][dtype_key].items():
-            for bucket, (g, w) in enumerate(zip(got[gbuf][dtype_key][state], tensors, strict=True)):
-                n = unpadded[bucket]
-                assert g.dtype == torch.float32 and g.shape == w.shape
-                assert torch.equal(g[:n].view(torch.int32), w[:n].view(torch.int32)), (gbuf, state, bucket)
-                assert not g[n:].view(torch.int32).any(), (gbuf, state, bucket)
-                buckets += 1
-    return buckets
 
 
 def check_fixture(tmp_path: Path, root: Path, megatron_path: Path, param_map_dir: Path) -> int:

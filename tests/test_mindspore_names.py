@@ -218,7 +218,6 @@ def test_a_parameter_the_model_lacks_is_refused_with_the_way_out(tmp_path):
     assert "language_model.encoder.layers.0.mlp.router.weight" in load_ms(tmp_path / "doc" / "rank_0" / "network.ckpt")
 
 
-
 def test_docs_list_every_rule_of_the_table():
     text = (Path(__file__).resolve().parent.parent / "docs" / "names.md").read_text()
     for rule in NAME_RULES:

@@ -253,7 +253,8 @@ def test_split_parameters_match_load_checkpoint(tmp_path, monkeypatch, async_sav
             whole = f.read(name)
             for row in range(whole.shape[0] if whole.dim() else 0):
                 got = f.read_row(name, row)
-                assert got.dtype == whole.dtype and got.reshape(-1).view(torch.uint8).equal(whole[row].reshape(-1).view(torch.uint8))
+                assert got.dtype == whole.dtype
+                assert got.reshape(-1).view(torch.uint8).equal(whole[row].reshape(-1).view(torch.uint8))
                 rows += 1
         assert rows == 10 + 1 + 3 + 3 + (0 if async_save else 40)
         with pytest.raises(IndexError):

@@ -266,5 +266,6 @@ def test_dtype_names_match_mindspore():
 
 
 def test_module_does_not_import_mindspore():
-    code = "import sys, megatron_ms_convert.mindspore.writer; sys.exit(int(any(m in sys.modules for m in ('mindspore', 'torch'))))"
+    code = ("import sys, megatron_ms_convert.mindspore.writer; "
+            "sys.exit(int(any(m in sys.modules for m in ('mindspore', 'torch'))))")
     assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from megatron_ms_convert.naming import NamingFacts, mindspore_name
-from megatron_ms_convert.plan import optimizer_scalars
+from megatron_ms_convert.pt2ckpt_plan import optimizer_scalars
 from megatron_ms_convert.topology import Topology
 from megatron_ms_convert.errors import ConvertInputError
 from param_map_utils import (BucketCounts, BufferLayout, ParamSpan, check_layouts, infer_layouts,
@@ -199,7 +199,7 @@ def test_folder_names_with_expert_ranks_both_ways(name, pp, ep, want):
 
 
 @pytest.mark.parametrize("name, pp, ep", [("mp_rank_00_000_001", 1, 2), ("mp_rank_00_001", 2, 2),
-                                         ("mp_rank_00_001", 1, 1)])
+                                          ("mp_rank_00_001", 1, 1)])
 def test_folder_names_of_other_sizes_name_the_flags(name, pp, ep):
     from megatron_ms_convert.topology import parse_folder_ranks
     with pytest.raises(ConvertInputError, match=r"--pp-size \(and --ep-size\)"):
@@ -207,7 +207,9 @@ def test_folder_names_of_other_sizes_name_the_flags(name, pp, ep):
 
 
 def test_local_experts_are_stacked_under_expert_0_in_index_order():
-    from megatron_ms_convert.plan import BucketSlice, PlannedTensor, Stacked, stack_local_experts
+    from megatron_ms_convert.plan import BucketSlice, PlannedTensor, Stacked
+    from megatron_ms_convert.pt2ckpt_plan import stack_local_experts
+
     def slice_(i):
         return BucketSlice(0, BF16, "param", 0, 10 * i, 10 * i + 6, optimizer=1)
     name = "language_model.encoder.layers.2.mlp.experts.local_experts.{}.mapping.weight"

@@ -14,7 +14,6 @@ import importlib.util
 
 import psutil
 import pytest
-import torch
 
 if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("megatron.core") is None:
     raise ImportError("tests/test_real_megatron.py needs the test dependency megatron-core==0.6.0: "
@@ -23,10 +22,9 @@ if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("meg
 from tests.expected_outputs import (assert_rank_files_match, expected_scalars, mcore_mindspeed_name,  # noqa: E402
                                     ms_rank, run_cli)
 from tests.real_megatron import MegatronSpec, dump_loaded_state, run_megatron, save_real_checkpoint  # noqa: E402
+from tests.real_megatron import PP_VPP, TP_DP, assert_same_state  # noqa: E402
 
 # ffn / tp = 33 makes bucket sizes odd, so dp 2 pads them and dp 4 pads them differently.
-TP_DP = MegatronSpec(tp=2, dp=2, num_layers=2, ffn=66, bucket_size=1500)
-PP_VPP = MegatronSpec(pp=3, vpp=2, dp=1, num_layers=6, ffn=66, num_microbatches=3)
 # hidden 34 leaves dense buckets of 2 mod 4 elements (unpadded at dp 2, padded at dp 4); ffn 65 leaves
 # odd expert buckets (expert dp 1 at dp 2, 2 at dp 4).
 MOE_EP2 = MegatronSpec(dp=2, ep=2, num_experts=4, hidden=34, heads=2, ffn=65, bucket_size=1500)
@@ -86,19 +84,6 @@ def scalars(spec: MegatronSpec, iter_dir) -> dict[int, dict]:
             folder = f"mp_rank_{tp:02d}" + (f"_{pp:03d}" if spec.pp > 1 else "")
             out[ms_rank(tp, pp, spec.tp, spec.dp, 1)] = expected_scalars(iter_dir / folder / "model_optim_rng.pt")
     return out
-
-
-def assert_same_state(got: dict, want: dict) -> None:
-    """Same parameters, every tensor bitwise equal (dtype, shape and bytes), same optimizer metadata."""
-    assert sorted(got["params"]) == sorted(want["params"])
-    for key, entry in want["params"].items():
-        for state in ("param", "exp_avg", "exp_avg_sq", "model"):
-            a, b = got["params"][key][state], entry[state]
-            assert a.dtype == b.dtype and a.shape == b.shape, (key, state)
-            assert a.contiguous().view(torch.uint8).equal(b.contiguous().view(torch.uint8)), (key, state)
-    for rank, meta in want["ranks"].items():
-        for field in ("param_groups", "scheduler", "iteration", "per_bucket_numel_unpadded", "layer_offset"):
-            assert got["ranks"][rank][field] == meta[field], (rank, field)
 
 
 def convert_and_compare(spec: MegatronSpec, saved, out) -> int:

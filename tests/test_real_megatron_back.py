@@ -19,8 +19,8 @@ from megatron_ms_convert.ckpt2pt import main as ckpt2pt_main  # noqa: E402
 from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main  # noqa: E402
 from tests.real_megatron import (MegatronSpec, dump_loaded_state, resume_and_train, run_megatron,  # noqa: E402
                                  save_real_checkpoint)  # noqa: E402
-from tests.test_ckpt2pt import in_process  # noqa: E402
-from tests.test_real_megatron import PP_VPP, TP_DP, assert_same_state  # noqa: E402
+from tests.helpers import in_process  # noqa: E402
+from tests.real_megatron import PP_VPP, TP_DP, assert_same_state  # noqa: E402
 
 
 def there_and_back(spec: MegatronSpec, iter_dir, root, target_dp: int | None = None):

@@ -4,7 +4,8 @@ with patch/param_map.patch applied, converted and loaded with the real mindspore
 Expected values are the state Megatron's own processes dumped when they saved (dense parameters from
 the dense optimizer's dp rank 0, each ep rank's experts from its expert-data-parallel rank 0); expected
 names come from MindSpeed-Core-MS's model facts (tests/mindspeed_model_facts.py) and the oracle's
-Megatron -> MindSpore translation (tests/expected_outputs.py), not from the converter's table. Every MindSpore rank R of dp rank
+Megatron -> MindSpore translation (tests/expected_outputs.py), not from the converter's table. Every
+MindSpore rank R of dp rank
 d gets the dense tensors plus the local experts of ep rank d mod ep, stacked under local expert 0.
 
 Two runs cover the axes: pp 1 with dp 4 (expert data-parallel size 2: dense and expert buckets both
@@ -27,17 +28,15 @@ if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("meg
     raise ImportError("tests/test_real_megatron_moe.py needs the test dependency megatron-core==0.6.0: "
                       "python3 -m pip install -r requirements.txt")
 
-from tests.expected_outputs import (assert_rank_files_match, expected_scalars, load_ms, mcore_mindspeed_name,  # noqa: E402
-                                    ms_rank, run_cli)
+from tests.expected_outputs import (assert_rank_files_match, expected_scalars, load_ms,  # noqa: E402
+                                    mcore_mindspeed_name, ms_rank, run_cli)
 from tests.mindspeed_model_facts import (MindSpeedStage, checkpoint_names, ep_rank_of_dp,  # noqa: E402
                                          param_names)
 from tests.real_megatron import MegatronSpec, dump_loaded_state, save_real_checkpoint  # noqa: E402
-from tests.test_ckpt2pt import in_process, mindspore_train_step  # noqa: E402
-from tests.test_megatron_writer import assert_distrib_equal  # noqa: E402
-from tests.test_real_megatron import assert_same_state  # noqa: E402
-from tests.test_torch_writer import assert_same  # noqa: E402
 from megatron_ms_convert.ckpt2pt import main as ckpt2pt_main  # noqa: E402
 from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main  # noqa: E402
+from tests.helpers import assert_distrib_equal, assert_same, in_process, mindspore_train_step  # noqa: E402
+from tests.real_megatron import assert_same_state  # noqa: E402
 
 # hidden 34 leaves dense buckets of 2 mod 4 elements, ffn 65 odd expert buckets: at dp 4 (expert dp 2)
 # both buffers are padded.
@@ -46,6 +45,7 @@ PP1_DP4 = MegatronSpec(dp=4, micro_batch=1, **_MOE)
 PP2_DP2 = MegatronSpec(pp=2, dp=2, **_MOE)
 PP3_VPP2 = MegatronSpec(pp=3, vpp=2, dp=2, num_layers=6, num_microbatches=3, **_MOE)
 EP1 = MegatronSpec(dp=2, **{**_MOE, "ep": 1})  # experts without expert parallelism: in the dense buffers
+
 
 def _split_key(key: str) -> tuple[int, int, int | None, int, str]:
     """(tp, pp, ep or None for dense, chunk, name) of a dump key."""

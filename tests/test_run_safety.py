@@ -19,8 +19,8 @@ import pytest
 
 from megatron_ms_convert.folder_lock import FolderLocked, folder_lock
 from tests.expected_outputs import REPO, run_cli
-from tests.test_faults import (RANKS, SIZES, assert_outputs_complete_and_correct, ckpt, clean_outputs, convert,  # noqa: F401
-                               error_lines, leftovers, start_cli, stop_first_worker, success_count)
+from tests.helpers import (RANKS, SIZES, assert_outputs_complete_and_correct, convert, error_lines, leftovers,
+                           start_cli, stop_first_worker, success_count)
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import sys
 import pytest
 
 from tests.expected_outputs import CLI, SAMPLE, run_cli
-from tests.test_faults import SIZES, leftovers, stop_first_worker
+from tests.helpers import SIZES, leftovers, stop_first_worker
 
 FOLDERS = ["mp_rank_00_000", "mp_rank_00_001", "mp_rank_01_000", "mp_rank_01_001"]
 LAUNCHERS = {"SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_MAX", "SLURM_ARRAY_TASK_STEP",
@@ -185,8 +185,8 @@ def unsharded_back(sample_ms, tmp_path_factory):
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4])
-def test_concurrent_shards_of_the_way_back_write_exactly_the_files_of_one_run(sample_ms, unsharded_back, tmp_path,
-                                                                                count):
+def test_concurrent_shards_of_the_way_back_write_exactly_the_files_of_one_run(
+        sample_ms, unsharded_back, tmp_path, count):
     out = tmp_path / "megatron"
     procs = [subprocess.Popen(back_command(sample_ms, out, "--shard", f"{i}/{count}"), stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True, env=clean_env()) for i in range(count)]

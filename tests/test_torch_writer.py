@@ -24,6 +24,7 @@ from megatron_ms_convert.atomic import partial_path
 from megatron_ms_convert.megatron.checkpoint import ModelType, megatron_enum_importable, safe_globals
 from megatron_ms_convert.megatron.torch_writer import (LazyTensor, Pieces, TorchZipWriter, Zeros, materialize,
                                                        write_torch_file)
+from tests.helpers import assert_same
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -75,30 +76,6 @@ def simple_tree() -> dict:
 def load_safely(path: Path, **kwargs):
     with torch.serialization.safe_globals(safe_globals()):
         return torch.load(path, weights_only=True, map_location="cpu", **kwargs)
-
-
-def assert_same(got, want, where="root"):
-    """Structure, types, dict key order and tensors bitwise (dtype, shape, stride, bytes)."""
-    assert type(got) is type(want), where
-    if isinstance(want, torch.Tensor):
-        assert (got.dtype, got.shape, got.stride()) == (want.dtype, want.shape, want.stride()), where
-        assert got.reshape(-1).view(torch.uint8).tolist() == want.reshape(-1).view(torch.uint8).tolist(), where
-    elif isinstance(want, dict):
-        assert list(got) == list(want), where
-        for k in want:
-            assert_same(got[k], want[k], f"{where}/{k}")
-    elif isinstance(want, (list, tuple)):
-        assert len(got) == len(want), where
-        for i, (g, w) in enumerate(zip(got, want)):
-            assert_same(g, w, f"{where}[{i}]")
-    elif isinstance(want, argparse.Namespace):
-        assert_same(vars(got), vars(want), where)
-    elif isinstance(want, np.ndarray):
-        assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), where
-    elif isinstance(want, io.BytesIO):
-        assert got.getvalue() == want.getvalue(), where
-    else:
-        assert got == want, where
 
 
 def save_reference(tree, path: Path) -> None:
@@ -175,8 +152,8 @@ def test_pieces_are_written_as_the_tensor_they_make_up(tmp_path):
     tree = {"bucket": LazyTensor((15,), torch.float32, lambda: Pieces(
                 [Zeros(12), torch.arange(5.0), Zeros(8), torch.ones(2, 2), Zeros(4)])),
             "bf16": LazyTensor((11,), torch.bfloat16, lambda: Pieces(iter([bf16[:4], bf16[4:], Zeros(0)]))),
-            "raw": LazyTensor((2,), torch.float32, lambda: Pieces([torch.tensor([1.0]).view(torch.uint8),
-                                                                     torch.tensor([2.0])])),
+            "raw": LazyTensor((2,), torch.float32,
+                              lambda: Pieces([torch.tensor([1.0]).view(torch.uint8), torch.tensor([2.0])])),
             "empty": LazyTensor((0, 3), torch.float16, lambda: Pieces([])),
             "scalar": LazyTensor((), torch.float64, lambda: Pieces([Zeros(8)]))}
     eager = {"bucket": whole, "bf16": bf16.clone(), "raw": torch.tensor([1.0, 2.0]),

@@ -308,7 +308,8 @@ def _decode_buffer(distrib: dict, gbuf: int, padded: dict, unpadded: dict, path:
     if unpadded_sizes is None or len(unpadded_sizes) != len(sizes):
         raise ConvertInputError(f"{path}: grad buffer {gbuf} {key}: per_bucket_numel_unpadded",
                                 expected=f"{len(sizes)} bucket sizes under the same key as per_bucket_numel",
-                                found=repr(unpadded_sizes)[:80], fix="re-copy the file from the training run (damaged?)")
+                                found=repr(unpadded_sizes)[:80],
+                                fix="re-copy the file from the training run (damaged?)")
     buffer = distrib.get(gbuf, {}).get(key) if isinstance(distrib.get(gbuf), dict) else None
     if buffer is None:
         raise ConvertInputError(f"{path}: grad buffer {gbuf} {key} has no state",

@@ -39,10 +39,36 @@ from .checkpoint import model_chunk_keys
 from .layout import BucketCounts, BufferLayout, ParamSpan
 from .writer import decode_skeleton, encode_skeleton, model_skeleton
 
+PT_META_DIR = "pt_meta"  # under --ms-path; the way back's --param-map-path
 PT_META_FORMAT = "megatron_ms_convert.pt_meta"
 PT_META_VERSION = 1
 DOCUMENTED_KEYS = ("args", "checkpoint_version", "iteration", "optimizer", "opt_param_scheduler", "rng_state",
                    "num_floating_point_operations_so_far")
+
+
+def rank_stem(tp: int, pp: int, ep: int = 0, ep_size: int = 1) -> str:
+    """The part of a rank's file names that says which rank: tpTT_ppPPP, with expert parallelism
+    tpTT_ppPPP_epEEE (one per (tp, pp, ep) folder, as Megatron writes them).
+
+    >>> rank_stem(1, 2), rank_stem(1, 2, 3, ep_size=4)
+    ('tp01_pp002', 'tp01_pp002_ep003')
+    """
+    return f"tp{tp:02}_pp{pp:03}" + (f"_ep{ep:03}" if ep_size > 1 else "")
+
+
+def args_file_name(tp: int, pp: int, ep: int = 0, ep_size: int = 1) -> str:
+    """The pt_meta record of one rank folder: args_tpTT_ppPPP.pt (args_tpTT_ppPPP_epEEE.pt with experts)."""
+    return f"args_{rank_stem(tp, pp, ep, ep_size)}.pt"
+
+
+def manifest_file_name(tp: int, pp: int, ep: int = 0, ep_size: int = 1) -> str:
+    """The resume manifest of one rank (forward in pt_meta/, back in the iteration folder's .convert_ckpt2pt/)."""
+    return f"manifest_{rank_stem(tp, pp, ep, ep_size)}.json"
+
+
+def args_file_pattern(ep_size: int = 1) -> str:
+    """How the record files are named, for messages."""
+    return "args_tpTT_ppPPP_epEEE.pt" if ep_size > 1 else "args_tpTT_ppPPP.pt"
 
 
 def pt_meta_record(model_sd: dict, model_file: Path, distrib: Any | None, layouts: Sequence[BufferLayout],

@@ -241,7 +241,8 @@ CHUNK = 4 << 20  # CRC-32 and write a piece in slices that stay in cache between
 ZERO_BLOCK = 1 << 20
 U32_MAX = 0xFFFFFFFF
 FLAG_UTF8, FLAG_DATA_DESCRIPTOR = 0x0800, 0x0008
-LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")  # signature, version, flags, method, time, date, crc, sizes, name/extra lengths
+# signature, version, flags, method, time, date, crc, sizes, name/extra lengths
+LOCAL_HEADER = struct.Struct("<IHHHHHIIIHH")
 CENTRAL_HEADER = struct.Struct("<IHHHHHHIIIHHHHHII")
 DESCRIPTOR_32, DESCRIPTOR_64 = struct.Struct("<IIII"), struct.Struct("<IIQQ")
 ZIP64_END = struct.Struct("<IQHHIIQQQQ")

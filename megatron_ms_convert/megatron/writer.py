@@ -4,7 +4,8 @@ What lives here: the skeleton of a model_optim_rng.pt (its structure with every 
 by a `TensorSpec`), its encoding as plain data for pt_meta, the updates the way back applies to it
 (iteration, consumed samples, learning rate, ...), and the builders that turn a skeleton, or a set of
 grad-buffer layouts, into trees whose tensors are `LazyTensor`s. A bucket of distrib_optim.pt is
-read only when its LazyTensor is written, one parameter at a time, and never assembled in memory. Nothing here reads or writes files.
+read only when its LazyTensor is written, one parameter at a time, and never assembled in memory.
+Nothing here reads or writes files.
 
 distrib_optim.pt is built as `DistributedOptimizer.save_parameter_state` of Megatron-LM core_r0.6.0
 writes it:

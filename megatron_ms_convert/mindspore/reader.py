@@ -45,7 +45,8 @@ Format facts this reader relies on, checked against mindspore 2.10 (the rest are
 The views share one private (copy-on-write) mapping: writing into a returned tensor never changes the
 file, but later reads of the same tensor from the same open file see the change (clone first to
 modify). :meth:`MindSporeFile.close` unmaps at once when no view is alive, otherwise the mapping lives
-on until the last view is garbage-collected, so a tensor stays valid after close. Truncating the file while it is open is undefined
+on until the last view is garbage-collected, so a tensor stays valid after close. Truncating the file
+while it is open is undefined
 (SIGBUS), as for every mmap reader.
 """
 

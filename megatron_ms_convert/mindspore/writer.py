@@ -36,6 +36,7 @@ from .format import (CKPT_CHUNK_BYTES, DTYPES, FORMATS, ITEMSIZE, KEY_CHECKPOINT
 
 __all__ = ["TensorEntry", "write_mindspore_file"]
 
+
 @dataclass(frozen=True)
 class TensorEntry:
     """One tensor to be written: its name, shape and numpy dtype name.

@@ -1,0 +1,180 @@
+"""The way back's worker: executing one `BackPlan` (one MindSpore rank file -> the Megatron folder's
+distrib_optim.pt and model_optim_rng.pt), then, with --verify, reading the outputs back with
+torch.load. The mirror of `pt2ckpt_execute`; `runner.run_tasks` runs either in worker processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+
+from .ckpt2pt_facts import read_rank_meta
+from .errors import VerificationError
+from .manifest import write_manifest
+from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable, optimizer_param_groups
+from .megatron.layout import state_key_for
+from .megatron.pt_meta import DOCUMENTED_KEYS
+from .megatron.torch_writer import write_torch_file
+from .megatron.writer import (OPTIMIZER_STATES, TrainingUpdates, apply_training_updates, distrib_optim_tree,
+                              model_optim_rng_tree, skeleton_specs, target_counts)
+from .mindspore.reader import MindSporeFile, open_mindspore_file
+from .plan import BackPlan, RankMeta, StatePart
+from .runner import RankResult, RunSettings, anon_memory_bytes
+from .topology import DISTRIB_FILE, MODEL_FILE
+
+log = logging.getLogger("convert_pt2ckpt")
+
+
+def restored_entries(meta: dict, plan: BackPlan) -> dict:
+    """model_optim_rng.pt's non-model entries: pt_meta's, with the values training changed."""
+    entries = {key: meta.get(key) for key in DOCUMENTED_KEYS}
+    updates = dict(plan.args_updates)
+    iteration = plan.iteration if plan.iteration != meta.get("iteration") else None
+    entries = apply_training_updates(entries, TrainingUpdates(
+        iteration=iteration, consumed_train_samples=updates.pop("consumed_train_samples", None)))
+    if updates:
+        args = copy.copy(entries["args"])
+        for key, value in updates.items():
+            setattr(args, key, value)
+        entries["args"] = args
+    if plan.group_updates:
+        entries["optimizer"] = copy.deepcopy(entries["optimizer"])
+        groups = optimizer_param_groups(entries["optimizer"])  # numbered on across a MoE run's two optimizers
+        for i, key, value in plan.group_updates:
+            groups[i][key] = value
+    if plan.scheduler_updates:
+        entries["opt_param_scheduler"] = dict(entries["opt_param_scheduler"], **dict(plan.scheduler_updates))
+    return entries
+
+
+class RankSources:
+    """The MindSpore tensors of one plan, by (chunk, local state-dict key, state), as flat fp32 views
+    (one row of a stacked expert tensor for an expert parameter)."""
+
+    def __init__(self, plan: BackPlan, ms: MindSporeFile):
+        self.ms = ms
+        self.names = dict(plan.sources)
+        self.peak_anon_bytes = 0  # sampled as each tensor is handed out, while a bucket is being filled
+
+    def value(self, chunk: int, key: str, state: str) -> torch.Tensor:
+        source = self.names.get((chunk, key, state))
+        if source is None:
+            raise ValueError(f"{self.ms.path}: no source planned for chunk {chunk} {key} {state}")
+        self.peak_anon_bytes = max(self.peak_anon_bytes, anon_memory_bytes())
+        name, row = source
+        return (self.ms.read(name) if row is None else self.ms.read_row(name, row)).reshape(-1)
+
+    def state_value(self, chunk: int, ddp_name: str, state: str) -> torch.Tensor:
+        return self.value(chunk, state_key_for(ddp_name), state)
+
+    def model_value(self, chunk: int, key: str) -> torch.Tensor:
+        return self.value(chunk, key, "param")
+
+
+def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True) -> RankResult:
+    """Write one rank's distrib_optim.pt and model_optim_rng.pt (or, with write=False, only verify a
+    complete output of an earlier run). Files appear under their final names only when complete; an
+    output that fails --verify is removed."""
+    rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp, plan.num_chunks)
+    result = RankResult(plan.folder.name, "skipped")
+    with open_mindspore_file(plan.source_file, plan.fmt) as ms:
+        sources = RankSources(plan, ms)
+        if write:
+            write_manifest(plan, "writing")
+            plan.out_dir.mkdir(parents=True, exist_ok=True)
+            if plan.write_distrib:
+                write_torch_file(plan.out_dir / DISTRIB_FILE, distrib_optim_content(rank, plan, sources.state_value))
+            tree = model_optim_rng_tree(restored_entries(rank.meta, plan), rank.skeletons, sources.model_value,
+                                        rank.meta.get("state_keys"))
+            with megatron_enum_importable():
+                write_torch_file(plan.out_dir / MODEL_FILE, tree)
+            result.status, result.tensors = "converted", len(plan.sources)
+            result.bytes_written = sum(p.stat().st_size for p in plan.outputs)
+        if settings.verify:
+            try:
+                result.verified_tensors = verify_rank(plan, rank, sources)
+                result.verified_files = len(plan.outputs)
+            except VerificationError:
+                for path in plan.outputs:
+                    path.unlink(missing_ok=True)
+                write_manifest(plan, "writing")
+                raise
+        result.peak_anon_bytes = sources.peak_anon_bytes
+    if write:
+        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
+    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
+              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
+    return result
+
+
+def distrib_optim_content(rank: RankMeta, plan: BackPlan, state_value) -> Any:
+    """distrib_optim.pt's tree: one dict, or for a MoE run with expert parallelism the list
+    `[dense, expert]` Megatron's ChainedOptimizer saves (None where it saves None)."""
+    trees = [None if part is None else distrib_optim_tree(part.layouts, part.counts, plan.padded_for(part), state_value)
+             for part in rank.distrib_parts()]
+    return trees if rank.list_form else trees[0]
+
+
+def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources) -> int:
+    """Re-open the written files and compare every tensor with its MindSpore source, bit for bit
+    (buckets outside their parameters must be zeros); returns how many tensors were compared."""
+    problems: list[str] = []
+    compared = 0
+    model = load_pt(plan.out_dir / MODEL_FILE)
+    for chunk, skeleton in enumerate(rank.skeletons):
+        chunk_key = "model" if len(rank.skeletons) == 1 else f"model{chunk}"
+        flat = dict(flatten_state_dict(model.get(chunk_key, {})))
+        for key, spec in skeleton_specs(skeleton):
+            got = flat.get(key)
+            want = sources.model_value(chunk, key).reshape(spec.shape).to(spec.dtype)
+            if got is None or not _bitwise_equal(got, want):
+                problems.append(f"{MODEL_FILE} {chunk_key}.{key}")
+            compared += 1
+    if model.get("iteration") != plan.iteration:
+        problems.append(f"{MODEL_FILE} iteration {model.get('iteration')} != {plan.iteration}")
+    if plan.write_distrib:
+        distrib = load_pt(plan.out_dir / DISTRIB_FILE)
+        saved = distrib if rank.list_form else [distrib]
+        for part, tree in zip(rank.distrib_parts(), saved):
+            if part is None:
+                if tree is not None:
+                    problems.append(f"{DISTRIB_FILE}: a dense state where Megatron saves None")
+                continue
+            compared += verify_state_part(part, tree, plan.padded_for(part), sources, problems)
+    if problems:
+        raise VerificationError(f"verification of {plan.out_dir} failed (outputs removed): " + "; ".join(problems[:10]))
+    return compared
+
+
+def verify_state_part(part: StatePart, tree: dict, dp_cp: int, sources: RankSources, problems: list[str]) -> int:
+    """Compare one optimizer's buckets with the MindSpore values, parameter by parameter; the padding
+    must be zeros. Appends what differs to `problems`; returns how many tensors were compared."""
+    compared = 0
+    for gbuf, (layout, target) in enumerate(zip(part.layouts, target_counts(part.counts, dp_cp))):
+        [(dtype_key, by_state)] = tree[gbuf].items()
+        for state in OPTIMIZER_STATES:
+            for bucket, tensor in enumerate(by_state[state]):
+                covered = torch.zeros(tensor.numel(), dtype=torch.bool)
+                source = part.counts[gbuf]
+                for span in layout.params:
+                    if span.bucket != bucket:
+                        continue
+                    offset = span.start - source.bucket_start(bucket)
+                    want = sources.state_value(layout.chunk, span.name, state)
+                    if not _bitwise_equal(tensor[offset:offset + span.numel], want):
+                        problems.append(f"{DISTRIB_FILE} {span.name} {state}")
+                    covered[offset:offset + span.numel] = True
+                    compared += 1
+                if tensor.numel() != target.padded[bucket] or tensor[~covered].view(torch.int32).any():
+                    problems.append(f"{DISTRIB_FILE} {part.kind} buffer {gbuf} {state} bucket {bucket}: "
+                                    "size or padding")
+    return compared
+
+
+def _bitwise_equal(got: Any, want: torch.Tensor) -> bool:
+    if not isinstance(got, torch.Tensor) or got.dtype != want.dtype or got.numel() != want.numel():
+        return False
+    return got.reshape(-1).contiguous().view(torch.uint8).equal(want.reshape(-1).contiguous().view(torch.uint8))

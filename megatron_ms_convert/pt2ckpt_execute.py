@@ -1,0 +1,152 @@
+"""The forward direction's worker: executing one `RankPlan` (a Megatron (tp, pp[, ep]) folder -> one
+MindSpore file and its copies, plus its pt_meta record), then, with --verify, reading the output back
+with MindSpore. The mirror of `ckpt2pt_execute`; `runner.run_tasks` runs either in worker processes.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import logging
+import math
+import sys
+
+import numpy as np
+import torch
+
+from .atomic import atomic_target, copy_file_atomically
+from .errors import VerificationError
+from .manifest import write_manifest
+from .megatron import checkpoint as reader
+from .megatron.pt_meta import pt_meta_record
+from .mindspore.writer import TensorEntry, write_mindspore_file
+from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan, Stacked
+from .runner import RankResult, RunSettings, anon_memory_bytes
+
+log = logging.getLogger("convert_pt2ckpt")
+
+
+class SourceTensors:
+    """Hands out the data of planned tensors as numpy views of the mmap'd source files."""
+
+    def __init__(self, plan: RankPlan):
+        self.model_sd = reader.load_pt(plan.folder.model_file)
+        # per optimizer (dense, then the experts' in a MoE run), its grad buffers
+        self.buffers = ([reader.decode_optimizer_part(reader.load_pt(path), path, element)
+                         for path, element in plan.distrib_sources()] if plan.reads_distrib else None)
+        self._by_name = {t.name: t for t in plan.tensors}
+        self._flat: dict[str, dict[str, torch.Tensor]] = {}
+
+    def array(self, planned: PlannedTensor) -> np.ndarray:
+        return self._array(planned.source, planned.shape, planned.dtype)
+
+    def _array(self, source, shape: tuple[int, ...], dtype: str) -> np.ndarray:
+        if isinstance(source, Stacked):
+            return np.stack([self._array(part, shape[1:], dtype) for part in source.parts])
+        if isinstance(source, BucketSlice):
+            bucket = self.buffers[source.optimizer][source.gbuf_idx].states[source.state][source.bucket]
+            tensor = bucket[source.start:source.end].view(shape)
+        elif isinstance(source, ModelTensor):
+            if source.chunk_key not in self._flat:
+                self._flat[source.chunk_key] = reader.model_tensors(self.model_sd[source.chunk_key])
+            tensor = self._flat[source.chunk_key][source.key]
+        else:
+            return np.array(source.value, dtype=dtype).reshape(shape)
+        want = getattr(torch, dtype)
+        if tensor.dtype != want:
+            tensor = tensor.to(want)
+        return tensor.numpy()
+
+    def fetch(self, entry: TensorEntry) -> np.ndarray:
+        return self.array(self._by_name[entry.name])
+
+
+def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True) -> RankResult:
+    """Write one rank's output, its copies and its pt_meta args file (or, with write=False, only
+    verify a complete output an earlier run left). An output that fails --verify is removed, so no
+    final path ever holds a file that is not complete and correct."""
+    sources = SourceTensors(plan)
+    result = RankResult(plan.folder.name, "skipped")
+    if write:
+        write_manifest(plan, "writing")
+        entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
+        fetch = _measuring_memory(sources.fetch, result)
+        if settings.debug and sys.stderr.isatty():
+            fetch = _with_tensor_progress(fetch, len(entries), plan.folder.name)
+        plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
+        result.bytes_written = write_mindspore_file(plan.outputs[0], entries, fetch, plan.fmt)
+        for copy in plan.outputs[1:]:
+            result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
+        write_meta_file(plan, sources.model_sd)
+        result.status, result.tensors = "converted", len(entries)
+    if settings.verify:
+        try:
+            result.verified_tensors, result.verified_files = verify_rank(plan, sources)
+        except VerificationError:
+            for path in plan.outputs:
+                path.unlink(missing_ok=True)
+            write_manifest(plan, "writing")  # our own unfinished work: a re-run redoes it
+            raise
+    if write:
+        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in (*plan.outputs, plan.meta_file)})
+    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
+              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
+    return result
+
+
+def _measuring_memory(fetch, result: RankResult):
+    """Sample RssAnon as each tensor is handed out, when the previous one is gone and this one exists."""
+    def measured_fetch(entry):
+        array = fetch(entry)
+        result.peak_anon_bytes = max(result.peak_anon_bytes, anon_memory_bytes())
+        return array
+    return measured_fetch
+
+
+def _with_tensor_progress(fetch, total: int, label: str):
+    from tqdm import tqdm
+    bar = tqdm(total=total, desc=label, unit="tensor", leave=False)
+
+    def counting_fetch(entry):
+        bar.update(1)
+        return fetch(entry)
+    return counting_fetch
+
+
+def write_meta_file(plan: RankPlan, model_sd: dict) -> None:
+    """pt_meta/args_tpTT_ppPPP.pt: what the way back (MindSpore -> Megatron) needs besides the tensors:
+    the documented keys plus the skeletons, layouts and bucket sizes that make it exact. The bucket
+    sizes come from the pickle of distrib_optim.pt (mmap'd: its tensors are not read), when it was read."""
+    distrib = reader.load_pt(plan.folder.distrib_file) if plan.reads_distrib else None
+    meta = pt_meta_record(model_sd, plan.folder.model_file, distrib, plan.layouts, plan.param_name_list,
+                          expert_layouts=plan.expert_layouts, moe=dict(plan.moe) if plan.moe else None)
+    del distrib
+    with atomic_target(plan.meta_file) as partial, reader.megatron_enum_importable():
+        torch.save(meta, partial)
+
+
+def verify_rank(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
+    """Re-open the written file with MindSpore's own loader and compare every tensor bit for bit."""
+    import mindspore as ms  # only here: importing it costs seconds
+
+    loaded = ms.load_checkpoint(str(plan.outputs[0]), format=plan.fmt)
+    problems = []
+    for planned in plan.tensors:
+        if math.prod(planned.shape) == 0:
+            continue  # MindSpore writes no record for an empty tensor
+        got = loaded.get(planned.name)
+        want = sources.array(planned)
+        if got is None:
+            problems.append(f"{planned.name}: missing")
+            continue
+        got = got.asnumpy()
+        if got.shape != want.shape or got.dtype != want.dtype or got.tobytes() != np.ascontiguousarray(want).tobytes():
+            problems.append(f"{planned.name}: differs")
+    extra = set(loaded) - {t.name for t in plan.tensors}
+    problems += [f"{name}: not planned" for name in sorted(extra)]
+    for copy in plan.outputs[1:]:
+        if not filecmp.cmp(plan.outputs[0], copy, shallow=False):  # compares in chunks, not whole files
+            problems.append(f"{copy}: differs from {plan.outputs[0]}")
+    if problems:
+        raise VerificationError(f"verification of {plan.outputs[0]} failed (output removed): "
+                                + "; ".join(problems[:10]))
+    return len([t for t in plan.tensors if math.prod(t.shape)]), len(plan.outputs)
