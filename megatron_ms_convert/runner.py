@@ -141,9 +141,10 @@ class SourceTensors:
     """Hands out the data of planned tensors as numpy views of the mmap'd source files."""
 
     def __init__(self, plan: RankPlan):
-        self.model_sd = reader.load_pt(plan.folder.model_file)
+        # every zip record is CRC-checked here, before any output exists (check_all_data)
+        self.model_sd = reader.load_pt(plan.folder.model_file, check_all_data=True)
         # per optimizer (dense, then the experts' in a MoE run), its grad buffers
-        self.buffers = ([reader.decode_optimizer_part(reader.load_pt(path), path, element)
+        self.buffers = ([reader.decode_optimizer_part(reader.load_pt(path, check_all_data=True), path, element)
                          for path, element in plan.distrib_sources()] if plan.reads_distrib else None)
         self._by_name = {t.name: t for t in plan.tensors}
         self._flat: dict[str, dict[str, torch.Tensor]] = {}

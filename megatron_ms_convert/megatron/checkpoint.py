@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ConvertInputError
 from ..topology import MODEL_FILE, RankFolder, folder_name, parse_folder_ranks
+from .zip_records import CheckedPt, check_record
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
@@ -70,9 +71,14 @@ def safe_globals() -> list:
     ]
 
 
-def load_pt(path: Path, *, mmap: bool = True) -> Any:
+def load_pt(path: Path, *, mmap: bool = True, check_all_data: bool = False) -> Any:
     """torch.load a Megatron .pt file safely; mmap'd where the file allows it, so tensors are views
-    of the page cache rather than copies. Damaged, truncated and untrusted files raise ConvertInputError."""
+    of the page cache rather than copies. Damaged, truncated and untrusted files raise ConvertInputError.
+
+    Integrity (torch checks no CRC): the pickle records are checked against the zip directory's CRC-32
+    before they are unpickled, and so are the data records of single values (read as numbers) after; the
+    rest only with check_all_data, which the process that copies the tensors asks for (a parent that
+    reads shapes and sizes would otherwise read every byte once more)."""
     path = Path(path)
     if not path.is_file():
         raise ConvertInputError(f"{path}: file is missing", fix="check --megatron-path")
@@ -83,6 +89,21 @@ def load_pt(path: Path, *, mmap: bool = True) -> Any:
             found=f"{path.stat().st_size} bytes that are not one (truncated or not a .pt file)",
             fix="re-copy the file from the training run",
         )
+    checked = CheckedPt(path)
+    try:
+        checked.check_pickle()
+        loaded = _torch_load(path, mmap)
+        if mmap:
+            checked.check_tensors(loaded, check_all_data)
+        else:  # the tensors are copies: check the records themselves
+            for record in checked.records.values():
+                check_record(path, checked.buf, record)
+        return loaded
+    finally:
+        checked.close()
+
+
+def _torch_load(path: Path, mmap: bool) -> Any:
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
