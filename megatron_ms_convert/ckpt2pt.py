@@ -735,6 +735,7 @@ def execute_back_plan(plan: BackPlan, settings: RunSettings, write: bool = True)
     rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp, plan.num_chunks)
     result = RankResult(plan.folder.name, "skipped")
     with open_mindspore_file(plan.source_file, plan.fmt) as ms:
+        ms.check_crc()  # a crc_check=True save's CRC, before anything is written
         sources = RankSources(plan, ms)
         if write:
             write_manifest(plan, "writing")

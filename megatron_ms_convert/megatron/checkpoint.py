@@ -157,7 +157,7 @@ def resolve_iteration_dir(megatron_path: Path) -> Path:
         return megatron_path
     tracker = megatron_path / TRACKER_FILE
     if tracker.is_file():
-        text = tracker.read_text().strip()
+        text = tracker.read_bytes().decode("utf-8", "replace").strip()  # damaged bytes: not a number, no crash
         sub = "release" if text == "release" else (f"iter_{int(text):07d}" if text.isdigit() else None)
         if sub and (megatron_path / sub).is_dir():
             return megatron_path / sub

@@ -190,9 +190,9 @@ def read_rank_layouts(files: dict[tuple[int, int, int, int], dict[int, Path]], t
 def _read_agreeing_copies(by_dp: dict[int, Path], chunk: int, buffer_index: int) -> BufferLayout:
     first_dp = min(by_dp)
     path = by_dp[first_dp]
-    text = path.read_text()
+    text = read_map_text(path)
     for dp, other in sorted(by_dp.items()):
-        if dp != first_dp and json.loads(other.read_text()) != json.loads(text):
+        if dp != first_dp and _json_of(read_map_text(other), other) != _json_of(text, path):
             raise ConvertInputError(f"{other}: differs from {path.name}",
                                     expected="identical param_map files for every data-parallel rank",
                                     found="two different layouts (files from two runs?)",
@@ -202,13 +202,26 @@ def _read_agreeing_copies(by_dp: dict[int, Path], chunk: int, buffer_index: int)
     return parse_param_map(text, str(path), chunk, buffer_index, sidecar)
 
 
+def read_map_text(path: Path) -> str:
+    """A param_map file's text; bytes that are not UTF-8 (a damaged copy) are bad input, not a crash."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConvertInputError(f"{path}: not valid JSON (not UTF-8 text at byte {err.start})",
+                                fix="re-record the param_map") from None
+
+
+def _json_of(text: str, source) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConvertInputError(f"{source}: not valid JSON ({err})", fix="re-record the param_map") from None
+
+
 def parse_param_map(text: str, source: str, chunk: int, buffer_index: int,
                     sidecar: BufferSidecar | None = None) -> BufferLayout:
     """One param_map JSON: `name -> [dtype, shape, start, end, bucket]`, in buffer order."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConvertInputError(f"{source}: not valid JSON ({err})", fix="re-record the param_map") from None
+    raw = _json_of(text, source)
     if not isinstance(raw, dict) or not raw:
         raise ConvertInputError(f"{source}: expected a non-empty JSON object", found=type(raw).__name__,
                                 fix="re-record the param_map")

@@ -16,21 +16,14 @@ import argparse
 import mmap
 import struct
 import zipfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from ..crc import crc32
 from ..errors import ConvertInputError
-
-try:
-    # ISA-L's CRC-32 runs ~10 GB/s on one core here against zlib's ~3 GB/s (docs/performance.md); the
-    # result is the same number, so where no isal wheel exists zlib gives the same answers, slower.
-    from isal.isal_zlib import crc32
-except ImportError:  # pragma: no cover - platforms without an isal wheel
-    crc32 = zlib.crc32
 
 FIX = "re-copy the file from the training run (damaged in transfer or on disk?)"
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # signature ... name length, extra length (30 bytes)
