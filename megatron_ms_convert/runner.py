@@ -39,6 +39,7 @@ from .atomic import atomic_target, copy_file_atomically, partial_path, write_tex
 from .errors import ConvertInputError
 from .megatron import checkpoint as reader
 from .megatron.pt_meta import pt_meta_record
+from .megatron.zip_records import BackgroundChecks
 from .mindspore.writer import TensorEntry, write_mindspore_file
 from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan, Stacked
 
@@ -141,10 +142,11 @@ class SourceTensors:
     """Hands out the data of planned tensors as numpy views of the mmap'd source files."""
 
     def __init__(self, plan: RankPlan):
-        # every zip record is CRC-checked here, before any output exists (check_all_data)
-        self.model_sd = reader.load_pt(plan.folder.model_file, check_all_data=True)
+        # every zip record is CRC-checked in a thread while the tensors are copied; see wait_for_checks
+        self.checks = BackgroundChecks()
+        self.model_sd = reader.load_pt(plan.folder.model_file, background=self.checks)
         # per optimizer (dense, then the experts' in a MoE run), its grad buffers
-        self.buffers = ([reader.decode_optimizer_part(reader.load_pt(path, check_all_data=True), path, element)
+        self.buffers = ([reader.decode_optimizer_part(reader.load_pt(path, background=self.checks), path, element)
                          for path, element in plan.distrib_sources()] if plan.reads_distrib else None)
         self._by_name = {t.name: t for t in plan.tensors}
         self._flat: dict[str, dict[str, torch.Tensor]] = {}
@@ -172,6 +174,15 @@ class SourceTensors:
     def fetch(self, entry: TensorEntry) -> np.ndarray:
         return self.array(self._by_name[entry.name])
 
+    def fetch_waiting_at(self, last: str):
+        """fetch, which also waits for the CRC checks when it hands out the tensor named `last`: the
+        writer then has every tensor but has not yet put its file at the final path."""
+        def fetch(entry: TensorEntry) -> np.ndarray:
+            if entry.name == last:
+                self.checks.wait()
+            return self.fetch(entry)
+        return fetch
+
 
 def execute_plan(plan: RankPlan, settings: RunSettings, write: bool = True) -> RankResult:
     """Write one rank's output, its copies and its pt_meta args file (or, with write=False, only
@@ -182,15 +193,17 @@ def execute_plan(plan: RankPlan, settings: RunSettings, write: bool = True) -> R
     if write:
         write_manifest(plan, "writing")
         entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
-        fetch = _measuring_memory(sources.fetch, result)
+        fetch = _measuring_memory(sources.fetch_waiting_at(entries[-1].name) if entries else sources.fetch, result)
         if settings.debug and sys.stderr.isatty():
             fetch = _with_tensor_progress(fetch, len(entries), plan.folder.name)
         plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
         result.bytes_written = write_mindspore_file(plan.outputs[0], entries, fetch, plan.fmt)
+        sources.checks.wait()  # waited for already, unless the file had no tensor
         for copy in plan.outputs[1:]:
             result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
         write_meta_file(plan, sources.model_sd)
         result.status, result.tensors = "converted", len(entries)
+    sources.checks.wait()
     if settings.verify:
         try:
             result.verified_tensors, result.verified_files = verify_outputs(plan, sources)

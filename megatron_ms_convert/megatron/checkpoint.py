@@ -25,7 +25,7 @@ import torch
 
 from ..errors import ConvertInputError
 from ..topology import MODEL_FILE, RankFolder, folder_name, parse_folder_ranks
-from .zip_records import CheckedPt, check_record
+from .zip_records import BackgroundChecks, CheckedPt, check_record
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
@@ -71,14 +71,16 @@ def safe_globals() -> list:
     ]
 
 
-def load_pt(path: Path, *, mmap: bool = True, check_all_data: bool = False) -> Any:
+def load_pt(path: Path, *, mmap: bool = True, check_all_data: bool = False,
+            background: BackgroundChecks | None = None) -> Any:
     """torch.load a Megatron .pt file safely; mmap'd where the file allows it, so tensors are views
     of the page cache rather than copies. Damaged, truncated and untrusted files raise ConvertInputError.
 
     Integrity (torch checks no CRC): the pickle records are checked against the zip directory's CRC-32
     before they are unpickled, and so are the data records of single values (read as numbers) after; the
     rest only with check_all_data, which the process that copies the tensors asks for (a parent that
-    reads shapes and sizes would otherwise read every byte once more)."""
+    reads shapes and sizes would otherwise read every byte once more), or, given `background`, in a
+    thread of it while the caller copies them (the caller waits for it before finishing an output)."""
     path = Path(path)
     if not path.is_file():
         raise ConvertInputError(f"{path}: file is missing", fix="check --megatron-path")
@@ -93,14 +95,18 @@ def load_pt(path: Path, *, mmap: bool = True, check_all_data: bool = False) -> A
     try:
         checked.check_pickle()
         loaded = _torch_load(path, mmap)
-        if mmap:
+        if mmap and background is not None:
+            background.start(checked, loaded)  # closes `checked` when done
+            checked = None
+        elif mmap:
             checked.check_tensors(loaded, check_all_data)
         else:  # the tensors are copies: check the records themselves
             for record in checked.records.values():
                 check_record(path, checked.buf, record)
         return loaded
     finally:
-        checked.close()
+        if checked is not None:
+            checked.close()
 
 
 def _torch_load(path: Path, mmap: bool) -> Any:
