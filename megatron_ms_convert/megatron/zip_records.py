@@ -26,7 +26,7 @@ import torch
 from ..crc import crc32
 from ..errors import ConvertInputError
 
-FIX = "re-copy the file from the training run (damaged in transfer or on disk?)"
+FIX = "re-copy the file from where it was written (damaged in transfer or on disk?)"
 LOCAL_HEADER = struct.Struct("<4sHHHHHIIIHH")  # signature ... name length, extra length (30 bytes)
 LOCAL_SIGNATURE = b"PK\x03\x04"
 ALWAYS_CHECKED_BYTES = 64  # one-element values, which a parent reads as numbers (capturable optimizers)
