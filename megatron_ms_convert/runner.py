@@ -142,7 +142,7 @@ class SourceTensors:
     """Hands out the data of planned tensors as numpy views of the mmap'd source files."""
 
     def __init__(self, plan: RankPlan):
-        # every zip record is CRC-checked in a thread while the tensors are copied; see wait_for_checks
+        # every zip record is CRC-checked in a thread while the tensors are copied; see fetch_waiting_at
         self.checks = BackgroundChecks()
         self.model_sd = reader.load_pt(plan.folder.model_file, background=self.checks)
         # per optimizer (dense, then the experts' in a MoE run), its grad buffers
