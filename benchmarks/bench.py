@@ -223,8 +223,9 @@ def measure(commands: Sequence[Sequence[str]], out_dir: Path, log_file: Path) ->
     return Run(wall, written, sampler.peak_rss, sampler.peak_anon, sampler.samples)
 
 
-def converter_commands(fixture: Fixture, out_dir: Path, processes: int, fmt: str) -> list[list[str]]:
-    return [[sys.executable, str(CONVERTER), "--megatron-path", str(fixture.megatron_path), "--ms-path",
+def converter_commands(fixture: Fixture, out_dir: Path, processes: int, fmt: str,
+                       converter: Path = CONVERTER) -> list[list[str]]:
+    return [[sys.executable, str(converter), "--megatron-path", str(fixture.megatron_path), "--ms-path",
              str(out_dir), "--tp-size", str(TP), "--pp-size", str(PP), "--dp-size", str(DP),
              "--process-limit", str(processes), "--format", fmt]]
 
@@ -241,13 +242,14 @@ def floor_commands(fixture: Fixture, out_dir: Path, processes: int, forked: bool
     return [[sys.executable, "-c", FLOOR_SCRIPT, "0", *share] for share in shares if share]
 
 
-def run_once(kind: str, fixture: Fixture, workdir: Path, processes: int, fmt: str, keep: bool = False) -> Run:
+def run_once(kind: str, fixture: Fixture, workdir: Path, processes: int, fmt: str, keep: bool = False,
+             converter: Path = CONVERTER) -> Run:
     out_dir = workdir / f"out-{kind}"
     shutil.rmtree(out_dir, ignore_errors=True)
     if kind in ("floor", "fork-floor"):
         commands = floor_commands(fixture, out_dir, processes, forked=kind == "fork-floor")
     else:
-        commands = converter_commands(fixture, out_dir, processes, fmt)
+        commands = converter_commands(fixture, out_dir, processes, fmt, converter)
     try:
         return measure(commands, out_dir, workdir / f"{kind}.log")
     finally:
@@ -267,20 +269,26 @@ class Row:
     conv: tuple[Run, ...]
     floor: tuple[Run, ...]  # P fresh interpreters
     fork_floor: tuple[Run, ...]  # one interpreter, P forked workers
+    also: tuple[tuple[Run, ...], ...] = ()  # the converter of each --also checkout
 
 
-def bench_row(fixture: Fixture, workdir: Path, fmt: str, processes: int, repeat: int, keep: bool) -> Row:
-    """floor, fork floor, conv, floor, ...: interleaved so that background noise hits all kinds alike."""
-    conv, floor, fork_floor = [], [], []
+def bench_row(fixture: Fixture, workdir: Path, fmt: str, processes: int, repeat: int, keep: bool,
+              others: Sequence[Path] = ()) -> Row:
+    """floor, fork floor, conv, (each --also checkout's conv), floor, ...: interleaved so that
+    background noise hits all kinds alike."""
+    conv, floor, fork_floor, also = [], [], [], [[] for _ in others]
     for i in range(repeat):
         floor.append(run_once("floor", fixture, workdir, processes, fmt))
         fork_floor.append(run_once("fork-floor", fixture, workdir, processes, fmt))
         conv.append(run_once("conv", fixture, workdir, processes, fmt, keep=keep and i == repeat - 1))
+        for runs, other in zip(also, others):
+            runs.append(run_once("conv-also", fixture, workdir, processes, fmt, converter=other / CONVERTER.name))
+            log(f"  {other.name} #{i + 1}: {runs[-1].wall:5.2f} s")
         log(f"  {fixture.size} {fmt:11} P={processes} #{i + 1}: "
             + " | ".join(f"{name} {run.wall:5.2f} s {run.peak_anon / MIB:4.0f} MiB anon"
                          for name, run in (("floor", floor[-1]), ("fork-floor", fork_floor[-1]),
                                            ("conv", conv[-1]))))
-    return Row(fixture.size, fmt, processes, tuple(conv), tuple(floor), tuple(fork_floor))
+    return Row(fixture.size, fmt, processes, tuple(conv), tuple(floor), tuple(fork_floor), tuple(map(tuple, also)))
 
 
 def warm_up(fixture: Fixture, workdir: Path, processes: int, fmt: str) -> None:
@@ -333,6 +341,18 @@ def results_table(rows: Sequence[Row]) -> str:
             f"| {mib([r.peak_anon for r in row.fork_floor])} "
             f"| {mib([r.peak_rss for r in row.conv])} | {mib([r.peak_rss for r in row.floor])} "
             f"| {check_mark(ratio <= WALL_TARGET)} / {check_mark(fork_ratio <= WALL_TARGET)} | {anon_check} |")
+    return "\n".join(lines)
+
+
+def also_table(rows: Sequence[Row], others: Sequence[Path]) -> str:
+    """This checkout's converter against each --also checkout's, both as ratios to the same floors."""
+    lines = ["| size | format | P | checkout | wall s | /floor | /fork-floor |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        for name, runs in (("this", row.conv), *zip((o.name for o in others), row.also)):
+            wall = statistics.median(r.wall for r in runs)
+            lines.append(f"| {row.size} | {row.fmt} | {row.processes} | {name} | {spread([r.wall for r in runs])} "
+                         f"| {wall / statistics.median(r.wall for r in row.floor):.3f} "
+                         f"| {wall / statistics.median(r.wall for r in row.fork_floor):.3f} |")
     return "\n".join(lines)
 
 
@@ -431,6 +451,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--clean", action="store_true", help="delete the fixtures when done")
     parser.add_argument("--check-flat", action="store_true",
                         help="also run the double-size fixture (24 layers) and check that peak RssAnon is flat")
+    parser.add_argument("--also", type=Path, nargs="*", default=[], metavar="CHECKOUT",
+                        help="also time the convert_pt2ckpt.py of these checkouts (e.g. an earlier commit "
+                             "unpacked with git archive) in the same rounds, right after this one's")
     args = parser.parse_args(argv)
     if args.repeat < 1 or min(args.processes) < 1:
         parser.error("--repeat and --processes must be >= 1")
@@ -453,9 +476,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         warm_up(fixture, workdir, max(args.processes), args.formats[0])
         for fmt in args.formats:
             for processes in args.processes:
-                rows.append(bench_row(fixture, workdir, fmt, processes, args.repeat, args.keep))
+                rows.append(bench_row(fixture, workdir, fmt, processes, args.repeat, args.keep,
+                                      [o.resolve() for o in args.also]))
     print_report(machine_info(workdir), fixtures, rows, args.repeat, (load_start, os.getloadavg()),
                  time.monotonic() - started)
+    if args.also:
+        print("This checkout against --also checkouts (medians; same rounds, same floors):")
+        print()
+        print(also_table(rows, args.also))
+        print()
     if args.check_flat:
         print(f"Flat in model size (converter peak tree RssAnon, {sizes[0]} vs {sizes[1]}):")
         print()

@@ -2,7 +2,7 @@
 """Benchmark convert_ckpt2pt.py against an I/O floor measured in the same run. Not part of CI.
 
     python3 benchmarks/bench_ckpt2pt.py [--hidden 1024] [--layers 4 12] [--workdir DIR] [--repeat 2]
-                                        [--also CHECKOUT ...]
+                                        [--also CHECKOUT ...] [--crc-check]
 
 For each --hidden and --layers: writes a Megatron-format fixture (tp 2, pp 2, dp 2, bf16, vocab 8000,
 buckets of 2M elements, padded) with tests/megatron_fixture.py, converts it to MindSpore with convert_pt2ckpt.py,
@@ -25,6 +25,7 @@ import sys
 import tempfile
 import textwrap
 import time
+import zlib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -65,6 +66,18 @@ def prepare(workdir: Path, hidden: int, layers: int) -> Path:
     return ms
 
 
+def with_crc_trailers(ms: Path) -> Path:
+    """A copy of `ms` whose .ckpt files end as `save_checkpoint(..., crc_check=True)` ends them: b"crc_num"
+    and the CRC-32 of every byte before it in 10 big-endian bytes (which the way back verifies)."""
+    crc_ms = ms.with_name(ms.name + "_crc")
+    if not crc_ms.is_dir():
+        shutil.copytree(ms, crc_ms)
+        for path in crc_ms.glob("rank_*/*.ckpt"):
+            data = path.read_bytes()
+            path.write_bytes(data + b"crc_num" + zlib.crc32(data).to_bytes(10, "big"))
+    return crc_ms
+
+
 def convert_back(ms: Path, out: Path, checkout: Path) -> tuple[float, str]:
     shutil.rmtree(out, ignore_errors=True)
     return run([sys.executable, "convert_ckpt2pt.py", "--ms-path", str(ms), "--param-map-path", str(ms / "pt_meta"),
@@ -103,6 +116,8 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--also", type=Path, nargs="*", default=[], metavar="CHECKOUT",
                         help="other checkouts whose convert_ckpt2pt.py to time in the same rounds")
+    parser.add_argument("--crc-check", action="store_true",
+                        help="give the MindSpore files the crc_num trailer of save_checkpoint(crc_check=True)")
     args = parser.parse_args()
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="bench_ckpt2pt_"))
     extra = "".join(f" {other.name} s | ratio |" for other in args.also)
@@ -111,7 +126,8 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|" + "---|---|" * len(args.also))
     for hidden in args.hidden:
         for layers in args.layers:
-            r = measure(prepare(workdir, hidden, layers), workdir, args.repeat, args.also)
+            ms = prepare(workdir, hidden, layers)
+            r = measure(with_crc_trailers(ms) if args.crc_check else ms, workdir, args.repeat, args.also)
             others = "".join(f" {s:.2f} | {s / r['floor_s']:.2f} |" for s in r["also_s"])
             print(f"| {hidden} | {layers} | {r['source_mib']:.0f} | {r['written_mib']:.0f} | {r['conv_s']:.2f} "
                   f"| {r['floor_s']:.2f} | {r['conv_s'] / r['floor_s']:.2f} | {r['peak_worker_anon_mib']:.0f} |"

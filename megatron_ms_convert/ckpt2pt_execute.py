@@ -25,7 +25,7 @@ from .plan import BackPlan, RankMeta, StatePart
 from .runner import RankResult, RunSettings, anon_memory_bytes
 from .topology import DISTRIB_FILE, MODEL_FILE
 
-log = logging.getLogger("convert_pt2ckpt")
+log = logging.getLogger(__name__)
 
 
 def restored_entries(meta: dict, plan: BackPlan) -> dict:
@@ -81,6 +81,7 @@ def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True) -> R
     rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp, plan.num_chunks)
     result = RankResult(plan.folder.name, "skipped")
     with open_mindspore_file(plan.source_file, plan.fmt) as ms:
+        ms.check_crc()  # a crc_check=True save's CRC, before anything is written
         sources = RankSources(plan, ms)
         if write:
             write_manifest(plan, "writing")

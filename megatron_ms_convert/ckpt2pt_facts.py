@@ -20,13 +20,13 @@ from .mindspore.reader import MindSporeFile, StoredTensor
 from .naming import naming_facts
 from .plan import RankMeta
 
-log = logging.getLogger("convert_pt2ckpt")
+log = logging.getLogger(__name__)
 
 
 def read_rank_meta(path: Path, need_layouts: bool, tp: int, pp: int, num_chunks: int) -> RankMeta:
     """A rank's pt_meta decoded. A record of the documented tool (no skeletons, layouts or bucket
     sizes) is completed by rules from the param_map JSON files beside it (rebuild_rules)."""
-    meta = load_pt(path)
+    meta = load_pt(path, check_all_data=True)
     if not isinstance(meta, dict) or "args" not in meta:
         raise ConvertInputError(f"{path}: not a pt_meta record", expected="a dict with args, iteration, ...",
                                 fix="pass the pt_meta folder convert_pt2ckpt.py wrote as --param-map-path")

@@ -18,20 +18,23 @@ from .errors import VerificationError
 from .manifest import write_manifest
 from .megatron import checkpoint as reader
 from .megatron.pt_meta import pt_meta_record
+from .megatron.zip_records import BackgroundChecks
 from .mindspore.writer import TensorEntry, write_mindspore_file
 from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan, Stacked
 from .runner import RankResult, RunSettings, anon_memory_bytes
 
-log = logging.getLogger("convert_pt2ckpt")
+log = logging.getLogger(__name__)
 
 
 class SourceTensors:
     """Hands out the data of planned tensors as numpy views of the mmap'd source files."""
 
     def __init__(self, plan: RankPlan):
-        self.model_sd = reader.load_pt(plan.folder.model_file)
+        # every zip record is CRC-checked in a thread while the tensors are copied; see fetch_waiting_at
+        self.checks = BackgroundChecks()
+        self.model_sd = reader.load_pt(plan.folder.model_file, background=self.checks)
         # per optimizer (dense, then the experts' in a MoE run), its grad buffers
-        self.buffers = ([reader.decode_optimizer_part(reader.load_pt(path), path, element)
+        self.buffers = ([reader.decode_optimizer_part(reader.load_pt(path, background=self.checks), path, element)
                          for path, element in plan.distrib_sources()] if plan.reads_distrib else None)
         self._by_name = {t.name: t for t in plan.tensors}
         self._flat: dict[str, dict[str, torch.Tensor]] = {}
@@ -59,6 +62,15 @@ class SourceTensors:
     def fetch(self, entry: TensorEntry) -> np.ndarray:
         return self.array(self._by_name[entry.name])
 
+    def fetch_waiting_at(self, last: str):
+        """fetch, which also waits for the CRC checks when it hands out the tensor named `last`: the
+        writer then has every tensor but has not yet put its file at the final path."""
+        def fetch(entry: TensorEntry) -> np.ndarray:
+            if entry.name == last:
+                self.checks.wait()
+            return self.fetch(entry)
+        return fetch
+
 
 def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True) -> RankResult:
     """Write one rank's output, its copies and its pt_meta args file (or, with write=False, only
@@ -69,15 +81,17 @@ def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True) -> R
     if write:
         write_manifest(plan, "writing")
         entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
-        fetch = _measuring_memory(sources.fetch, result)
+        fetch = _measuring_memory(sources.fetch_waiting_at(entries[-1].name) if entries else sources.fetch, result)
         if settings.debug and sys.stderr.isatty():
             fetch = _with_tensor_progress(fetch, len(entries), plan.folder.name)
         plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
         result.bytes_written = write_mindspore_file(plan.outputs[0], entries, fetch, plan.fmt)
+        sources.checks.wait()  # waited for already, unless the file had no tensor
         for copy in plan.outputs[1:]:
             result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
         write_meta_file(plan, sources.model_sd)
         result.status, result.tensors = "converted", len(entries)
+    sources.checks.wait()
     if settings.verify:
         try:
             result.verified_tensors, result.verified_files = verify_rank(plan, sources)

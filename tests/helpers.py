@@ -269,3 +269,32 @@ def start_cli(ckpt: Path, out: Path, *extra) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(CLI), "--megatron-path", str(ckpt / "iter_0000010"),
                              "--ms-path", str(out), *map(str, SIZES), *map(str, extra)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a command imports before it answers (-h, flag errors)
+
+HEAVY = ("torch", "numpy", "mindspore", "tqdm")
+
+
+def imported_modules(importtime_stderr: str) -> set[str]:
+    """The modules `python -X importtime` reports as imported (one `import time:` line each)."""
+    names = set()
+    for line in importtime_stderr.splitlines():
+        if line.startswith("import time:") and "|" in line:
+            names.add(line.rsplit("|", 1)[1].strip())
+    return names
+
+
+def run_importtime(command: list[str], cwd=REPO) -> tuple[subprocess.CompletedProcess, float]:
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-X", "importtime", *command], capture_output=True, text=True,
+                          timeout=120, cwd=cwd)
+    return proc, time.monotonic() - started
+
+
+def assert_nothing_heavy(proc: subprocess.CompletedProcess) -> None:
+    modules = imported_modules(proc.stderr)
+    assert "argparse" in modules, proc.stderr[-2000:]  # the parse did run under -X importtime
+    heavy = sorted(name for name in modules if name.split(".")[0] in HEAVY)
+    assert not heavy, heavy[:10]

@@ -8,40 +8,15 @@ import logging
 import re
 import subprocess
 import sys
-import time
 
 import pytest
 
 from megatron_ms_convert.ckpt2pt import main as ckpt2pt_main
 from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main
 from tests.expected_outputs import REPO, SAMPLE
-from tests.test_ckpt2pt import in_process
+from tests.helpers import assert_nothing_heavy, in_process, run_importtime
 
 SCRIPTS = ("convert_pt2ckpt.py", "convert_ckpt2pt.py")
-HEAVY = ("torch", "numpy", "mindspore", "tqdm")
-
-
-def imported_modules(importtime_stderr: str) -> set[str]:
-    """The modules `python -X importtime` reports as imported (one `import time:` line each)."""
-    names = set()
-    for line in importtime_stderr.splitlines():
-        if line.startswith("import time:") and "|" in line:
-            names.add(line.rsplit("|", 1)[1].strip())
-    return names
-
-
-def run_importtime(command: list[str], cwd=REPO) -> tuple[subprocess.CompletedProcess, float]:
-    started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-X", "importtime", *command], capture_output=True, text=True,
-                          timeout=120, cwd=cwd)
-    return proc, time.monotonic() - started
-
-
-def assert_nothing_heavy(proc: subprocess.CompletedProcess) -> None:
-    modules = imported_modules(proc.stderr)
-    assert "argparse" in modules, proc.stderr[-2000:]  # the parse did run under -X importtime
-    heavy = sorted(name for name in modules if name.split(".")[0] in HEAVY)
-    assert not heavy, heavy[:10]
 
 
 @pytest.mark.parametrize("script", SCRIPTS)

@@ -211,9 +211,10 @@ def test_sidecar_from_another_run_is_refused(tmp_path):
     spec = LAYOUTS["sidecar_map"]
     fixture = write_fixture(tmp_path / "save", spec)
     sidecar = fixture.param_map_dir / "param_map_buffer0_dp0tp1pp0vpp0.meta.json"
-    meta = json.loads(sidecar.read_text())
-    meta["buckets"][0]["numel_unpadded"] -= 2  # recorded by a run with another model
-    sidecar.write_text(json.dumps(meta))
+    for copy in (sidecar, fixture.param_map_dir / "param_map_buffer0_dp1tp1pp0vpp0.meta.json"):  # every dp rank's
+        meta = json.loads(copy.read_text())
+        meta["buckets"][0]["numel_unpadded"] -= 2  # recorded by a run with another model
+        copy.write_text(json.dumps(meta))
     proc = run_cli("--megatron-path", fixture.megatron_path, "--ms-path", tmp_path / "out", *size_flags(spec),
                    "--param-map-path", fixture.param_map_dir)
     assert proc.returncode == 2

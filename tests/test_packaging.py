@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 from tests.expected_outputs import REPO
-from tests.test_command_line import assert_nothing_heavy
+from tests.helpers import assert_nothing_heavy
 
 TOP_LEVEL = {"megatron_ms_convert", "convert_pt2ckpt.py", "convert_ckpt2pt.py"}
 

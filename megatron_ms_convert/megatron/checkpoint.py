@@ -25,6 +25,7 @@ import torch
 
 from ..errors import ConvertInputError
 from ..topology import MODEL_FILE, RankFolder, folder_name, parse_folder_ranks
+from .zip_records import BackgroundChecks, CheckedPt, check_record
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 
@@ -70,9 +71,16 @@ def safe_globals() -> list:
     ]
 
 
-def load_pt(path: Path, *, mmap: bool = True) -> Any:
+def load_pt(path: Path, *, mmap: bool = True, check_all_data: bool = False,
+            background: BackgroundChecks | None = None) -> Any:
     """torch.load a Megatron .pt file safely; mmap'd where the file allows it, so tensors are views
-    of the page cache rather than copies. Damaged, truncated and untrusted files raise ConvertInputError."""
+    of the page cache rather than copies. Damaged, truncated and untrusted files raise ConvertInputError.
+
+    Integrity (torch checks no CRC): the pickle records are checked against the zip directory's CRC-32
+    before they are unpickled, and so are the data records of single values (read as numbers) after; the
+    rest only with check_all_data, which the process that copies the tensors asks for (a parent that
+    reads shapes and sizes would otherwise read every byte once more), or, given `background`, in a
+    thread of it while the caller copies them (the caller waits for it before finishing an output)."""
     path = Path(path)
     if not path.is_file():
         raise ConvertInputError(f"{path}: file is missing", fix="check --megatron-path")
@@ -83,6 +91,25 @@ def load_pt(path: Path, *, mmap: bool = True) -> Any:
             found=f"{path.stat().st_size} bytes that are not one (truncated or not a .pt file)",
             fix="re-copy the file from the training run",
         )
+    checked = CheckedPt(path)
+    try:
+        checked.check_pickle()
+        loaded = _torch_load(path, mmap)
+        if mmap and background is not None:
+            background.start(checked, loaded)  # closes `checked` when done
+            checked = None
+        elif mmap:
+            checked.check_tensors(loaded, check_all_data)
+        else:  # the tensors are copies: check the records themselves
+            for record in checked.records.values():
+                check_record(path, checked.buf, record)
+        return loaded
+    finally:
+        if checked is not None:
+            checked.close()
+
+
+def _torch_load(path: Path, mmap: bool) -> Any:
     try:
         with torch.serialization.safe_globals(safe_globals()):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -136,7 +163,7 @@ def resolve_iteration_dir(megatron_path: Path) -> Path:
         return megatron_path
     tracker = megatron_path / TRACKER_FILE
     if tracker.is_file():
-        text = tracker.read_text().strip()
+        text = tracker.read_bytes().decode("utf-8", "replace").strip()  # damaged bytes: not a number, no crash
         sub = "release" if text == "release" else (f"iter_{int(text):07d}" if text.isdigit() else None)
         if sub and (megatron_path / sub).is_dir():
             return megatron_path / sub

@@ -14,6 +14,7 @@ against distrib_optim.pt before a byte is written. Reading the map files is the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -190,25 +191,55 @@ def read_rank_layouts(files: dict[tuple[int, int, int, int], dict[int, Path]], t
 def _read_agreeing_copies(by_dp: dict[int, Path], chunk: int, buffer_index: int) -> BufferLayout:
     first_dp = min(by_dp)
     path = by_dp[first_dp]
-    text = path.read_text()
+    text = read_map_text(path)
     for dp, other in sorted(by_dp.items()):
-        if dp != first_dp and json.loads(other.read_text()) != json.loads(text):
+        if dp != first_dp and _json_of(read_map_text(other), other) != _json_of(text, path):
             raise ConvertInputError(f"{other}: differs from {path.name}",
                                     expected="identical param_map files for every data-parallel rank",
                                     found="two different layouts (files from two runs?)",
                                     fix="re-record the param_map in a clean --save folder")
-    sidecar_path = path.with_name(path.name[: -len(".json")] + SIDECAR_SUFFIX)
-    sidecar = read_sidecar(sidecar_path) if sidecar_path.is_file() else None
+    sidecar = _agreeing_sidecar(by_dp)
     return parse_param_map(text, str(path), chunk, buffer_index, sidecar)
+
+
+def _agreeing_sidecar(by_dp: dict[int, Path]) -> BufferSidecar | None:
+    """The first dp rank's sidecar, once every dp rank's copy has been read and found to agree with
+    it (they differ only in their dp_rank): pt_meta/ copies all of them, so none may pass unread."""
+    paths = {dp: path.with_name(path.name[: -len(".json")] + SIDECAR_SUFFIX) for dp, path in sorted(by_dp.items())}
+    sidecars = {dp: read_sidecar(p) for dp, p in paths.items() if p.is_file()}
+    if not sidecars:
+        return None
+    first_dp = min(sidecars)
+    first = sidecars[first_dp]
+    for dp, sidecar in sidecars.items():
+        if dataclasses.replace(sidecar, path=first.path) != first:
+            raise ConvertInputError(f"{paths[dp]}: differs from {paths[first_dp].name}",
+                                    expected="the same buffer facts in every data-parallel rank's sidecar",
+                                    found="two different ones (files from two runs, or damaged?)",
+                                    fix="re-record the param_map, or delete the .meta.json files")
+    return first
+
+
+def read_map_text(path: Path) -> str:
+    """A param_map file's text; bytes that are not UTF-8 (a damaged copy) are bad input, not a crash."""
+    try:
+        return Path(path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConvertInputError(f"{path}: not valid JSON (not UTF-8 text at byte {err.start})",
+                                fix="re-record the param_map") from None
+
+
+def _json_of(text: str, source) -> object:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConvertInputError(f"{source}: not valid JSON ({err})", fix="re-record the param_map") from None
 
 
 def parse_param_map(text: str, source: str, chunk: int, buffer_index: int,
                     sidecar: BufferSidecar | None = None) -> BufferLayout:
     """One param_map JSON: `name -> [dtype, shape, start, end, bucket]`, in buffer order."""
-    try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ConvertInputError(f"{source}: not valid JSON ({err})", fix="re-record the param_map") from None
+    raw = _json_of(text, source)
     if not isinstance(raw, dict) or not raw:
         raise ConvertInputError(f"{source}: expected a non-empty JSON object", found=type(raw).__name__,
                                 fix="re-record the param_map")
@@ -231,6 +262,7 @@ def read_sidecar(path: Path) -> BufferSidecar:
         raw = json.loads(Path(path).read_text())
         if raw.get("format") != SIDECAR_FORMAT or raw.get("version") != 1:
             raise ValueError(f"format {raw.get('format')!r} version {raw.get('version')!r}")
+        _check_sidecar_fields(raw, Path(path).name)
         return BufferSidecar(
             path=str(path), param_dtype=raw["param_dtype"], grad_dtype=raw["grad_dtype"],
             data_parallel_size=int(raw["data_parallel_size"]), numel=int(raw["numel"]),
@@ -241,6 +273,33 @@ def read_sidecar(path: Path) -> BufferSidecar:
         raise ConvertInputError(f"{path}: unreadable param_map sidecar ({err})",
                                 expected=f"a {SIDECAR_FORMAT} version 1 JSON object",
                                 fix="re-record the param_map, or delete the .meta.json files") from None
+
+
+SIDECAR_KEYS = {"format", "version", "param_dtype", "grad_dtype", "data_parallel_size", "bucket_size", "numel",
+                "buckets", "model_chunk", "buffer_index", "tp_rank", "pp_rank", "dp_rank"}
+SIDECAR_EXPERT_KEYS = {"expert_parallel", "ep_rank"}
+
+
+def _check_sidecar_fields(raw: dict, name: str) -> None:
+    """Every field the patch writes, and no other; the ranks it records are the ones in its file name.
+    pt_meta/ keeps a copy of the file, so a field the conversion does not use must still be sound."""
+    json_name = name[: -len(SIDECAR_SUFFIX)] + ".json"
+    dense, expert = PARAM_MAP_FILE.match(json_name), EXPERT_PARAM_MAP_FILE.match(json_name)
+    keys = SIDECAR_KEYS | (SIDECAR_EXPERT_KEYS if expert else set())
+    if set(raw) != keys:
+        raise ValueError(f"fields {sorted(set(raw) ^ keys)} differ from the patch's")
+    if expert:
+        named = dict(zip(("buffer_index", "ep_rank", "dp_rank", "tp_rank", "pp_rank", "model_chunk"),
+                         map(int, expert.groups())), expert_parallel=True)
+    elif dense:
+        named = dict(zip(("buffer_index", "dp_rank", "tp_rank", "pp_rank", "model_chunk"), map(int, dense.groups())))
+    else:
+        raise ValueError("a file name not of a param_map sidecar")
+    recorded = {key: raw[key] for key in named}
+    if recorded != named or any(type(v) is not type(named[k]) for k, v in recorded.items()):
+        raise ValueError(f"ranks {recorded} where the file name says {named}")
+    if raw["bucket_size"] is not None and type(raw["bucket_size"]) is not int:
+        raise ValueError(f"bucket_size {raw['bucket_size']!r}")
 
 
 def param_map_json(layout: BufferLayout) -> str:

@@ -38,7 +38,11 @@ Format facts this reader relies on, checked against mindspore 2.10 (the rest are
 * ``load_checkpoint`` treats dims ``[0]`` holding one element's bytes as a 0-d tensor; so does this
   reader. ``tensor_type "str"`` entries (``append_dict`` strings) are not tensors: they are listed by
   :meth:`MindSporeFile.strings`, not by :meth:`MindSporeFile.names`.
-* A ``crc_check=True`` save ends in a 17-byte ``crc_num`` trailer, which is skipped (not verified).
+* A ``crc_check=True`` save ends in a 17-byte trailer: ``b"crc_num"`` and the CRC-32 of every byte
+  before it, big-endian in 10 bytes; a ``.safetensors`` save with ``crc_check=True`` has ``crc_num``
+  (decimal) in ``__metadata__``: the CRC-32 over each tensor's name (UTF-8) and then its bytes, names
+  in sorted order. Indexing skips both; :meth:`MindSporeFile.check_crc` verifies them, reading every
+  byte once (the process that copies the tensors calls it; the page cache then serves its copy).
 * In a ``.safetensors`` file the data of all tensors must exactly tile the data area, as the
   safetensors library itself demands; ``names()`` follows the data order.
 
@@ -61,6 +65,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..crc import crc32
 from ..errors import ConvertInputError
 from .format import (CKPT_CRC_MARK, CKPT_CRC_TRAILER_BYTES, FORMATS, ITEMSIZE, MS_STRING_TYPE, MS_TYPE_TO_DTYPE,
                      SAFETENSORS_LEN_BYTES, SAFETENSORS_MAX_HEADER, SAFETENSORS_TO_DTYPE, WIRE_FIXED32,
@@ -106,9 +111,10 @@ class MindSporeFile:
     """An open, indexed MindSpore checkpoint file; use as a context manager or call close()."""
 
     def __init__(self, path: Path, fmt: str, mapping, index: dict[str, _Located], strings: dict[str, str],
-                 metadata: dict[str, str]):
+                 metadata: dict[str, str], crc_trailer: int | None = None):
         self.path = path
         self.fmt = fmt
+        self._crc_trailer = crc_trailer  # a .ckpt's crc_num trailer, None without one
         self._mm = mapping
         self._index = index
         self._strings = strings
@@ -148,6 +154,39 @@ class MindSporeFile:
             raise IndexError(f"{self.path}: {name} of shape {list(shape)} has no row {row}")
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         return self._bytes(byte_range(loc.pieces, row * row_bytes, row_bytes)).view(dtype).reshape(shape[1:])
+
+    def check_crc(self) -> bool:
+        """Verify the CRC-32 that ``save_checkpoint(crc_check=True)`` stored, reading every byte once;
+        False when the file has none (saved without crc_check). A mismatch raises ConvertInputError."""
+        if self._mm is None:
+            raise ValueError(f"{self.path}: file is closed")
+        view = memoryview(self._mm)
+        try:
+            if self.fmt == "ckpt":
+                if self._crc_trailer is None:
+                    return False
+                expected = self._crc_trailer
+                damaged = f"{self.path}: damaged: its bytes fail the CRC-32 check of its crc_num trailer"
+                found = crc32(view[:len(view) - CKPT_CRC_TRAILER_BYTES])
+            else:
+                if "crc_num" not in self._metadata:
+                    return False
+                text = self._metadata["crc_num"]
+                damaged = f"{self.path}: damaged: its bytes fail the CRC-32 check of crc_num in its __metadata__"
+                expected = int(text) if text.isdigit() else -1
+                found = 0
+                for name in sorted(self._index):
+                    found = crc32(name.encode("utf-8"), found)
+                    for offset, length in self._index[name].pieces:
+                        found = crc32(view[offset:offset + length], found)
+        finally:
+            view.release()
+        if found & 0xFFFFFFFF != expected:
+            shown = f"{expected:08x}" if expected >= 0 else repr(self._metadata["crc_num"])[:40]
+            raise ConvertInputError(damaged,
+                                    expected=f"CRC-32 {shown} (saved with crc_check=True)",
+                                    found=f"{found & 0xFFFFFFFF:08x}", fix=FIX_RECOPY)
+        return True
 
     def _bytes(self, pieces) -> torch.Tensor:
         """The bytes of `pieces`: a view of the mapping for one piece, else a joined copy."""
@@ -210,8 +249,12 @@ def open_mindspore_file(path, fmt: str | None = None) -> MindSporeFile:
     try:
         buf = memoryview(mapping) if mapping is not None else memoryview(b"")
         try:
+            crc_trailer = None
             if fmt == "ckpt":
                 (index, strings), metadata = _index_ckpt(buf, path), {}
+                if len(buf) >= CKPT_CRC_TRAILER_BYTES and _has_crc_trailer(buf, len(buf) - CKPT_CRC_TRAILER_BYTES,
+                                                                           len(buf)):
+                    crc_trailer = int.from_bytes(buf[len(buf) - CKPT_CRC_TRAILER_BYTES + len(CKPT_CRC_MARK):], "big")
             else:
                 index, metadata = _index_safetensors(buf, path)
                 strings = {}
@@ -224,7 +267,7 @@ def open_mindspore_file(path, fmt: str | None = None) -> MindSporeFile:
             except BufferError:
                 pass  # a slice is still referenced by the traceback; unmapped when that goes
         raise
-    return MindSporeFile(path, fmt, mapping, index, strings, metadata)
+    return MindSporeFile(path, fmt, mapping, index, strings, metadata, crc_trailer)
 
 
 def _format_of(path: Path, fmt: str | None) -> str:
