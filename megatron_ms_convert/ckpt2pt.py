@@ -42,7 +42,9 @@ from .megatron.rebuild_rules import rule_counts, rule_skeletons
 from .megatron.torch_writer import write_torch_file
 from .megatron.writer import (OPTIMIZER_STATES, TrainingUpdates, apply_training_updates, distrib_optim_tree,
                               model_optim_rng_tree, skeleton_specs, target_counts)
-from .mindspore.reader import MindSporeFile, open_mindspore_file
+from .mindspore.bucket_form import (BucketSource, add_bucket_form_flags, describe_source, open_rank_source,
+                                    rank_source)
+from .mindspore.reader import MindSporeFile
 from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, megatron_name, megatron_state_dict_key,
                      naming_facts, renumber_layers, split_state, stacked_expert_name)
 from .plan import LR_DECAY_STYLES, SCHEDULER_FLOAT64, SCHEDULER_INT64, WD_INCR_STYLES
@@ -116,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "outputs written from another source")
     group.add_argument("--debug", action="store_true", default=False, help="print debug info (the plans)")
     add_shard_flags(parser, "--megatron-path")
+    add_bucket_form_flags(parser)
     return parser
 
 
@@ -148,6 +151,8 @@ class Options:
     shard: Shard | None = None
     check: bool = False
     ep_size: int | None = None
+    ms_form: str | None = None  # "bucket" / "named": which files of rank folders holding both forms
+    opt_shard_info: Path | None = None  # where the bucket form's layout JSON is, when not beside the rank folders
 
 
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
@@ -176,7 +181,8 @@ def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None 
         process_limit=ns.process_limit, multiprocess_off=ns.multiprocess_off, process_timeout=ns.process_timeout,
         iteration=ns.iteration, consumed_train_samples=ns.consumed_train_samples, verify=ns.verify,
         overwrite=ns.overwrite, debug=ns.debug, shard=Shard.parse(ns.shard, environ) if ns.shard else None,
-        check=ns.check, ep_size=ns.ep_size)
+        check=ns.check, ep_size=ns.ep_size, ms_form=ns.ms_form,
+        opt_shard_info=Path(ns.opt_shard_info).resolve() if ns.opt_shard_info else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -211,6 +217,21 @@ def pick_ms_file(rank_dir: Path, fmt: str) -> Path:
                                 found=", ".join(others) or "an empty folder",
                                 fix="check --src-model-format and --ms-path")
     return max(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def read_source(options: Options, ms_rank: int, rank: "RankMeta") -> tuple[Path, BucketSource | None]:
+    """The file of rank_<ms_rank> and, when it is MindSpeed's DistributedOptimizer bucket form, its
+    group's inputs (docs/bucket-form.md). That form saves only the dense grad buffers' parameters."""
+    path, bucket = rank_source(options.ms_path / f"rank_{ms_rank}", options.ms_path, options.fmt, options.ms_form,
+                               options.opt_shard_info, pick_ms_file, options.ms_dp_size * options.ms_cp_size)
+    if bucket is not None and rank.num_local_experts:
+        raise ConvertInputError(f"{path}: MindSpeed's DistributedOptimizer bucket form of a MoE run ({rank.path})",
+                                expected="every expert parameter",
+                                found="none: mindspeed_ms hands only the dense grad buffers to its "
+                                      "DistributedOptimizer, so expert weights and moments are not saved in this form",
+                                fix="convert a name-keyed checkpoint of the run (saved without "
+                                    "use_distributed_optimizer)")
+    return path, bucket
 
 
 def pt_meta_file(param_map_path: Path, tp: int, pp: int, ep: int = 0, ep_size: int = 1) -> Path:
@@ -376,6 +397,7 @@ class BackPlan:
     manifest_file: Path
     num_chunks: int = 1
     ep_size: int = 1  # the expert buffers are padded for dp_cp // ep_size (the expert-data-parallel size)
+    bucket: BucketSource | None = None  # MindSpeed's bucket form: source_file is dp rank 0's of these files
     fingerprint: str = field(default="", compare=False)
 
     @property
@@ -582,9 +604,10 @@ def map_sources(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp_pp: tuple[
     if missing:
         raise ConvertInputError(f"{ms.path}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}",
                                 expected=f"every parameter{'' if options.convert_param_only else ' and moment'} of "
-                                         f"{rank.path}", found=f"{len(index)} parameters and moments",
-                                fix="check --param-map-path (the pt_meta of this run), --noop, the rank sizes; "
-                                    "or pass --convert-param-only for a file without optimizer state")
+                                         f"{rank.path}", found=found_in(ms, index),
+                                fix="check --param-map-path (the pt_meta of this run), --noop, the rank sizes" + (
+                                    "; or pass --convert-param-only for a file without optimizer state"
+                                    if all(not m.startswith("param ") for m in missing) else ""))
     used = {name for _, (name, _row) in out}
     # the dense moments in the file of an ep rank > 0 are copies of ep rank 0's, which its folder saves
     dense_moments_elsewhere = rank.distrib_parts()[0] is None
@@ -599,6 +622,15 @@ def map_sources(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp_pp: tuple[
                                 fix="pass --noop with the MindSpore model's no-op layers, or check --param-map-path "
                                     "and the rank sizes")
     return tuple(out)
+
+
+def found_in(ms: MindSporeFile, index: dict) -> str:
+    """What a file holds, for the message of a file that lacks tensors."""
+    if hasattr(ms, "describe_contents"):
+        return f"{len(index)} parameters and moments in {ms.describe_contents()}"
+    scalars = [n for n in ms.names() if "." not in n]
+    return f"{len(index)} parameters and moments" + (f" (only {len(scalars)} scalars: {', '.join(scalars[:4])}, ...)"
+                                                     if not index and scalars else "")
 
 
 def plan_rank(rank: RankMeta, ms: MindSporeFile, topo: Topology, tp: int, pp: int, options: Options,
@@ -657,13 +689,14 @@ def _prepare(options: Options) -> Job:
              for tp, pp, ep in ranks}
     topo = resolve_topology(options, metas, ep_size)
     # ep rank e's experts are in the file of dp rank e (whose ep rank is e mod ep_size), cp 0
-    files = {(tp, pp, ep): pick_ms_file(options.ms_path / f"rank_{topo.ms_rank(tp, pp, dp=ep)}", options.fmt)
-             for tp, pp, ep in ranks}
+    found = {r: read_source(options, topo.ms_rank(r[0], r[1], dp=r[2]), metas[r]) for r in ranks}
+    files = {r: path for r, (path, _) in found.items()}
     plans, iterations = [], {}
     with contextlib.ExitStack() as stack:
-        opened = {r: stack.enter_context(open_mindspore_file(files[r], options.fmt)) for r in ranks}
+        opened = {r: stack.enter_context(open_rank_source(files[r], options.fmt, found[r][1])) for r in ranks}
         for r in ranks:
-            log.info("rank tp %d pp %d%s: reading %s", r[0], r[1], f" ep {r[2]}" if ep_size > 1 else "", files[r])
+            log.info("rank tp %d pp %d%s: reading %s", r[0], r[1], f" ep {r[2]}" if ep_size > 1 else "",
+                     describe_source(*found[r]))
             iterations[files[r]] = iteration_of(opened[r], options)
         if len(set(iterations.values())) != 1:
             shown = ", ".join(f"{path}: {it}" for path, it in list(iterations.items())[:4])
@@ -672,8 +705,9 @@ def _prepare(options: Options) -> Job:
                                                                   "--iteration N")
         iteration = next(iter(iterations.values()))
         for r in ranks:
-            plan = plan_rank(metas[r], opened[r], topo, r[0], r[1], options, iteration, ep=r[2])
-            sources = [plan.source_file, plan.pt_meta_file]
+            plan = dataclasses.replace(plan_rank(metas[r], opened[r], topo, r[0], r[1], options, iteration, ep=r[2]),
+                                       bucket=found[r][1])
+            sources = [plan.source_file, plan.pt_meta_file, *(plan.bucket.inputs if plan.bucket else ())]
             plans.append(dataclasses.replace(plan, fingerprint=fingerprint_of(plan, sources)))
     return Job(plans, iteration)
 
@@ -734,7 +768,7 @@ def execute_back_plan(plan: BackPlan, settings: RunSettings, write: bool = True)
     output that fails --verify is removed."""
     rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp, plan.num_chunks)
     result = RankResult(plan.folder.name, "skipped")
-    with open_mindspore_file(plan.source_file, plan.fmt) as ms:
+    with open_rank_source(plan.source_file, plan.fmt, plan.bucket) as ms:
         sources = RankSources(plan, ms)
         if write:
             write_manifest(plan, "writing")

@@ -37,6 +37,7 @@ Example (the worked example of the tp2dp2 sample: `word_embeddings.weight`, 512 
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import re
@@ -51,7 +52,7 @@ from .reader import MindSporeFile, StoredTensor, open_mindspore_file
 
 __all__ = ["BUCKET_KEY", "Segment", "ParamPlace", "BucketLayout", "BucketSource", "BucketRankFile",
            "file_form", "form_of_file", "choose_rank_file", "bucket_source", "read_layout_json", "plan_layout",
-           "open_bucket_form", "open_rank_source", "layout_json_path"]
+           "open_bucket_form", "open_rank_source", "layout_json_path", "rank_source", "add_bucket_form_flags"]
 
 BUCKET_KEY = re.compile(r"^(exp_avg\.|exp_avg_sq\.)?buffer_(\d+)_bucket_(\d+)$")
 STATE_PREFIXES = ("", "exp_avg.", "exp_avg_sq.")
@@ -240,15 +241,48 @@ def same_step_file(dp0_file: Path, ms_path: Path, rank: int, fmt: str, pick: Cal
 
 
 def bucket_source(dp0_file: Path, ms_path: Path, fmt: str, opt_shard_info: Path | None,
-                  pick: Callable[[Path, str], Path]) -> BucketSource:
-    """The inputs of the group whose dp rank 0 saved `dp0_file` (in ms_path/rank_<r>/)."""
+                  pick: Callable[[Path, str], Path], group_size: int | None = None) -> BucketSource:
+    """The inputs of the group whose dp rank 0 saved `dp0_file` (in ms_path/rank_<r>/); `group_size` is
+    the dp x cp size the rank folders are numbered with, when known."""
     rank = int(dp0_file.parent.name.split("_")[-1])
     json_path = find_layout_json(ms_path, rank, opt_shard_info)
     ranks = read_layout_json(json_path)["dp_rank_list"]
     if ranks[0] != rank:
         raise ConvertInputError(f"{json_path}: dp_rank_list {ranks}", expected=f"dp rank 0 to be rank {rank}",
                                 fix=FIX_JSON)
+    if group_size is not None and len(ranks) != group_size:
+        raise ConvertInputError(f"{json_path}: dp_rank_list {ranks} has {len(ranks)} dp ranks",
+                                expected=f"{group_size} (--ms-dp-size x --ms-cp-size, which number the rank folders)",
+                                fix=f"pass --ms-dp-size {len(ranks)} (the MindSpore run's data-parallel size)")
     return BucketSource(json_path, (dp0_file, *(same_step_file(dp0_file, ms_path, r, fmt, pick) for r in ranks[1:])))
+
+
+def rank_source(rank_dir: Path, ms_path: Path, fmt: str, form: str | None, opt_shard_info: Path | None,
+                pick: Callable[[Path, str], Path], group_size: int | None = None) -> tuple[Path, BucketSource | None]:
+    """The file the way back reads for a rank folder, and, in the bucket form, its group's inputs."""
+    path, found = choose_rank_file(rank_dir, fmt, form, pick)
+    return path, (None if found == "named" else bucket_source(path, ms_path, fmt, opt_shard_info, pick, group_size))
+
+
+def describe_source(path: Path, bucket: BucketSource | None) -> str:
+    if bucket is None:
+        return str(path)
+    others = ", ".join(p.parent.name + "/" + p.name for p in bucket.files[1:])
+    return (f"{path} (MindSpeed's DistributedOptimizer bucket form; with {others or 'no other dp rank'}; "
+            f"layout {bucket.layout_json})")
+
+
+def add_bucket_form_flags(parser: argparse.ArgumentParser) -> None:
+    """--ms-form and --opt-shard-info: reading what MindSpeed-Core-MS's DistributedOptimizer saves."""
+    group = parser.add_argument_group(title="MindSpeed's DistributedOptimizer files (not in the documented tool)")
+    group.add_argument("--ms-form", choices=FORMS, default=None,
+                       help="which files to read in rank folders holding both forms (combine_ckpt_dp_zero.py run in "
+                            "place): bucket = the buffer_<b>_bucket_<k> shards mindspeed_ms saves with its "
+                            "DistributedOptimizer, named = files of named parameters (default: the form of the file "
+                            "meta.json names, which must also be the newest file's)")
+    group.add_argument("--opt-shard-info", type=str, default=None, metavar="PATH",
+                       help="the opt_shard_info folder (or the training output_dir holding it) with the layout JSON "
+                            "of the bucket form (default: beside the rank folders, --ms-path/opt_shard_info)")
 
 
 # ---------------------------------------------------------------------------------------------
