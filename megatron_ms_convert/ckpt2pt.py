@@ -697,6 +697,8 @@ def _prepare(options: Options) -> Job:
         for r in ranks:
             log.info("rank tp %d pp %d%s: reading %s", r[0], r[1], f" ep {r[2]}" if ep_size > 1 else "",
                      describe_source(*found[r]))
+            if found[r][1] is not None:
+                log.debug("%s", opened[r].layout.describe())
             iterations[files[r]] = iteration_of(opened[r], options)
         if len(set(iterations.values())) != 1:
             shown = ", ".join(f"{path}: {it}" for path, it in list(iterations.items())[:4])
