@@ -52,7 +52,8 @@ from .reader import MindSporeFile, StoredTensor, open_mindspore_file
 
 __all__ = ["BUCKET_KEY", "Segment", "ParamPlace", "BucketLayout", "BucketSource", "BucketRankFile",
            "file_form", "form_of_file", "choose_rank_file", "bucket_source", "read_layout_json", "plan_layout",
-           "open_bucket_form", "open_rank_source", "layout_json_path", "rank_source", "add_bucket_form_flags"]
+           "open_bucket_form", "open_rank_source", "layout_json_path", "rank_source", "describe_source",
+           "add_bucket_form_flags"]
 
 BUCKET_KEY = re.compile(r"^(exp_avg\.|exp_avg_sq\.)?buffer_(\d+)_bucket_(\d+)$")
 STATE_PREFIXES = ("", "exp_avg.", "exp_avg_sq.")
