@@ -350,3 +350,21 @@ def test_a_moe_runs_bucket_form_is_refused(named, tmp_path):
     with pytest.raises(ConvertInputError, match="expert"):
         read_source(options, 0, rank)
     assert read_source(options, 0, read_rank_meta(ms / "pt_meta" / "args_tp00_pp000.pt", True, 0, 0, 1))[1]
+
+
+def test_a_file_without_parameters_says_what_it_holds(named, tmp_path):
+    """The message for a file the way back cannot use names what it found, and suggests
+    --convert-param-only only when just moments are missing."""
+    _, ms, _ = named["even"]
+    copy = writable_copy(ms, tmp_path / "ms")
+    target = copy / "rank_0" / "network.ckpt"
+    with open_mindspore_file(target) as f:
+        keep = [n for n in f.names() if "." not in n]
+        data = {n: f.read(n).numpy().copy() for n in keep}
+        entries = [TensorEntry(n, f.info(n).shape, f.info(n).dtype) for n in keep]
+    target.unlink()
+    write_mindspore_file(target, entries, lambda e: data[e.name])
+    out = tmp_path / "out"
+    proc = convert_back(copy, ms / "pt_meta", out)
+    assert_refused(proc, out, str(target), f"found 0 parameters and moments (only {len(keep)} scalars: ")
+    assert "--convert-param-only" not in proc.stdout
