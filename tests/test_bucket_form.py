@@ -368,3 +368,25 @@ def test_a_file_without_parameters_says_what_it_holds(named, tmp_path):
     proc = convert_back(copy, ms / "pt_meta", out)
     assert_refused(proc, out, str(target), f"found 0 parameters and moments (only {len(keep)} scalars: ")
     assert "--convert-param-only" not in proc.stdout
+
+
+def layout_info(buckets: list[int], params: dict) -> dict:
+    return {"dp_rank_list": [0, 1], "param_info": params,
+            "buffer_info": {"0": {"buckets": {str(k): [n, n] for k, n in enumerate(buckets)},
+                                  "buffer_size": sum(buckets), "bucket_num": len(buckets)}}}
+
+
+def test_the_plan_is_checked_without_tensor_data():
+    """plan_layout works from the JSON and the headers' shard sizes alone (no file is opened)."""
+    from megatron_ms_convert.mindspore.bucket_form import Segment, plan_layout
+    info = layout_info([6, 7], {"b": {"range_map": [0, 0, 0, 6], "shape": [2, 3]},
+                                "a": {"range_map": [0, 1, 6, 13], "shape": [7]}})
+    with pytest.raises(ConvertInputError, match=r"1 element\(s\) of a are in no shard"):
+        plan_layout(info, Path("j.json"), {(0, 0): 3, (0, 1): 3}, Path("f.ckpt"))
+    with pytest.raises(ConvertInputError, match="buffer_0_bucket_1 of 3 elements"):
+        plan_layout(info, Path("j.json"), {(0, 0): 3, (0, 1): 4}, Path("f.ckpt"))
+    info = layout_info([6, 8], {"b": {"range_map": [0, 0, 0, 6], "shape": [2, 3]},
+                                "a": {"range_map": [0, 1, 6, 13], "shape": [7]}})
+    layout = plan_layout(info, Path("j.json"), {(0, 0): 3, (0, 1): 4}, Path("f.ckpt"))
+    assert [p.segments for p in layout.params] == [
+        (Segment(0, 0, 0, 3), Segment(3, 1, 0, 3)), (Segment(0, 0, 0, 4), Segment(4, 1, 0, 3))]
