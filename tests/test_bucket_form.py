@@ -390,3 +390,19 @@ def test_the_plan_is_checked_without_tensor_data():
     layout = plan_layout(info, Path("j.json"), {(0, 0): 3, (0, 1): 4}, Path("f.ckpt"))
     assert [p.segments for p in layout.params] == [
         (Segment(0, 0, 0, 3), Segment(3, 1, 0, 3)), (Segment(0, 0, 0, 4), Segment(4, 1, 0, 3))]
+
+
+def test_the_bucket_form_in_safetensors(named, tmp_path):
+    """mindspeed_ms saves with format=safetensors too: the same files come back as from the named files."""
+    spec = named["even"][0]
+    ms = tmp_path / "ms"
+    to_ms(write_fixture(tmp_path / "megatron", spec).megatron_path, ms,
+          ["--tp-size", 2, "--pp-size", 2, "--dp-size", 2, "--format", "safetensors"])
+    flags = ("--src-model-format", "safetensors")
+    assert convert_back(ms, ms / "pt_meta", tmp_path / "reference", *flags).returncode == 0
+    write_bucket_form(ms, tmp_path / "bucket", 2, 2, 2, 300, True, RUN_DTYPE[spec.dtype], fmt="safetensors")
+    assert list((tmp_path / "bucket").glob("rank_*/*.safetensors"))
+    proc = convert_back(tmp_path / "bucket", ms / "pt_meta", tmp_path / "out", *flags)
+    assert proc.returncode == 0, proc.stdout
+    assert "bucket form" in proc.stdout
+    assert assert_same_files(tmp_path / "reference", tmp_path / "out") == 8
