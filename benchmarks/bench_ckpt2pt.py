@@ -2,7 +2,7 @@
 """Benchmark convert_ckpt2pt.py against an I/O floor measured in the same run. Not part of CI.
 
     python3 benchmarks/bench_ckpt2pt.py [--hidden 1024] [--layers 4 12] [--workdir DIR] [--repeat 2]
-                                        [--also CHECKOUT ...] [--crc-check]
+                                        [--also CHECKOUT ...] [--crc-check] [--form named|bucket]
 
 For each --hidden and --layers: writes a Megatron-format fixture (tp 2, pp 2, dp 2, bf16, vocab 8000,
 buckets of 2M elements, padded) with tests/megatron_fixture.py, converts it to MindSpore with convert_pt2ckpt.py,
@@ -12,6 +12,9 @@ and write as many bytes as the conversion wrote, with fsync, using the same inte
 Reports the median wall time of each and the largest per-worker peak RssAnon. `--also` times the
 convert_ckpt2pt.py of other checkouts (say, an earlier commit unpacked with `git archive`) in the same
 rounds, right after this one's, so a before/after comparison sees the same machine load.
+`--form bucket` converts back from MindSpeed's DistributedOptimizer bucket form instead, made from the
+MindSpore files by tests/mindspeed_bucket_fixture.py (dp 2, buckets of 2M elements, mem align, bf16
+slots); the floor then reads every dp rank's bucket file.
 """
 
 from __future__ import annotations
@@ -54,7 +57,19 @@ def run(cmd: list[str], cwd: Path = ROOT) -> tuple[float, str]:
     return time.perf_counter() - start, proc.stdout
 
 
-def prepare(workdir: Path, hidden: int, layers: int) -> Path:
+def prepare(workdir: Path, hidden: int, layers: int, form: str = "named") -> tuple[Path, Path]:
+    """(the folder to convert back, its pt_meta)."""
+    ms = prepare_named(workdir, hidden, layers)
+    if form == "named":
+        return ms, ms / "pt_meta"
+    bucket = ms.parent / "bucket"
+    if not bucket.is_dir():
+        run([sys.executable, "tests/mindspeed_bucket_fixture.py", "--named", str(ms), "--out", str(bucket),
+             "--tp", "2", "--pp", "2", "--dp", "2", "--bucket-size", "2000000", "--param-dtype", "bfloat16"])
+    return bucket, ms / "pt_meta"
+
+
+def prepare_named(workdir: Path, hidden: int, layers: int) -> Path:
     save, ms = workdir / f"h{hidden}_l{layers}" / "save", workdir / f"h{hidden}_l{layers}" / "ms"
     if not ms.is_dir():
         run([sys.executable, "tests/megatron_fixture.py", "--out", str(save), "--tp", "2", "--pp", "2", "--dp", "2",
@@ -78,23 +93,24 @@ def with_crc_trailers(ms: Path) -> Path:
     return crc_ms
 
 
-def convert_back(ms: Path, out: Path, checkout: Path) -> tuple[float, str]:
+def convert_back(ms: Path, out: Path, checkout: Path, pt_meta: Path | None = None) -> tuple[float, str]:
     shutil.rmtree(out, ignore_errors=True)
-    return run([sys.executable, "convert_ckpt2pt.py", "--ms-path", str(ms), "--param-map-path", str(ms / "pt_meta"),
+    return run([sys.executable, "convert_ckpt2pt.py", "--ms-path", str(ms), "--param-map-path",
+                str(pt_meta or ms / "pt_meta"),
                 "--megatron-path", str(out), "--tp-size", "2", "--pp-size", "2", "--dp-size", "2", "--cp-size", "1",
                 "--vpp-size", "1", "--process-limit", "2", "--debug"], cwd=checkout)
 
 
-def measure(ms: Path, workdir: Path, repeat: int, others: list[Path]) -> dict:
+def measure(ms: Path, workdir: Path, repeat: int, others: list[Path], pt_meta: Path | None = None) -> dict:
     conv, floor, peaks, written, also = [], [], [], 0, {other: [] for other in others}
     for _ in range(repeat):
         out = workdir / "back"
-        seconds, log = convert_back(ms, out, ROOT)
+        seconds, log = convert_back(ms, out, ROOT, pt_meta)
         conv.append(seconds)
         peaks += [float(m) for m in re.findall(r"peak anonymous memory ([0-9.]+) MiB", log)]
         written = sum(p.stat().st_size for p in out.rglob("*.pt"))
         for other in others:
-            also[other].append(convert_back(ms, out, other)[0])
+            also[other].append(convert_back(ms, out, other, pt_meta)[0])
         shutil.rmtree(out)
         files = sorted(str(p) for p in ms.glob("rank_*/*.ckpt"))
         start = time.perf_counter()
@@ -114,6 +130,8 @@ def main() -> int:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12])
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--form", choices=["named", "bucket"], default="named",
+                        help="convert back from the name-keyed files or from MindSpeed's bucket form")
     parser.add_argument("--also", type=Path, nargs="*", default=[], metavar="CHECKOUT",
                         help="other checkouts whose convert_ckpt2pt.py to time in the same rounds")
     parser.add_argument("--crc-check", action="store_true",
@@ -126,8 +144,9 @@ def main() -> int:
     print("|---|---|---|---|---|---|---|---|" + "---|---|" * len(args.also))
     for hidden in args.hidden:
         for layers in args.layers:
-            ms = prepare(workdir, hidden, layers)
-            r = measure(with_crc_trailers(ms) if args.crc_check else ms, workdir, args.repeat, args.also)
+            source, pt_meta = prepare(workdir, hidden, layers, args.form)
+            source = with_crc_trailers(source) if args.crc_check else source
+            r = measure(source, workdir, args.repeat, args.also, pt_meta)
             others = "".join(f" {s:.2f} | {s / r['floor_s']:.2f} |" for s in r["also_s"])
             print(f"| {hidden} | {layers} | {r['source_mib']:.0f} | {r['written_mib']:.0f} | {r['conv_s']:.2f} "
                   f"| {r['floor_s']:.2f} | {r['conv_s'] / r['floor_s']:.2f} | {r['peak_worker_anon_mib']:.0f} |"

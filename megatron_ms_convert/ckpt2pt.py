@@ -45,7 +45,7 @@ from .megatron.checkpoint import TRACKER_FILE, load_pt, optimizer_param_groups
 from .megatron.layout import state_key_for
 from .megatron.pt_meta import args_file_name, args_file_pattern, manifest_file_name
 from .megatron.writer import OPTIMIZER_STATES, skeleton_specs, target_counts
-from .mindspore.reader import open_mindspore_file
+from .mindspore.bucket_form import BucketSource, describe_source, open_rank_source, rank_source
 from .naming import (NamingFacts, is_expert_key, local_expert_index, local_layer_numbers, megatron_name,
                      megatron_state_dict_key, naming_facts, renumber_layers, split_state, stacked_expert_name)
 from .plan import BackPlan, BackTarget, RankMeta
@@ -93,6 +93,8 @@ class Options:
     check: bool = False
     ep_size: int | None = None
     dry_run: bool = False
+    ms_form: str | None = None  # "bucket" / "named": which files of rank folders holding both forms
+    opt_shard_info: Path | None = None  # where the bucket form's layout JSON is, when not beside the rank folders
 
 
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
@@ -113,7 +115,8 @@ def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None 
         process_limit=ns.process_limit, multiprocess_off=ns.multiprocess_off, process_timeout=ns.process_timeout,
         iteration=ns.iteration, consumed_train_samples=ns.consumed_train_samples, verify=ns.verify,
         overwrite=ns.overwrite, debug=ns.debug, shard=Shard.parse(ns.shard, environ) if ns.shard else None,
-        check=ns.check, ep_size=ns.ep_size, dry_run=ns.dry_run)
+        check=ns.check, ep_size=ns.ep_size, dry_run=ns.dry_run, ms_form=ns.ms_form,
+        opt_shard_info=Path(ns.opt_shard_info).resolve() if ns.opt_shard_info else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +151,21 @@ def pick_ms_file(rank_dir: Path, fmt: str) -> Path:
                                 found=", ".join(others) or "an empty folder",
                                 fix="check --src-model-format and --ms-path")
     return max(files, key=lambda p: (p.stat().st_mtime_ns, p.name))
+
+
+def read_source(options: Options, ms_rank: int, rank: "RankMeta") -> tuple[Path, BucketSource | None]:
+    """The file of rank_<ms_rank> and, when it is MindSpeed's DistributedOptimizer bucket form, its
+    group's inputs (docs/bucket-form.md). That form saves only the dense grad buffers' parameters."""
+    path, bucket = rank_source(options.ms_path / f"rank_{ms_rank}", options.ms_path, options.fmt, options.ms_form,
+                               options.opt_shard_info, pick_ms_file, options.ms_dp_size * options.ms_cp_size)
+    if bucket is not None and rank.num_local_experts:
+        raise ConvertInputError(f"{path}: MindSpeed's DistributedOptimizer bucket form of a MoE run ({rank.path})",
+                                expected="every expert parameter",
+                                found="none: mindspeed_ms hands only the dense grad buffers to its "
+                                      "DistributedOptimizer, so expert weights and moments are not saved in this form",
+                                fix="convert a name-keyed checkpoint of the run (saved without "
+                                    "use_distributed_optimizer)")
+    return path, bucket
 
 
 def pt_meta_file(param_map_path: Path, tp: int, pp: int, ep: int = 0, ep_size: int = 1) -> Path:
@@ -352,9 +370,10 @@ def map_sources(rank: RankMeta, ms: MsFileFacts, topo: Topology, tp_pp: tuple[in
     if missing:
         raise ConvertInputError(f"{ms.path}: {len(missing)} tensors missing, e.g. {', '.join(missing[:3])}",
                                 expected=f"every parameter{'' if options.convert_param_only else ' and moment'} of "
-                                         f"{rank.path}", found=f"{len(index)} parameters and moments",
-                                fix="check --param-map-path (the pt_meta of this run), --noop, the rank sizes; "
-                                    "or pass --convert-param-only for a file without optimizer state")
+                                         f"{rank.path}", found=found_in(ms, index),
+                                fix="check --param-map-path (the pt_meta of this run), --noop, the rank sizes" + (
+                                    "; or pass --convert-param-only for a file without optimizer state"
+                                    if all(not m.startswith("param ") for m in missing) else ""))
     used = {name for _, (name, _row) in out}
     # the dense moments in the file of an ep rank > 0 are copies of ep rank 0's, which its folder saves
     dense_moments_elsewhere = rank.distrib_parts()[0] is None
@@ -369,6 +388,15 @@ def map_sources(rank: RankMeta, ms: MsFileFacts, topo: Topology, tp_pp: tuple[in
                                 fix="pass --noop with the MindSpore model's no-op layers, or check --param-map-path "
                                     "and the rank sizes")
     return tuple(out)
+
+
+def found_in(ms: MsFileFacts, index: dict) -> str:
+    """What a file holds, for the message of a file that lacks tensors."""
+    if ms.contents:
+        return f"{len(index)} parameters and moments in {ms.contents}"
+    scalars = [n for n in ms.names() if "." not in n]
+    return f"{len(index)} parameters and moments" + (f" (only {len(scalars)} scalars: {', '.join(scalars[:4])}, ...)"
+                                                     if not index and scalars else "")
 
 
 def plan_rank(rank: RankMeta, ms: MsFileFacts, topo: Topology, tp: int, pp: int, options: Options,
@@ -395,7 +423,7 @@ def plan_rank(rank: RankMeta, ms: MsFileFacts, topo: Topology, tp: int, pp: int,
         args_updates=tuple(args_updates), group_updates=group_updates(ms, groups),
         scheduler_updates=scheduler_updates(ms, dict(meta.get("opt_param_scheduler") or {})),
         manifest_file=iteration_dir / MANIFEST_DIR / manifest_file_name(tp, pp, ep, topo.ep_size),
-        num_chunks=len(rank.skeletons), ep_size=topo.ep_size)
+        num_chunks=len(rank.skeletons), ep_size=topo.ep_size, bucket=ms.bucket)
     return dataclasses.replace(plan, targets=back_targets(rank, plan))
 
 
@@ -475,10 +503,13 @@ def read_facts(options: Options) -> BackFacts:
     files = {}
     for tp, pp, ep in ranks:
         # ep rank e's experts are in the file of dp rank e (whose ep rank is e mod ep_size), cp 0
-        path = pick_ms_file(options.ms_path / f"rank_{topo.ms_rank(tp, pp, dp=ep)}", options.fmt)
-        log.info("rank tp %d pp %d%s: reading %s", tp, pp, f" ep {ep}" if ep_size > 1 else "", path)
-        with open_mindspore_file(path, options.fmt) as ms:
-            files[(tp, pp, ep)] = read_ms_facts(ms)
+        path, bucket = read_source(options, topo.ms_rank(tp, pp, dp=ep), metas[(tp, pp, ep)])
+        log.info("rank tp %d pp %d%s: reading %s", tp, pp, f" ep {ep}" if ep_size > 1 else "",
+                 describe_source(path, bucket))
+        with open_rank_source(path, options.fmt, bucket) as ms:
+            if bucket is not None:
+                log.debug("%s", ms.layout.describe())
+            files[(tp, pp, ep)] = read_ms_facts(ms, bucket)
     return BackFacts(topo, metas, files)
 
 

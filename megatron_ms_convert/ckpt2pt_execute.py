@@ -20,7 +20,8 @@ from .megatron.pt_meta import DOCUMENTED_KEYS
 from .megatron.torch_writer import write_torch_file
 from .megatron.writer import (OPTIMIZER_STATES, TrainingUpdates, apply_training_updates, distrib_optim_tree,
                               model_optim_rng_tree, skeleton_specs, target_counts)
-from .mindspore.reader import MindSporeFile, open_mindspore_file
+from .mindspore.bucket_form import open_rank_source
+from .mindspore.reader import MindSporeFile
 from .plan import BackPlan, RankMeta, StatePart
 from .runner import RankResult, RunSettings, anon_memory_bytes
 from .topology import DISTRIB_FILE, MODEL_FILE
@@ -80,7 +81,7 @@ def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True) -> R
     output that fails --verify is removed."""
     rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp, plan.num_chunks)
     result = RankResult(plan.folder.name, "skipped")
-    with open_mindspore_file(plan.source_file, plan.fmt) as ms:
+    with open_rank_source(plan.source_file, plan.fmt, plan.bucket) as ms:
         ms.check_crc()  # a crc_check=True save's CRC, before anything is written
         sources = RankSources(plan, ms)
         if write:

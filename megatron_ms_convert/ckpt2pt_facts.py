@@ -16,6 +16,7 @@ from .megatron.checkpoint import load_pt
 from .megatron.layout import list_param_map_files, read_rank_layouts, state_key_for
 from .megatron.pt_meta import counts_from_meta, layouts_from_meta, skeletons_from_meta
 from .megatron.rebuild_rules import rule_counts, rule_skeletons
+from .mindspore.bucket_form import BucketRankFile, BucketSource
 from .mindspore.reader import MindSporeFile, StoredTensor
 from .naming import naming_facts
 from .plan import RankMeta
@@ -72,6 +73,10 @@ class MsFileFacts:
     path: Path
     tensors: tuple[StoredTensor, ...]
     values: tuple[tuple[str, float | int], ...]  # (name, value) of every one-element tensor
+    # MindSpeed's bucket form: the files of the rank's dp group the tensors are read from, and what
+    # they hold (for messages); None / "" for a file of named tensors
+    bucket: BucketSource | None = None
+    contents: str = ""
 
     def names(self) -> list[str]:
         return [t.name for t in self.tensors]
@@ -93,8 +98,8 @@ class MsFileFacts:
         return dict(self.values)[name]
 
 
-def read_ms_facts(ms: MindSporeFile) -> MsFileFacts:
+def read_ms_facts(ms: MindSporeFile | BucketRankFile, bucket: BucketSource | None = None) -> MsFileFacts:
     """The header of an open MindSpore file and the values of its one-element tensors (a few bytes)."""
     tensors = tuple(ms.info(name) for name in ms.names())
     values = tuple((t.name, ms.read(t.name).reshape(()).item()) for t in tensors if math.prod(t.shape) == 1)
-    return MsFileFacts(ms.path, tensors, values)
+    return MsFileFacts(ms.path, tensors, values, bucket, ms.describe_contents() if bucket is not None else "")

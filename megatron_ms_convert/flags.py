@@ -13,6 +13,7 @@ from .naming import STYLES
 from .shard import add_shard_flags
 
 EPILOG = "full reference: docs/usage.md"
+MS_FORMS = ("bucket", "named")  # the two forms of MindSpore rank files the way back reads (--ms-form)
 
 
 class ShowDefaults(argparse.HelpFormatter):
@@ -23,6 +24,19 @@ class ShowDefaults(argparse.HelpFormatter):
         if action.default not in (None, False, argparse.SUPPRESS) and "default" not in text:
             text += " (default: %(default)s)"
         return text
+
+
+def add_bucket_form_flags(parser: argparse.ArgumentParser) -> None:
+    """--ms-form and --opt-shard-info: reading what MindSpeed-Core-MS's DistributedOptimizer saves."""
+    group = parser.add_argument_group(title="MindSpeed's DistributedOptimizer files (not in the documented tool)")
+    group.add_argument("--ms-form", choices=MS_FORMS, default=None,
+                       help="which files to read in rank folders holding both forms (combine_ckpt_dp_zero.py run in "
+                            "place): bucket = the buffer_<b>_bucket_<k> shards mindspeed_ms saves with its "
+                            "DistributedOptimizer, named = files of named parameters (default: the form of the file "
+                            "meta.json names, which must also be the newest file's)")
+    group.add_argument("--opt-shard-info", type=str, default=None, metavar="PATH",
+                       help="the opt_shard_info folder (or the training output_dir holding it) with the layout JSON "
+                            "of the bucket form (default: beside the rank folders, --ms-path/opt_shard_info)")
 
 
 def add_dry_run_flag(parser: argparse.ArgumentParser) -> None:
@@ -175,5 +189,6 @@ def ckpt2pt_parser() -> argparse.ArgumentParser:
                             "outputs written from another source")
     group.add_argument("--debug", action="store_true", default=False, help="print debug info (the plans)")
     add_shard_flags(parser, "--megatron-path")
+    add_bucket_form_flags(parser)
     add_dry_run_flag(parser)
     return parser

@@ -12,13 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import TYPE_CHECKING, Any, Union
 
 from .megatron.layout import BucketCounts, BufferLayout
 from .mindspore.format import ITEMSIZE
 from .megatron.pt_meta import is_moe_record
 from .naming import is_expert_key
 from .topology import DISTRIB_FILE, MODEL_FILE, RankFolder
+
+if TYPE_CHECKING:  # the records name the type; reading the form is the facts step's business
+    from .mindspore.bucket_form import BucketSource
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,7 @@ class BackPlan:
     manifest_file: Path
     num_chunks: int = 1
     ep_size: int = 1  # the expert buffers are padded for dp_cp // ep_size (the expert-data-parallel size)
+    bucket: BucketSource | None = None  # MindSpeed's bucket form: source_file is dp rank 0's of these files
     fingerprint: str = field(default="", compare=False)
     # every output tensor, for describe(): what the worker derives from pt_meta again (not part of the
     # fingerprint, which predates it)
@@ -227,7 +231,7 @@ class BackPlan:
 
     def source_files(self) -> list[Path]:
         """The files the plan reads, whose identity its fingerprint records."""
-        return [self.source_file, self.pt_meta_file]
+        return [self.source_file, self.pt_meta_file, *(self.bucket.inputs if self.bucket else ())]
 
     def describe(self) -> str:
         lines = [f"plan for {self.source_file} -> {self.out_dir} (iteration {self.iteration}, dp x cp {self.dp_cp})"]

@@ -188,6 +188,20 @@ class MindSporeFile:
                                     found=f"{found & 0xFFFFFFFF:08x}", fix=FIX_RECOPY)
         return True
 
+    def read_elements(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Elements [start, start + count) of the flattened tensor, reading only their bytes: a slice
+        of a shard over 512 MiB (split over messages) is not copied whole for each parameter in it."""
+        loc = self._located(name)
+        if self._mm is None:
+            raise ValueError(f"{self.path}: file is closed")
+        dtype = TORCH_DTYPES[loc.info.dtype]
+        if start < 0 or count < 0 or start + count > math.prod(loc.info.shape):
+            raise IndexError(f"{self.path}: {name} of shape {list(loc.info.shape)} has no elements "
+                             f"[{start}, {start + count})")
+        if count == 0:
+            return torch.empty(0, dtype=dtype)
+        return self._bytes(byte_range(loc.pieces, start * dtype.itemsize, count * dtype.itemsize)).view(dtype)
+
     def _bytes(self, pieces) -> torch.Tensor:
         """The bytes of `pieces`: a view of the mapping for one piece, else a joined copy."""
         if len(pieces) == 1:
