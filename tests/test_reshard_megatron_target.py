@@ -32,9 +32,15 @@ from megatron_ms_convert.megatron.layout import (list_expert_param_map_files, li
                                                  read_rank_layouts)
 from megatron_ms_convert.megatron.writer import TensorSpec, skeleton_specs  # noqa: E402
 from megatron_ms_convert.reshard import MEGATRON, ModelFacts, ParallelLayout, RankCoord  # noqa: E402
-from megatron_ms_convert.reshard.megatron_target import (BufferSettings, check_megatron_target,  # noqa: E402
-                                                         chunk_skeleton, group_templates, rank_buffers,
-                                                         rank_parameters, target_args, target_param_groups)
+from megatron_ms_convert.reshard.megatron_target import (BufferSettings, buffer_settings_of,  # noqa: E402
+                                                         check_megatron_target, chunk_skeleton, group_templates,
+                                                         model_facts_of, rank_buffers, rank_parameters, target_args,
+                                                         target_param_groups, target_rank_meta)
+from megatron_ms_convert.ckpt2pt import pt_meta_file  # noqa: E402
+from megatron_ms_convert.ckpt2pt_facts import read_rank_meta  # noqa: E402
+from megatron_ms_convert.megatron.checkpoint import optimizer_param_groups  # noqa: E402
+from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main  # noqa: E402
+from tests.helpers import in_process  # noqa: E402
 from tests.real_megatron import MegatronSpec, WorkerFailed, run_megatron, save_real_checkpoint  # noqa: E402
 
 SPECS = {
@@ -159,6 +165,37 @@ def test_model_skeleton_is_model_optim_rngs(native):
             want = [(k, s.shape, s.dtype)
                     for k, s in skeleton_specs(chunk_skeleton(params, "mcore", "torch.bfloat16"))]
             assert got == want, (rank, v)
+
+
+def test_target_rank_meta_is_what_pt_meta_records_at_the_runs_own_layout(native, tmp_path):
+    """The bridge to the way back's writer: at the recorded layout, target_rank_meta (from rank 0's
+    record and every rank's groups) equals each folder's pt_meta record as convert_pt2ckpt.py read it
+    off the real files (layouts inferred from distrib_optim.pt's bucket sizes)."""
+    _, spec, saved = native
+    forward = in_process(pt2ckpt_main, "--megatron-path", saved.path, "--ms-path", tmp_path / "ms", "--tp-size",
+                         spec.tp, "--pp-size", spec.pp, "--vpp-size", spec.vpp, "--dp-size", spec.dp)
+    assert forward.returncode == 0, forward.stdout
+    records = {rank: read_rank_meta(pt_meta_file(tmp_path / "ms" / "pt_meta", rank.tp, rank.pp, rank.ep, spec.ep),
+                                    True, rank.tp, rank.pp, spec.vpp) for rank, _ in _folders(spec)}
+    first = records[RankCoord()]
+    args = first.meta["args"]
+    model = model_facts_of(args)
+    assert model == model_of(spec)
+    groups = [g for rec in records.values() for g in optimizer_param_groups(rec.meta["optimizer"])]
+    settings = buffer_settings_of(args, spec.dp, 1, spec.ep, bucket_size=spec.bucket_size)
+    for rank, rec in records.items():
+        mine = target_rank_meta(first, groups, model, layout_of(spec), rank, settings)
+        assert [[(k, s) for k, s in skeleton_specs(sk) if not k.endswith("_extra_state")] for sk in rec.skeletons] \
+            == [skeleton_specs(sk) for sk in mine.skeletons], rank
+        for got, want in zip(mine.distrib_parts(), rec.distrib_parts(), strict=True):
+            assert (got is None) == (want is None), rank
+            if want is not None:
+                assert _spans(got.layouts) == _spans(want.layouts) and got.counts == want.counts, (rank, want.kind)
+        assert optimizer_param_groups(mine.meta["optimizer"]) == optimizer_param_groups(rec.meta["optimizer"]), rank
+        fields = ("tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+                  "num_layers_per_virtual_pipeline_stage", "expert_model_parallel_size", "data_parallel_size",
+                  "world_size", "make_vocab_size_divisible_by", "padded_vocab_size")
+        assert {f: getattr(mine.meta["args"], f) for f in fields} == {f: getattr(rec.meta["args"], f) for f in fields}
 
 
 def test_a_target_megatron_asserts_on_is_refused_and_megatron_really_fails(tmp_path):

@@ -45,7 +45,8 @@ from ..errors import ConvertInputError
 from ..megatron.layout import BucketCounts, BufferLayout, infer_layouts
 from ..megatron.rebuild_rules import nesting_path
 from ..megatron.writer import TensorSpec, torch_dtype
-from ..naming import NamingFacts, megatron_state_dict_key
+from ..naming import NamingFacts, megatron_state_dict_key, naming_facts
+from ..plan import RankMeta
 from .model import ModelFacts, check_fits, check_model, megatron_vocab_divisor
 from .placement import MEGATRON, TARGET, ParallelLayout, RankCoord, layer_placement
 
@@ -438,3 +439,72 @@ def target_args(args: Any, model: ModelFacts, target: ParallelLayout, settings: 
     for key, value in updates.items():
         setattr(new, key, value)
     return TargetArgs(new, tuple(flags))
+
+
+# ---------------------------------------------------------------------------------------------
+# In the way back's terms
+
+
+def model_facts_of(args: Any, keys: Sequence[str] = ()) -> ModelFacts:
+    """The ModelFacts of a run from its saved args (r0.6.0's defaults where they lack a field)."""
+    naming = naming_facts(args, keys=keys)
+
+    def arg(name: str, default: Any = None) -> Any:
+        value = getattr(args, name, default)
+        return default if value is None else value
+
+    heads = args.num_attention_heads
+    groups = arg("num_query_groups", heads) if arg("group_query_attention", False) else heads
+    learned = arg("position_embedding_type", "learned_absolute") == "learned_absolute"
+    linear_bias = bool(arg("add_bias_linear", True))
+    return ModelFacts(
+        num_layers=args.num_layers, hidden=args.hidden_size, heads=heads, query_groups=groups,
+        ffn=args.ffn_hidden_size, padded_vocab=args.padded_vocab_size, kv_channels=arg("kv_channels", 0),
+        family=naming.family, normalization=naming.normalization, te_norms=naming.te_norms, tied=naming.tied,
+        max_position=args.max_position_embeddings if learned else 0, swiglu=bool(arg("swiglu", False)),
+        linear_bias=linear_bias, qkv_bias=linear_bias or bool(arg("add_qkv_bias", False)),
+        num_experts=arg("num_experts", 0), moe_grouped_gemm=bool(arg("moe_grouped_gemm", False)),
+        fp8=bool(arg("fp8", None)), standalone_embedding_stage=bool(arg("standalone_embedding_stage", False)))
+
+
+def buffer_settings_of(args: Any, dp: int, cp: int, ep: int,
+                       bucket_size: int | None = DEFAULT_BUCKET_SIZE) -> BufferSettings:
+    """How a run with these args at (dp, cp, ep) builds its grad buffers. `bucket_size`: r0.6.0's
+    fixed 40M unless the fork that trained set another (Megatron's args do not record it)."""
+    half = getattr(args, "bf16", False) or getattr(args, "fp16", False)
+    dtype = "torch.bfloat16" if getattr(args, "bf16", False) else "torch.float16" if half else "torch.float32"
+    return BufferSettings(dp=dp, cp=cp, ep=ep, param_dtype=dtype,
+                          grad_in_fp32=bool(getattr(args, "accumulate_allreduce_grads_in_fp32", False)),
+                          overlap_grad_reduce=bool(getattr(args, "overlap_grad_reduce", False)),
+                          bucket_size=bucket_size, wrapped=bool(half))
+
+
+def target_rank_meta(source: RankMeta, recorded_groups: Sequence[dict], model: ModelFacts, target: ParallelLayout,
+                     rank: RankCoord, settings: BufferSettings) -> RankMeta:
+    """What a pt_meta record of target folder `rank` would hold had Megatron run at the target layout:
+    skeletons, buffers, the rank's own param_groups (from the templates of every recorded rank's groups,
+    `recorded_groups`), and the target's args; the rest (iteration, scheduler, rng state: rng cannot be
+    re-sharded) from `source`, a record of the same run."""
+    chunks = rank_parameters(model, target, rank)
+    buffers = rank_buffers(model, target, rank, settings, chunks)
+    dense_groups, expert_groups = target_param_groups(
+        chunks, group_templates(recorded_groups, str(source.path)),
+        decoupled_lr=getattr(source.meta["args"], "decoupled_lr", None) is not None, where=str(source.path))
+    meta = copy.deepcopy(source.meta)
+    meta["args"] = target_args(source.meta["args"], model, target, settings).args
+    parts = source.meta.get("optimizer")
+    parts = copy.deepcopy(parts if isinstance(parts, list) else [parts])
+    dense_part = next((p for p in parts if isinstance(p, dict)), {"optimizer": {}})
+    expert_part = copy.deepcopy(parts[1] if len(parts) > 1 and isinstance(parts[1], dict) else dense_part)
+    dense_part.setdefault("optimizer", {})["param_groups"] = dense_groups
+    if target.ep > 1:
+        expert_part.setdefault("optimizer", {})["param_groups"] = expert_groups
+        meta["optimizer"] = [dense_part, expert_part]
+    else:
+        meta["optimizer"] = dense_part
+    per_rank = model.num_experts // target.ep if model.num_experts else 0
+    meta.update(distrib_form="list" if target.ep > 1 else "dict", ep_rank=rank.ep, ep_size=target.ep,
+                num_local_experts=per_rank, folder_name=None, layouts=None, expert_layouts=None)
+    skeletons = [chunk_skeleton(params, model.family, settings.param_dtype) for params in chunks]
+    return RankMeta(source.path, meta, skeletons, list(buffers.dense_layouts), list(buffers.dense_counts),
+                    list(buffers.expert_layouts) or None, list(buffers.expert_counts) or None)
