@@ -60,7 +60,7 @@ SPECS = {
 def model_of(spec: MegatronSpec) -> ModelFacts:
     return ModelFacts(num_layers=spec.num_layers, hidden=spec.hidden, heads=spec.heads, query_groups=spec.heads,
                       ffn=spec.ffn, padded_vocab=spec.padded_vocab, family="mcore", tied=not spec.untie_embeddings,
-                      max_position=spec.seq, num_experts=spec.num_experts or 0)
+                      max_position=spec.seq, num_experts=spec.num_experts or 0, kv_channels=spec.hidden // spec.heads)
 
 
 def layout_of(spec: MegatronSpec) -> ParallelLayout:
