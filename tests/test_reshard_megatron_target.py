@@ -33,7 +33,8 @@ from megatron_ms_convert.megatron.layout import (list_expert_param_map_files, li
 from megatron_ms_convert.megatron.writer import TensorSpec, skeleton_specs  # noqa: E402
 from megatron_ms_convert.reshard import MEGATRON, ModelFacts, ParallelLayout, RankCoord  # noqa: E402
 from megatron_ms_convert.reshard.megatron_target import (BufferSettings, buffer_settings_of,  # noqa: E402
-                                                         check_megatron_target, chunk_skeleton, group_templates,
+                                                         check_megatron_target, check_rules_reproduce,
+                                                         chunk_skeleton, group_templates,
                                                          model_facts_of, rank_buffers, rank_parameters, target_args,
                                                          target_param_groups, target_rank_meta)
 from megatron_ms_convert.ckpt2pt import pt_meta_file  # noqa: E402
@@ -48,12 +49,14 @@ SPECS = {
     "tp2_pp2_tied": MegatronSpec(tp=2, pp=2, ffn=66, bucket_size=1500),
     # dp 2 padding, overlap off: one bucket per buffer, the shared embedding still alone
     "pp2_dp2_tied_no_overlap": MegatronSpec(pp=2, dp=2, overlap_grad_reduce=False),
-    # interleaved: chunk 0 of stage 0 bucketed, every other chunk one bucket; untied head
-    "pp4_vpp2_untied": MegatronSpec(pp=4, vpp=2, num_layers=8, num_microbatches=4, untie_embeddings=True,
-                                    bucket_size=1000),
+    # interleaved: chunk 0 of stage 0 bucketed, every other chunk one bucket; the tied copy in the
+    # last chunk of the last stage
+    "pp4_vpp2_tied": MegatronSpec(pp=4, vpp=2, num_layers=8, num_microbatches=4, bucket_size=1000),
     "tp4_untied": MegatronSpec(tp=4, untie_embeddings=True, bucket_size=700),
-    # MoE ep 2: expert buffers apart, padded to dp / ep
-    "moe_ep2_dp2": MegatronSpec(dp=2, ep=2, num_experts=4, hidden=34, heads=2, ffn=65, bucket_size=1500),
+    # MoE ep 2: expert buffers apart; hidden 34 and ffn 65 leave dense buckets padded to dp 4 and
+    # expert buckets padded to dp / ep = 2
+    "moe_ep2_dp4": MegatronSpec(dp=4, ep=2, micro_batch=1, num_experts=4, hidden=34, heads=2, ffn=65,
+                                bucket_size=1500),
 }
 
 
@@ -151,6 +154,11 @@ def test_param_groups_are_each_ranks_own_from_one_ranks_templates(native):
             orders.add(tuple(g["wd_mult"] for g in dense))
     if name.startswith(("tp2_pp2", "pp2_dp2")):
         assert len(orders) == 2  # the stages' group orders really differ: a copy would fail above
+    if spec.ep > 1:  # expert groups derived from the dense ones, as for a source run at ep 1
+        dense_only = {key: group for key, group in templates.items() if not key[2]}
+        for rank, _ in _folders(spec):
+            assert (ranks[(rank.tp, rank.pp, rank.ep)]["param_groups"]
+                    == list(target_param_groups(rank_parameters(model, target, rank), dense_only))), rank
 
 
 def test_model_skeleton_is_model_optim_rngs(native):
@@ -196,6 +204,12 @@ def test_target_rank_meta_is_what_pt_meta_records_at_the_runs_own_layout(native,
                   "num_layers_per_virtual_pipeline_stage", "expert_model_parallel_size", "data_parallel_size",
                   "world_size", "make_vocab_size_divisible_by", "padded_vocab_size")
         assert {f: getattr(mine.meta["args"], f) for f in fields} == {f: getattr(rec.meta["args"], f) for f in fields}
+        check_rules_reproduce(rec, mine, str(rec.path))
+    if spec.overlap_grad_reduce:  # the guard notices a bucket size other than the run's
+        unbucketed = target_rank_meta(first, groups, model, layout_of(spec), RankCoord(),
+                                      buffer_settings_of(args, spec.dp, 1, spec.ep, bucket_size=None))
+        with pytest.raises(ConvertInputError, match="grad buffers differ"):
+            check_rules_reproduce(first, unbucketed, str(first.path))
 
 
 def test_a_target_megatron_asserts_on_is_refused_and_megatron_really_fails(tmp_path):

@@ -42,9 +42,10 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import ConvertInputError
-from ..megatron.layout import BucketCounts, BufferLayout, infer_layouts
+from ..megatron.checkpoint import optimizer_param_groups
+from ..megatron.layout import BucketCounts, BufferLayout, infer_layouts, layout_differences
 from ..megatron.rebuild_rules import nesting_path
-from ..megatron.writer import TensorSpec, torch_dtype
+from ..megatron.writer import TensorSpec, skeleton_specs, torch_dtype
 from ..naming import NamingFacts, megatron_state_dict_key, naming_facts
 from ..plan import RankMeta
 from .model import ModelFacts, check_fits, check_model, megatron_vocab_divisor
@@ -504,7 +505,40 @@ def target_rank_meta(source: RankMeta, recorded_groups: Sequence[dict], model: M
         meta["optimizer"] = dense_part
     per_rank = model.num_experts // target.ep if model.num_experts else 0
     meta.update(distrib_form="list" if target.ep > 1 else "dict", ep_rank=rank.ep, ep_size=target.ep,
-                num_local_experts=per_rank, folder_name=None, layouts=None, expert_layouts=None)
+                num_local_experts=per_rank)
+    # the source folder's raw records do not describe the target: the decoded fields below do
+    for key in ("folder_name", "layouts", "expert_layouts", "state_keys", "param_name_list", "model_skeletons",
+                "per_bucket_numel", "per_bucket_numel_unpadded", "expert_per_bucket_numel",
+                "expert_per_bucket_numel_unpadded"):
+        meta[key] = None
     skeletons = [chunk_skeleton(params, model.family, settings.param_dtype) for params in chunks]
     return RankMeta(source.path, meta, skeletons, list(buffers.dense_layouts), list(buffers.dense_counts),
                     list(buffers.expert_layouts) or None, list(buffers.expert_counts) or None)
+
+
+def check_rules_reproduce(recorded: RankMeta, computed: RankMeta, where: str) -> None:
+    """Refuse to write at a new layout when the rules, applied at the RECORDED layout, do not rebuild
+    what the record holds (a fork with another bucket size or parameter order, or model facts read
+    wrongly from the args): the same rules would then be wrong at the target too."""
+    def fail(what: str, expected: str, found: str) -> None:
+        raise ConvertInputError(f"{where}: {what}", expected=expected, found=found,
+                                fix="the training run did not build its buffers as Megatron r0.6.0 does (a fork? "
+                                    "another bucket size?); convert back at the recorded layout")
+
+    want = [[(k, s) for k, s in skeleton_specs(sk) if not k.endswith("_extra_state")] for sk in recorded.skeletons]
+    got = [skeleton_specs(sk) for sk in computed.skeletons]
+    if want != got:
+        diff = next((w, g) for w, g in zip(sum(want, []) + [None], sum(got, []) + [None]) if w != g)
+        fail("the model's parameters differ from the rules' at the recorded layout", str(diff[1]), str(diff[0]))
+    for mine, theirs in zip(computed.distrib_parts(), recorded.distrib_parts()):
+        if theirs is None or mine is None or theirs.layouts is None:
+            continue
+        diffs = layout_differences(theirs.layouts, mine.layouts)
+        if diffs or [(c.padded, c.unpadded) for c in theirs.counts] != [(c.padded, c.unpadded) for c in mine.counts]:
+            fail(f"the {theirs.kind} grad buffers differ from the rules' at the recorded layout",
+                 str([(c.padded, c.unpadded) for c in mine.counts]), diffs[0] if diffs else
+                 str([(c.padded, c.unpadded) for c in theirs.counts]))
+    if optimizer_param_groups(recorded.meta.get("optimizer")) != optimizer_param_groups(computed.meta["optimizer"]):
+        fail("the optimizer's param_groups differ from the rules' at the recorded layout",
+             str(optimizer_param_groups(computed.meta["optimizer"]))[:200],
+             str(optimizer_param_groups(recorded.meta.get("optimizer")))[:200])
