@@ -34,7 +34,7 @@ from megatron_ms_convert.megatron.writer import TensorSpec, skeleton_specs  # no
 from megatron_ms_convert.reshard import MEGATRON, ModelFacts, ParallelLayout, RankCoord  # noqa: E402
 from megatron_ms_convert.reshard.megatron_target import (BufferSettings, buffer_settings_of,  # noqa: E402
                                                          check_megatron_target, check_rules_reproduce,
-                                                         chunk_skeleton, group_templates,
+                                                         chunk_skeleton, group_order, group_templates,
                                                          model_facts_of, rank_buffers, rank_parameters, target_args,
                                                          target_param_groups, target_rank_meta)
 from megatron_ms_convert.ckpt2pt import pt_meta_file  # noqa: E402
@@ -269,3 +269,13 @@ def test_expert_parallel_targets_megatron_refuses(dp, cp, fp16, match):
                        num_experts=4)
     with pytest.raises(ConvertInputError, match=match):
         check_megatron_target(model, ParallelLayout(MEGATRON, ep=2), BufferSettings(dp=dp, cp=cp, ep=2), fp16=fp16)
+
+
+@pytest.mark.parametrize("family, want", [
+    ("mcore", [(1.0, 1.0, False, True), (1.0, 1.0, False, False), (0.0, 1.0, False, False)]),
+    ("legacy", [(1.0, 1.0, False, False), (0.0, 1.0, False, False)])])  # legacy marks no embedding
+def test_decoupled_lr_groups_follow_the_embedding_marks(family, want):
+    model = ModelFacts(num_layers=1, hidden=8, heads=2, query_groups=2, ffn=16, padded_vocab=32, family=family,
+                       tied=False, max_position=4)
+    chunks = rank_parameters(model, ParallelLayout(MEGATRON), RankCoord())
+    assert group_order(chunks, decoupled_lr=True) == want

@@ -159,10 +159,12 @@ def chunk_parameters(model: ModelFacts, target: ParallelLayout, rank: RankCoord,
     last = (rank.pp, chunk) == placement.last
     tied_split = model.tied and target.pp > 1
     h, tp = model.hidden, target.tp
+    # mcore's LanguageModule marks these for --decoupled-lr; the legacy model marks nothing
+    mcore = model.family == "mcore"
     out: list[TargetParam] = []
     if first:
         out.append(_param(names["word"], (model.padded_vocab // tp, h), shared_embedding=tied_split,
-                          embedding_or_output=True))
+                          embedding_or_output=mcore))
         if model.max_position:
             out.append(_param(names["position"], (model.max_position, h)))
     for local in range(placement.counts[chunk][rank.pp]):
@@ -171,10 +173,10 @@ def chunk_parameters(model: ModelFacts, target: ParallelLayout, rank: RankCoord,
     if last:
         out.extend(_param(names["final_norm"] + p, (h,)) for p in _NORM_PARAMS[model.normalization])
         if not model.tied:
-            out.append(_param(names["head"], (model.padded_vocab // tp, h), embedding_or_output=True))
+            out.append(_param(names["head"], (model.padded_vocab // tp, h), embedding_or_output=mcore))
         elif tied_split:
             out.append(_param(names["head_copy"], (model.padded_vocab // tp, h), shared_embedding=True,
-                              embedding_or_output=model.family == "mcore"))
+                              embedding_or_output=mcore))
     return tuple(out)
 
 
