@@ -4,7 +4,9 @@ layout, optimizer state included. One owner per concern:
 - `rules`: each parameter kind's tensor-parallel split rule (a table, as data) and its index arithmetic;
 - `placement`: layouts, layer counts per (chunk, stage) on either side, expert ownership;
 - `model`: a model's parameters as global tensors, and the models / layouts that are refused;
-- `planner`: for every target rank and tensor, the source segments its elements come from.
+- `planner`: for every target rank and tensor, the source segments its elements come from;
+- `megatron_target`: what Megatron r0.6.0 builds at a target layout (parameter order, grad buffers and
+  buckets, each rank's param_groups, state-dict skeleton, args): the way back's structure.
 
 Planning only, so far: the CLI wiring and the executor are not written yet (docs/resharding.md).
 """
