@@ -531,10 +531,9 @@ def plan_conversion(facts: BackFacts, options: Options) -> Job:
 # main
 
 
-def prepare_outputs(options: Options) -> tuple[Job, dict]:
-    """Plan the whole conversion and keep this shard's share of it; which of those an earlier run
-    finished, and no foreign outputs among them."""
-    job = prepare(options)
+def prepare_outputs(options: Options, job: Job) -> tuple[Job, dict]:
+    """This shard's share of the whole conversion's plans; which of those an earlier run finished,
+    and no foreign outputs among them."""
     mine = own_share(job.plans, options.shard, lambda plan: plan.source_file.stat().st_size)
     job = dataclasses.replace(job, plans=list(mine), all_plans=tuple(job.plans))
     if options.shard is not None:
@@ -563,12 +562,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(ns: argparse.Namespace) -> int:
-    """options -> lock --megatron-path -> prepare -> run -> tracker file -> report; returns the exit code."""
+    """options -> plan -> lock --megatron-path -> run -> tracker file -> report; returns the exit code."""
     return run_command(ns, options_of=lambda ns: options_from_args(ns, os.environ),
                        describe=lambda options: (options.ms_path, options.megatron_path),
                        output_flag="--megatron-path", output_of=lambda options: options.megatron_path,
-                       plans_of=lambda options: prepare(options).plans, prepare_outputs=prepare_outputs,
-                       run_and_report=run_and_report)
+                       prepare=prepare, prepare_outputs=prepare_outputs, run_and_report=run_and_report)
 
 
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:

@@ -13,7 +13,7 @@ import torch
 
 from .ckpt2pt_facts import read_rank_meta
 from .errors import VerificationError
-from .manifest import write_manifest
+from .manifest import withdraw_outputs, write_manifest
 from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable, optimizer_param_groups
 from .megatron.layout import state_key_for
 from .megatron.pt_meta import DOCUMENTED_KEYS
@@ -93,6 +93,8 @@ def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True) -> R
                                         rank.meta.get("state_keys"))
             with megatron_enum_importable():
                 write_torch_file(plan.out_dir / MODEL_FILE, tree)
+            # "complete" before --verify reads them back: see docs/output-format.md, "Manifests"
+            write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
             result.status, result.tensors = "converted", len(plan.sources)
             result.bytes_written = sum(p.stat().st_size for p in plan.outputs)
         if settings.verify:
@@ -100,13 +102,9 @@ def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True) -> R
                 result.verified_tensors = verify_rank(plan, rank, sources)
                 result.verified_files = len(plan.outputs)
             except VerificationError:
-                for path in plan.outputs:
-                    path.unlink(missing_ok=True)
-                write_manifest(plan, "writing")
+                withdraw_outputs(plan)
                 raise
         result.peak_anon_bytes = sources.peak_anon_bytes
-    if write:
-        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
     log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
               result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
     return result

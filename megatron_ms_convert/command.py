@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
@@ -99,24 +101,30 @@ def configure_logging(debug: bool) -> None:
 
 def run_command(ns: argparse.Namespace, *, options_of: Callable[[argparse.Namespace], Any],
                 describe: Callable[[Any], tuple[Any, Any]], output_flag: str, output_of: Callable[[Any], Any],
-                plans_of: Callable[[Any], Sequence[Any]], prepare_outputs: Callable[[Any], tuple[Any, dict]],
-                run_and_report: Callable[[Any, dict, Any, float], int]) -> int:
-    """A whole run: options, then --check or --dry-run (the whole conversion's plans, `plans_of`;
-    nothing written) or the lock on the output folder (until the run ends, however it ends; a shard
-    locks only its own share), planning, and the run. Returns the exit code; bad input found before
-    the run is one ERROR line and EXIT_BAD_INPUT."""
+                prepare: Callable[[Any], Any], prepare_outputs: Callable[[Any, Any], tuple[Any, dict]],
+                run_and_report: Callable[[Any, dict, Any, float], int], verify_needs: str | None = None) -> int:
+    """A whole run: options, then --check or --dry-run (the whole conversion's plans, `prepare`;
+    nothing written), or: the output folder and what --verify needs checked, planning (`prepare`,
+    which reads and writes nothing), and only then the output folder created and locked (until the
+    run ends, however it ends; a shard locks only its own share), the outputs looked at
+    (`prepare_outputs`) and the run. Returns the exit code; bad input found before the run is one
+    ERROR line and EXIT_BAD_INPUT, and leaves nothing behind."""
     configure_logging(ns.debug)
     started = time.monotonic()
     with signals_stop_the_run(), contextlib.ExitStack() as held:
         try:
             options = options_of(ns)
             if options.check:
-                return check_plans(plans_of(options))
+                return check_plans(prepare(options).plans)
             if options.dry_run:
-                return print_plans(plans_of(options))
+                return print_plans(prepare(options).plans)
+            check_output_folder(output_of(options), output_flag)
+            if options.verify and verify_needs:
+                check_importable(verify_needs, "--verify")
             log.info("converting %s -> %s", *describe(options))
+            job = prepare(options)
             held.enter_context(folder_lock(output_of(options), lock_name(options.shard), flag=output_flag))
-            job, statuses = prepare_outputs(options)
+            job, statuses = prepare_outputs(options, job)
         except ConvertInputError as err:
             log.error("%s", err)
             return EXIT_BAD_INPUT
@@ -129,6 +137,29 @@ def run_command(ns: argparse.Namespace, *, options_of: Callable[[argparse.Namesp
                       stop.cause)
             return stop.exit_code
         return run_and_report(job, statuses, options, started)
+
+
+def check_output_folder(folder: Path, flag: str) -> None:
+    """The output folder, or where it is to be created: a folder, or missing below a folder. (Checked
+    before anything is created, so that a refused run leaves no trace.)"""
+    for path in (folder, *folder.parents):
+        if path.is_dir():
+            return
+        if path.exists() or path.is_symlink():
+            what = "it is a file, not a folder" if path == folder else f"{path} is a file, not a folder"
+            raise ConvertInputError(f"{flag} {folder}: {what}", expected="a folder (created if missing)",
+                                    fix=f"choose another {flag}, or move the file away")
+
+
+def check_importable(module: str, flag: str) -> None:
+    """`module` can be imported (looked up, not imported: importing MindSpore costs seconds)."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConvertInputError(f"{flag} needs {module}, which is not installed in this Python "
+                                f"({sys.executable})", fix=f"pip install .[verify] (or pip install -r requirements.txt), or run without {flag}")
 
 
 def run_plans(plans: Sequence[Any], statuses: dict, settings: RunSettings, *, execute: Callable,

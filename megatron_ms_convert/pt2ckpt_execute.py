@@ -15,7 +15,7 @@ import torch
 
 from .atomic import atomic_target, copy_file_atomically
 from .errors import VerificationError
-from .manifest import write_manifest
+from .manifest import withdraw_outputs, write_manifest
 from .megatron import checkpoint as reader
 from .megatron.pt_meta import pt_meta_record
 from .megatron.zip_records import BackgroundChecks
@@ -90,18 +90,17 @@ def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True) -> R
         for copy in plan.outputs[1:]:
             result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
         write_meta_file(plan, sources.model_sd)
+        # "complete" as soon as every file is in place, before --verify: the files are complete and
+        # the manifest says so while they are read back (see docs/output-format.md, "Manifests")
+        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.output_files})
         result.status, result.tensors = "converted", len(entries)
     sources.checks.wait()
     if settings.verify:
         try:
             result.verified_tensors, result.verified_files = verify_rank(plan, sources)
         except VerificationError:
-            for path in plan.outputs:
-                path.unlink(missing_ok=True)
-            write_manifest(plan, "writing")  # our own unfinished work: a re-run redoes it
+            withdraw_outputs(plan)
             raise
-    if write:
-        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in (*plan.outputs, plan.meta_file)})
     log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
               result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
     return result

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .atomic import partial_path
 from .errors import ConvertInputError
+from .manifest import remove_unfinished_outputs
 
 log = logging.getLogger(__name__)
 
@@ -258,5 +259,8 @@ def _collect(plan: Any, process, receiver) -> RankResult:
 
 
 def remove_partials(plan: Any) -> None:
+    """What a worker that did not finish leaves: its temporaries, and the files it had already put at
+    final paths, which no "complete" manifest vouches for."""
     for path in (*plan.output_files, plan.manifest_file):
         partial_path(path).unlink(missing_ok=True)
+    remove_unfinished_outputs(plan)
