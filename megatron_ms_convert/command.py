@@ -160,7 +160,8 @@ def check_importable(module: str, flag: str) -> None:
     if not found:
         raise ConvertInputError(f"{flag} needs {module}, which is not installed in this Python "
                                 f"({sys.executable})",
-                                fix=f"pip install .[verify] (or pip install -r requirements.txt), or run without {flag}")
+                                fix="pip install .[verify] (or pip install -r requirements.txt), "
+                                    f"or run without {flag}")
 
 
 def run_plans(plans: Sequence[Any], statuses: dict, settings: RunSettings, *, execute: Callable,
