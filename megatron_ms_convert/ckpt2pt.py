@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .atomic import write_common_file
-from .ckpt2pt_execute import execute_rank
+from .ckpt2pt_execute import execute_rank, work_bytes
 from .ckpt2pt_facts import MsFileFacts, read_ms_facts, read_rank_meta
 from .command import (check_against_saved, check_minimum, exit_code,
                       log_verified, reading_inputs, run_command, run_plans, run_settings, summary)
@@ -572,7 +572,7 @@ def run(ns: argparse.Namespace) -> int:
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the folders not done yet (verify the done ones with --verify), write the tracker file
     once the whole conversion is complete, log one line per folder and the summary."""
-    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank,
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank, work=work_bytes,
                                  where=lambda plan: plan.out_dir)
     if stopped is None and all(r.status != "failed" for r in results):
         write_tracker_when_complete(job, options)

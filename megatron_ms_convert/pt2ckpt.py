@@ -39,7 +39,7 @@ from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_
                               param_map_file_name, param_map_json, read_rank_layouts, state_key_for)
 from .plan import RankInfo, RankPlan
 from .pt2ckpt_facts import read_rank_info
-from .pt2ckpt_execute import execute_rank
+from .pt2ckpt_execute import execute_rank, work_bytes
 from .pt2ckpt_plan import (check_layer_counts, check_unique_names, optimizer_scalars, plan_model_tensors,
                            plan_optimizer_tensors, stack_local_experts)
 from .shard import Shard, own_share
@@ -605,7 +605,7 @@ def run(ns: argparse.Namespace) -> int:
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the ranks not done yet (verify the done ones with --verify), log one line per folder
     and the summary; returns the exit code."""
-    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank,
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank, work=work_bytes,
                                  where=lambda plan: plan.folder.path)
     if options.verify and stopped is None:
         log_verified(results)
