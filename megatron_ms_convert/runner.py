@@ -1,13 +1,14 @@
 """Running plans of either direction: one forked worker process per plan (at most `process_limit` at
-a time), the timeout, and the signals that stop a run. It knows nothing of what a plan writes: the
-caller passes `execute(plan, settings, write)` (pt2ckpt_execute.execute_rank or
-ckpt2pt_execute.execute_rank), and every plan has `folder` (with `.name` and `.path`),
-`output_files` and `manifest_file`.
+a time), the timeout, the signals that stop a run, and the workers' progress reports. It knows
+nothing of what a plan writes: the caller passes `execute(plan, settings, write, progress)`
+(pt2ckpt_execute.execute_rank or ckpt2pt_execute.execute_rank), and every plan has `folder` (with
+`.name` and `.path`), `output_files`, `manifest_file` and `fingerprint`.
 
 Stopping: SIGINT (Ctrl-C) and SIGTERM (`timeout`, Slurm, Kubernetes) reach the parent as
-`RunStopped`; it kills the workers and removes their temporaries. Workers ignore SIGINT (the parent
-stops them, so Ctrl-C prints one message, not one traceback per worker) and are killed by the kernel
-when the parent dies, so no worker resumes later to write into a folder its run has given up.
+`RunStopped`; it kills the workers and removes their temporaries, and the files a worker had put in
+place while its manifest said "writing". Workers ignore SIGINT (the parent stops them, so Ctrl-C
+prints one message, not one traceback per worker) and are killed by the kernel when the parent
+dies, so no worker resumes later to write into a folder its run has given up.
 """
 
 from __future__ import annotations
@@ -230,6 +231,7 @@ def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[A
             for sentinel, worker in list(running.items()):
                 if now - worker.started >= settings.process_timeout:
                     _kill_workers([worker.process])
+                    worker.receiver.close()
                     del running[sentinel]
                     remove_partials(worker.plan)
                     on_done(worker.plan, RankResult(worker.plan.folder.name, "failed",
