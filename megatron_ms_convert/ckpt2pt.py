@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from .atomic import write_common_file
-from .ckpt2pt_execute import execute_rank
+from .ckpt2pt_execute import execute_rank, work_bytes
 from .ckpt2pt_facts import MsFileFacts, read_ms_facts, read_rank_meta
 from .command import (check_against_saved, check_minimum, exit_code,
                       log_verified, reading_inputs, run_command, run_plans, run_settings, summary)
@@ -531,10 +531,9 @@ def plan_conversion(facts: BackFacts, options: Options) -> Job:
 # main
 
 
-def prepare_outputs(options: Options) -> tuple[Job, dict]:
-    """Plan the whole conversion and keep this shard's share of it; which of those an earlier run
-    finished, and no foreign outputs among them."""
-    job = prepare(options)
+def prepare_outputs(options: Options, job: Job) -> tuple[Job, dict]:
+    """This shard's share of the whole conversion's plans; which of those an earlier run finished,
+    and no foreign outputs among them."""
     mine = own_share(job.plans, options.shard, lambda plan: plan.source_file.stat().st_size)
     job = dataclasses.replace(job, plans=list(mine), all_plans=tuple(job.plans))
     if options.shard is not None:
@@ -563,18 +562,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(ns: argparse.Namespace) -> int:
-    """options -> lock --megatron-path -> prepare -> run -> tracker file -> report; returns the exit code."""
+    """options -> plan -> lock --megatron-path -> run -> tracker file -> report; returns the exit code."""
     return run_command(ns, options_of=lambda ns: options_from_args(ns, os.environ),
                        describe=lambda options: (options.ms_path, options.megatron_path),
                        output_flag="--megatron-path", output_of=lambda options: options.megatron_path,
-                       plans_of=lambda options: prepare(options).plans, prepare_outputs=prepare_outputs,
-                       run_and_report=run_and_report)
+                       prepare=prepare, prepare_outputs=prepare_outputs, run_and_report=run_and_report)
 
 
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the folders not done yet (verify the done ones with --verify), write the tracker file
     once the whole conversion is complete, log one line per folder and the summary."""
-    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank,
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank, work=work_bytes,
                                  where=lambda plan: plan.out_dir)
     if stopped is None and all(r.status != "failed" for r in results):
         write_tracker_when_complete(job, options)

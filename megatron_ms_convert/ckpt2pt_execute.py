@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from typing import Any
 
 import torch
 
 from .ckpt2pt_facts import read_rank_meta
 from .errors import VerificationError
-from .manifest import write_manifest
+from .manifest import withdraw_outputs, write_manifest
 from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable, optimizer_param_groups
 from .megatron.layout import state_key_for
 from .megatron.pt_meta import DOCUMENTED_KEYS
@@ -23,7 +24,7 @@ from .megatron.writer import (OPTIMIZER_STATES, TrainingUpdates, apply_training_
 from .mindspore.bucket_form import open_rank_source
 from .mindspore.reader import MindSporeFile
 from .plan import BackPlan, RankMeta, StatePart
-from .runner import RankResult, RunSettings, anon_memory_bytes
+from .runner import ByteCounter, Progress, RankResult, RunSettings, anon_memory_bytes, no_progress
 from .topology import DISTRIB_FILE, MODEL_FILE
 
 log = logging.getLogger(__name__)
@@ -75,10 +76,16 @@ class RankSources:
         return self.value(chunk, key, "param")
 
 
-def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True) -> RankResult:
+def work_bytes(plan: BackPlan) -> int:
+    """The bytes one phase of a plan handles, for progress: the data of the tensors it writes."""
+    return sum(math.prod(t.shape) * getattr(torch, t.dtype.removeprefix("torch.")).itemsize for t in plan.targets)
+
+
+def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True,
+                 progress: Progress = no_progress) -> RankResult:
     """Write one rank's distrib_optim.pt and model_optim_rng.pt (or, with write=False, only verify a
-    complete output of an earlier run). Files appear under their final names only when complete; an
-    output that fails --verify is removed."""
+    complete output of an earlier run), reporting the bytes done to `progress`. Files appear under
+    their final names only when complete; an output that fails --verify is removed."""
     rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp, plan.num_chunks)
     result = RankResult(plan.folder.name, "skipped")
     with open_rank_source(plan.source_file, plan.fmt, plan.bucket) as ms:
@@ -87,26 +94,26 @@ def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True) -> R
         if write:
             write_manifest(plan, "writing")
             plan.out_dir.mkdir(parents=True, exist_ok=True)
+            written = ByteCounter(progress, "write")
             if plan.write_distrib:
-                write_torch_file(plan.out_dir / DISTRIB_FILE, distrib_optim_content(rank, plan, sources.state_value))
+                write_torch_file(plan.out_dir / DISTRIB_FILE, distrib_optim_content(rank, plan, sources.state_value),
+                                 on_record=lambda key, nbytes: written.add(nbytes))
             tree = model_optim_rng_tree(restored_entries(rank.meta, plan), rank.skeletons, sources.model_value,
                                         rank.meta.get("state_keys"))
             with megatron_enum_importable():
-                write_torch_file(plan.out_dir / MODEL_FILE, tree)
+                write_torch_file(plan.out_dir / MODEL_FILE, tree, on_record=lambda key, nbytes: written.add(nbytes))
+            # "complete" before --verify reads them back: see docs/output-format.md, "Manifests"
+            write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
             result.status, result.tensors = "converted", len(plan.sources)
             result.bytes_written = sum(p.stat().st_size for p in plan.outputs)
         if settings.verify:
             try:
-                result.verified_tensors = verify_rank(plan, rank, sources)
+                result.verified_tensors = verify_rank(plan, rank, sources, ByteCounter(progress, "verify"))
                 result.verified_files = len(plan.outputs)
             except VerificationError:
-                for path in plan.outputs:
-                    path.unlink(missing_ok=True)
-                write_manifest(plan, "writing")
+                withdraw_outputs(plan)
                 raise
         result.peak_anon_bytes = sources.peak_anon_bytes
-    if write:
-        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
     log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
               result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
     return result
@@ -120,9 +127,11 @@ def distrib_optim_content(rank: RankMeta, plan: BackPlan, state_value) -> Any:
     return trees if rank.list_form else trees[0]
 
 
-def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources) -> int:
+def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources, counter: ByteCounter | None = None) -> int:
     """Re-open the written files and compare every tensor with its MindSpore source, bit for bit
-    (buckets outside their parameters must be zeros); returns how many tensors were compared."""
+    (buckets outside their parameters must be zeros), counting the bytes compared; returns how many
+    tensors were compared."""
+    counter = counter or ByteCounter(no_progress, "verify")
     problems: list[str] = []
     compared = 0
     model = load_pt(plan.out_dir / MODEL_FILE)
@@ -135,6 +144,7 @@ def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources) -> int:
             if got is None or not _bitwise_equal(got, want):
                 problems.append(f"{MODEL_FILE} {chunk_key}.{key}")
             compared += 1
+            counter.add(want.numel() * want.element_size())
     if model.get("iteration") != plan.iteration:
         problems.append(f"{MODEL_FILE} iteration {model.get('iteration')} != {plan.iteration}")
     if plan.write_distrib:
@@ -145,13 +155,14 @@ def verify_rank(plan: BackPlan, rank: RankMeta, sources: RankSources) -> int:
                 if tree is not None:
                     problems.append(f"{DISTRIB_FILE}: a dense state where Megatron saves None")
                 continue
-            compared += verify_state_part(part, tree, plan.padded_for(part), sources, problems)
+            compared += verify_state_part(part, tree, plan.padded_for(part), sources, problems, counter)
     if problems:
         raise VerificationError(f"verification of {plan.out_dir} failed (outputs removed): " + "; ".join(problems[:10]))
     return compared
 
 
-def verify_state_part(part: StatePart, tree: dict, dp_cp: int, sources: RankSources, problems: list[str]) -> int:
+def verify_state_part(part: StatePart, tree: dict, dp_cp: int, sources: RankSources, problems: list[str],
+                      counter: ByteCounter) -> int:
     """Compare one optimizer's buckets with the MindSpore values, parameter by parameter; the padding
     must be zeros. Appends what differs to `problems`; returns how many tensors were compared."""
     compared = 0
@@ -173,6 +184,7 @@ def verify_state_part(part: StatePart, tree: dict, dp_cp: int, sources: RankSour
                 if tensor.numel() != target.padded[bucket] or tensor[~covered].view(torch.int32).any():
                     problems.append(f"{DISTRIB_FILE} {part.kind} buffer {gbuf} {state} bucket {bucket}: "
                                     "size or padding")
+                counter.add(tensor.numel() * tensor.element_size())
     return compared
 
 

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
 from .errors import ConvertInputError
 from .folder_lock import folder_lock
 from .manifest import rank_status
+from .progress import PHASE_LABELS, ByteProgress, progress_line
 from .runner import RankResult, RunSettings, RunStopped, Task, run_tasks, signals_stop_the_run
 from .shard import Shard, lock_name, log_check
 
@@ -99,24 +102,30 @@ def configure_logging(debug: bool) -> None:
 
 def run_command(ns: argparse.Namespace, *, options_of: Callable[[argparse.Namespace], Any],
                 describe: Callable[[Any], tuple[Any, Any]], output_flag: str, output_of: Callable[[Any], Any],
-                plans_of: Callable[[Any], Sequence[Any]], prepare_outputs: Callable[[Any], tuple[Any, dict]],
-                run_and_report: Callable[[Any, dict, Any, float], int]) -> int:
-    """A whole run: options, then --check or --dry-run (the whole conversion's plans, `plans_of`;
-    nothing written) or the lock on the output folder (until the run ends, however it ends; a shard
-    locks only its own share), planning, and the run. Returns the exit code; bad input found before
-    the run is one ERROR line and EXIT_BAD_INPUT."""
+                prepare: Callable[[Any], Any], prepare_outputs: Callable[[Any, Any], tuple[Any, dict]],
+                run_and_report: Callable[[Any, dict, Any, float], int], verify_needs: str | None = None) -> int:
+    """A whole run: options, then --check or --dry-run (the whole conversion's plans, `prepare`;
+    nothing written), or: the output folder and what --verify needs checked, planning (`prepare`,
+    which reads and writes nothing), and only then the output folder created and locked (until the
+    run ends, however it ends; a shard locks only its own share), the outputs looked at
+    (`prepare_outputs`) and the run. Returns the exit code; bad input found before the run is one
+    ERROR line and EXIT_BAD_INPUT, and leaves nothing behind."""
     configure_logging(ns.debug)
     started = time.monotonic()
     with signals_stop_the_run(), contextlib.ExitStack() as held:
         try:
             options = options_of(ns)
             if options.check:
-                return check_plans(plans_of(options))
+                return check_plans(prepare(options).plans)
             if options.dry_run:
-                return print_plans(plans_of(options))
+                return print_plans(prepare(options).plans)
+            check_output_folder(output_of(options), output_flag)
+            if options.verify and verify_needs:
+                check_importable(verify_needs, "--verify")
             log.info("converting %s -> %s", *describe(options))
+            job = prepare(options)
             held.enter_context(folder_lock(output_of(options), lock_name(options.shard), flag=output_flag))
-            job, statuses = prepare_outputs(options)
+            job, statuses = prepare_outputs(options, job)
         except ConvertInputError as err:
             log.error("%s", err)
             return EXIT_BAD_INPUT
@@ -131,38 +140,81 @@ def run_command(ns: argparse.Namespace, *, options_of: Callable[[argparse.Namesp
         return run_and_report(job, statuses, options, started)
 
 
+def check_output_folder(folder: Path, flag: str) -> None:
+    """The output folder, or where it is to be created: a folder, or missing below a folder. (Checked
+    before anything is created, so that a refused run leaves no trace.)"""
+    for path in (folder, *folder.parents):
+        if path.is_dir():
+            return
+        if path.exists() or path.is_symlink():
+            what = "it is a file, not a folder" if path == folder else f"{path} is a file, not a folder"
+            raise ConvertInputError(f"{flag} {folder}: {what}", expected="a folder (created if missing)",
+                                    fix=f"choose another {flag}, or move the file away")
+
+
+def check_importable(module: str, flag: str) -> None:
+    """`module` can be imported (looked up, not imported: importing MindSpore costs seconds)."""
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise ConvertInputError(f"{flag} needs {module}, which is not installed in this Python "
+                                f"({sys.executable})",
+                                fix="pip install .[verify] (or pip install -r requirements.txt), "
+                                    f"or run without {flag}")
+
+
 def run_plans(plans: Sequence[Any], statuses: dict, settings: RunSettings, *, execute: Callable,
-              where: Callable[[Any], Any]) -> tuple[list[RankResult], int | None]:
+              where: Callable[[Any], Any], work: Callable[[Any], int]) -> tuple[list[RankResult], int | None]:
     """Convert the plans not done yet (with --verify, verify the done ones), reporting each as it
-    ends; returns the results and, when a signal stopped the run, its exit code."""
+    ends and the bytes done as the workers go (`work(plan)`: the bytes a plan handles in each phase);
+    returns the results and, when a signal stopped the run, its exit code."""
     if settings.debug:
         for plan in plans:
             log.debug("%s", plan.describe())
     results: list[RankResult] = []
-    with progress_reporting(len(plans)) as advance:
+    tasks = []
+    for plan in plans:
+        if statuses[plan.folder] == "outdated":
+            log.info("'%s': its outputs were written by another version of the converter (this is %s); "
+                     "converting it again", where(plan), __version__)
+        if statuses[plan.folder] != "done":
+            tasks.append(Task(plan, write=True))
+        elif settings.verify:  # a complete output from an earlier run is verified, not rewritten
+            tasks.append(Task(plan, write=False))
+    progress = expected_progress(tasks, settings.verify, work)
+    with progress_shown(progress) as show:
         def on_done(plan, result: RankResult) -> None:
             results.append(result)
-            advance()
+            show(progress.finish(plan.folder))
             report_line(plan, result)
 
-        tasks = []
+        def on_progress(plan, phase: str, done: int) -> None:
+            show({phase: progress.update(plan.folder, phase, done)})
+
         for plan in plans:
-            if statuses[plan.folder] == "outdated":
-                log.info("'%s': its outputs were written by another version of the converter (this is %s); "
-                         "converting it again", where(plan), __version__)
-            if statuses[plan.folder] != "done":
-                tasks.append(Task(plan, write=True))
-            elif settings.verify:  # a complete output from an earlier run is verified, not rewritten
-                tasks.append(Task(plan, write=False))
-            else:
+            if statuses[plan.folder] == "done" and not settings.verify:
                 on_done(plan, RankResult(plan.folder.name, "skipped"))
         try:
-            run_tasks(tasks, settings, on_done, execute=execute)
+            run_tasks(tasks, settings, on_done, execute=execute, on_progress=on_progress)
         except RunStopped as stop:
             log.error("interrupted (%s): stopped the workers and removed their partial files; "
                       "re-run the same command to finish the remaining ranks", stop.cause)
             return results, stop.exit_code
     return results, None
+
+
+def expected_progress(tasks: Sequence[Task], verify: bool, work: Callable[[Any], int]) -> ByteProgress:
+    """The bytes each task handles: `work(plan)` written (unless it only verifies), and verified with --verify."""
+    progress = ByteProgress()
+    for task in tasks:
+        nbytes = work(task.plan)
+        if task.write:
+            progress.expect(task.plan.folder, "write", nbytes)
+        if verify:
+            progress.expect(task.plan.folder, "verify", nbytes)
+    return progress
 
 
 def report_line(plan: Any, result: RankResult) -> None:
@@ -182,16 +234,38 @@ def log_verified(results: Sequence[RankResult]) -> None:
              sum(r.verified_files for r in results))
 
 
+LOG_PROGRESS_EVERY_S = 60.0
+
+
 @contextlib.contextmanager
-def progress_reporting(total: int):
-    """A tqdm bar over ranks on a terminal, with log lines printed above it; nothing otherwise."""
+def progress_shown(progress: ByteProgress):
+    """Yields `show(grown)`, to call with by how much each phase grew. On a terminal (stderr): one tqdm
+    bar per phase over the bytes of the whole run (GB done / total, GB/s, ETA), the log lines printed
+    above them. Otherwise (a log file stays greppable): a `progress:` line at most once a minute."""
     if not sys.stderr.isatty():
-        yield lambda: None
+        started = last = time.monotonic()
+
+        def log_now_and_then(grown: dict[str, int]) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last >= LOG_PROGRESS_EVERY_S:
+                last = now
+                log.info("%s", progress_line(progress, now - started))
+        yield log_now_and_then
         return
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
-    with tqdm(total=total, unit="rank", desc="converting") as bar, logging_redirect_tqdm(loggers=[package_log]):
-        yield lambda: bar.update(1)
+    with contextlib.ExitStack() as stack:
+        bars = {phase: stack.enter_context(tqdm(total=progress.total(phase), desc=PHASE_LABELS[phase], position=index,
+                                                unit="B", unit_scale=True, dynamic_ncols=True, smoothing=0.1))
+                for index, phase in enumerate(progress.phases())}
+        stack.enter_context(logging_redirect_tqdm(loggers=[package_log]))
+
+        def move_bars(grown: dict[str, int]) -> None:
+            for phase, nbytes in grown.items():
+                if nbytes and phase in bars:
+                    bars[phase].update(nbytes)
+        yield move_bars
 
 
 def summary(results: Sequence[RankResult], total: int, started: float, shard: Shard | None = None) -> None:

@@ -40,11 +40,12 @@ def holder_description() -> str:
 @contextlib.contextmanager
 def folder_lock(folder: Path, name: str = RUN_LOCK_NAME, flag: str = "--ms-path") -> Iterator[Path]:
     """Hold an exclusive lock on `folder/name` for the duration of the `with` block, or raise
-    FolderLocked at once if another process holds it. `folder` is created if missing, and removed
-    again on exit if this lock created it and nothing else was put into it (a run refused for bad
-    input leaves no trace). `flag` is the option that named the folder, for the message."""
+    FolderLocked at once if another process holds it. `folder` (and its missing parents) is created
+    if missing, and removed again on exit if this lock created it and nothing else was put into it
+    (a run refused for bad input leaves no trace). `flag` is the option that named the folder, for
+    the message."""
     folder = Path(folder)
-    created = not folder.exists()
+    created = [path for path in (folder, *folder.parents) if not path.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / name
     try:
@@ -60,9 +61,11 @@ def folder_lock(folder: Path, name: str = RUN_LOCK_NAME, flag: str = "--ms-path"
                 os.unlink(path)
             os.close(fd)
     finally:
-        if created:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only succeeds when empty
+        for path in created:  # innermost first; stops at the first one that is not empty
+            try:
+                path.rmdir()
+            except OSError:
+                break
 
 
 def _acquire(path: Path, flag: str) -> int:

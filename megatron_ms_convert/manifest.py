@@ -44,6 +44,25 @@ def write_manifest(plan: Any, state: str, files: dict[str, int] | None = None) -
          "source": str(plan.folder.path), "files": files or {}}, indent=1))
 
 
+def withdraw_outputs(plan: Any) -> None:
+    """An output that failed --verify: the manifest says "writing" first (our own unfinished work, which
+    a re-run redoes), then the files go, so that no "complete" manifest ever describes a missing file."""
+    write_manifest(plan, "writing")
+    for path in plan.output_files:
+        path.unlink(missing_ok=True)
+
+
+def remove_unfinished_outputs(plan: Any) -> None:
+    """After a worker that did not finish (stopped, killed, timed out, failed): the files it put at
+    final paths while its manifest still said "writing" go, so that no file is left at a final path
+    that no "complete" manifest vouches for. Files of another conversion or of a complete manifest
+    are left alone."""
+    manifest = read_manifest(plan)
+    if manifest.get("fingerprint") == plan.fingerprint and manifest.get("state") == "writing":
+        for path in plan.output_files:
+            path.unlink(missing_ok=True)
+
+
 def rank_status(plan: Any) -> str:
     """'done' (complete output of this conversion, written by this version of the converter), 'todo',
     'outdated' (output of this conversion written by another version of the converter, which may have

@@ -1,7 +1,7 @@
 """Convert a Megatron-LM core_r0.6.0 distributed-optimizer checkpoint into MindSpore checkpoints.
 
 The story of a conversion, top to bottom, in the same four steps as the way back (`ckpt2pt`):
-`main` parses the flags, resolves their paths and locks --ms-path against a second run; then
+`main` parses the flags and resolves their paths (--ms-path is locked against a second run once planned); then
 1. facts: `read_facts` finds the rank folders and reads their metadata (`pt2ckpt_facts`, mmap'd, no
    tensor data) and the param_map files' layouts, once, into a `SourceFacts`;
 2. plan: `plan_conversion` turns facts and options into one `RankPlan` per folder (`pt2ckpt_plan`),
@@ -39,7 +39,7 @@ from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_
                               param_map_file_name, param_map_json, read_rank_layouts, state_key_for)
 from .plan import RankInfo, RankPlan
 from .pt2ckpt_facts import read_rank_info
-from .pt2ckpt_execute import execute_rank
+from .pt2ckpt_execute import execute_rank, work_bytes
 from .pt2ckpt_plan import (check_layer_counts, check_unique_names, optimizer_scalars, plan_model_tensors,
                            plan_optimizer_tensors, stack_local_experts)
 from .shard import Shard, own_share
@@ -550,20 +550,19 @@ def canonical_paths(options: Options) -> Options:
                                save_param_map=resolved(options.save_param_map))
 
 
-def prepare_outputs(options: Options) -> tuple[Job, dict]:
-    """Plan the whole conversion, keep this shard's share of it (all of it without --shard), then look
-    at --ms-path: which of those ranks an earlier run finished (by folder), no foreign outputs, and the
-    files common to every shard in pt_meta/. Raises ConvertInputError for bad input."""
-    job = prepare(options)
-    write_common_outputs(job, options)
-    job = dataclasses.replace(job, plans=list(own_share(job.plans, options.shard, source_bytes)))
+def prepare_outputs(options: Options, job: Job) -> tuple[Job, dict]:
+    """Keep this shard's share of the whole conversion's plans (all of them without --shard), then
+    look at --ms-path: which of those ranks an earlier run finished (by folder), no foreign outputs,
+    and only then the files common to every shard in pt_meta/. Raises ConvertInputError for bad input."""
+    share = dataclasses.replace(job, plans=list(own_share(job.plans, options.shard, source_bytes)))
     if options.shard is not None:
         log.info("shard %s (%s): %d of the folders, %d bytes of input", options.shard, options.shard.origin,
-                 len(job.plans), sum(source_bytes(plan) for plan in job.plans))
-    statuses = {plan.folder: ("todo" if options.overwrite else rank_status(plan)) for plan in job.plans}
+                 len(share.plans), sum(source_bytes(plan) for plan in share.plans))
+    statuses = {plan.folder: ("todo" if options.overwrite else rank_status(plan)) for plan in share.plans}
     if not options.overwrite:
-        check_no_foreign_outputs(job.plans, statuses)
-    return job, statuses
+        check_no_foreign_outputs(share.plans, statuses)
+    write_common_outputs(job, options)
+    return share, statuses
 
 
 def write_common_outputs(job: Job, options: Options) -> None:
@@ -594,19 +593,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(ns: argparse.Namespace) -> int:
-    """options -> lock --ms-path -> prepare -> run -> report; returns the exit code."""
+    """options -> plan -> lock --ms-path -> outputs -> run -> report; returns the exit code."""
     return run_command(ns,
                        options_of=lambda ns: canonical_paths(options_from_args(ns, os.environ)),
                        describe=lambda options: (options.megatron_path, options.ms_path),
                        output_flag="--ms-path", output_of=lambda options: options.ms_path,
-                       plans_of=lambda options: prepare(options).plans, prepare_outputs=prepare_outputs,
-                       run_and_report=run_and_report)
+                       prepare=prepare, prepare_outputs=prepare_outputs, run_and_report=run_and_report,
+                       verify_needs="mindspore")
 
 
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the ranks not done yet (verify the done ones with --verify), log one line per folder
     and the summary; returns the exit code."""
-    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank,
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank, work=work_bytes,
                                  where=lambda plan: plan.folder.path)
     if options.verify and stopped is None:
         log_verified(results)

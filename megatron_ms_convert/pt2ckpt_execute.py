@@ -15,13 +15,13 @@ import torch
 
 from .atomic import atomic_target, copy_file_atomically
 from .errors import VerificationError
-from .manifest import write_manifest
+from .manifest import withdraw_outputs, write_manifest
 from .megatron import checkpoint as reader
 from .megatron.pt_meta import pt_meta_record
 from .megatron.zip_records import BackgroundChecks
 from .mindspore.writer import TensorEntry, write_mindspore_file
 from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan, Stacked
-from .runner import RankResult, RunSettings, anon_memory_bytes
+from .runner import ByteCounter, Progress, RankResult, RunSettings, anon_memory_bytes, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,28 @@ class SourceTensors:
         return fetch
 
 
-def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True) -> RankResult:
+def work_bytes(plan: RankPlan) -> int:
+    """The bytes one phase of a plan handles, for progress: its tensors' data, once per output file."""
+    return tensor_bytes(plan) * len(plan.outputs)
+
+
+def tensor_bytes(plan: RankPlan) -> int:
+    return sum(math.prod(t.shape) * getattr(torch, t.dtype).itemsize for t in plan.tensors)
+
+
+def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True,
+                 progress: Progress = no_progress) -> RankResult:
     """Write one rank's output, its copies and its pt_meta args file (or, with write=False, only
-    verify a complete output an earlier run left). An output that fails --verify is removed, so no
-    final path ever holds a file that is not complete and correct."""
+    verify a complete output an earlier run left), reporting the bytes done to `progress`. An output
+    that fails --verify is removed, so no final path ever holds a file that is not complete and correct."""
     sources = SourceTensors(plan)
     result = RankResult(plan.folder.name, "skipped")
     if write:
         write_manifest(plan, "writing")
         entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
         fetch = _measuring_memory(sources.fetch_waiting_at(entries[-1].name) if entries else sources.fetch, result)
+        written = ByteCounter(progress, "write")
+        fetch = _counting_bytes(fetch, written)
         if settings.debug and sys.stderr.isatty():
             fetch = _with_tensor_progress(fetch, len(entries), plan.folder.name)
         plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
@@ -89,19 +101,20 @@ def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True) -> R
         sources.checks.wait()  # waited for already, unless the file had no tensor
         for copy in plan.outputs[1:]:
             result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
+            written.add(tensor_bytes(plan))
         write_meta_file(plan, sources.model_sd)
+        # "complete" as soon as every file is in place, before --verify: the files are complete and
+        # the manifest says so while they are read back (see docs/output-format.md, "Manifests")
+        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.output_files})
         result.status, result.tensors = "converted", len(entries)
     sources.checks.wait()
     if settings.verify:
         try:
-            result.verified_tensors, result.verified_files = verify_rank(plan, sources)
+            result.verified_tensors, result.verified_files = verify_rank(plan, sources,
+                                                                         ByteCounter(progress, "verify"))
         except VerificationError:
-            for path in plan.outputs:
-                path.unlink(missing_ok=True)
-            write_manifest(plan, "writing")  # our own unfinished work: a re-run redoes it
+            withdraw_outputs(plan)
             raise
-    if write:
-        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in (*plan.outputs, plan.meta_file)})
     log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
               result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
     return result
@@ -114,6 +127,15 @@ def _measuring_memory(fetch, result: RankResult):
         result.peak_anon_bytes = max(result.peak_anon_bytes, anon_memory_bytes())
         return array
     return measured_fetch
+
+
+def _counting_bytes(fetch, counter: ByteCounter):
+    """fetch, which counts the bytes it hands out (the writer writes each tensor as it gets it)."""
+    def counted_fetch(entry):
+        array = fetch(entry)
+        counter.add(array.nbytes)
+        return array
+    return counted_fetch
 
 
 def _with_tensor_progress(fetch, total: int, label: str):
@@ -138,10 +160,12 @@ def write_meta_file(plan: RankPlan, model_sd: dict) -> None:
         torch.save(meta, partial)
 
 
-def verify_rank(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
-    """Re-open the written file with MindSpore's own loader and compare every tensor bit for bit."""
+def verify_rank(plan: RankPlan, sources: SourceTensors, counter: ByteCounter | None = None) -> tuple[int, int]:
+    """Re-open the written file with MindSpore's own loader and compare every tensor bit for bit,
+    counting the bytes compared."""
     import mindspore as ms  # only here: importing it costs seconds
 
+    counter = counter or ByteCounter(no_progress, "verify")
     loaded = ms.load_checkpoint(str(plan.outputs[0]), format=plan.fmt)
     problems = []
     for planned in plan.tensors:
@@ -149,6 +173,7 @@ def verify_rank(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
             continue  # MindSpore writes no record for an empty tensor
         got = loaded.get(planned.name)
         want = sources.array(planned)
+        counter.add(want.nbytes)
         if got is None:
             problems.append(f"{planned.name}: missing")
             continue
@@ -160,6 +185,7 @@ def verify_rank(plan: RankPlan, sources: SourceTensors) -> tuple[int, int]:
     for copy in plan.outputs[1:]:
         if not filecmp.cmp(plan.outputs[0], copy, shallow=False):  # compares in chunks, not whole files
             problems.append(f"{copy}: differs from {plan.outputs[0]}")
+        counter.add(tensor_bytes(plan))
     if problems:
         raise VerificationError(f"verification of {plan.outputs[0]} failed (output removed): "
                                 + "; ".join(problems[:10]))

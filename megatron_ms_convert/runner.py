@@ -1,19 +1,21 @@
 """Running plans of either direction: one forked worker process per plan (at most `process_limit` at
-a time), the timeout, and the signals that stop a run. It knows nothing of what a plan writes: the
-caller passes `execute(plan, settings, write)` (pt2ckpt_execute.execute_rank or
-ckpt2pt_execute.execute_rank), and every plan has `folder` (with `.name` and `.path`),
-`output_files` and `manifest_file`.
+a time), the timeout, the signals that stop a run, and the workers' progress reports. It knows
+nothing of what a plan writes: the caller passes `execute(plan, settings, write, progress)`
+(pt2ckpt_execute.execute_rank or ckpt2pt_execute.execute_rank), and every plan has `folder` (with
+`.name` and `.path`), `output_files`, `manifest_file` and `fingerprint`.
 
 Stopping: SIGINT (Ctrl-C) and SIGTERM (`timeout`, Slurm, Kubernetes) reach the parent as
-`RunStopped`; it kills the workers and removes their temporaries. Workers ignore SIGINT (the parent
-stops them, so Ctrl-C prints one message, not one traceback per worker) and are killed by the kernel
-when the parent dies, so no worker resumes later to write into a folder its run has given up.
+`RunStopped`; it kills the workers and removes their temporaries, and the files a worker had put in
+place while its manifest said "writing". Workers ignore SIGINT (the parent stops them, so Ctrl-C
+prints one message, not one traceback per worker) and are killed by the kernel when the parent
+dies, so no worker resumes later to write into a folder its run has given up.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -28,6 +30,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from .atomic import partial_path
 from .errors import ConvertInputError
+from .manifest import remove_unfinished_outputs
 
 log = logging.getLogger(__name__)
 
@@ -160,59 +163,130 @@ def _kill_workers(processes: Sequence[Any]) -> None:
 
 @dataclass(frozen=True)
 class Task:
-    """One plan to execute (of either direction); `execute(plan, settings, write)` runs it."""
+    """One plan to execute (of either direction); `execute(plan, settings, write, progress)` runs it."""
 
     plan: Any
     write: bool  # False: the output is complete from an earlier run and is only verified
 
 
+# A worker's progress: `progress(phase, done)`, `done` the bytes of this plan handled so far in that
+# phase ("write" or "verify"), growing. The parent hears of it as `on_progress(plan, phase, done)`.
+Progress = Callable[[str, int], None]
+PROGRESS_EVERY_BYTES = 64 * 2**20
+PROGRESS_EVERY_S = 0.5
+
+
+def no_progress(phase: str, done: int) -> None:
+    """What `execute` is given when nobody listens."""
+
+
+class ByteCounter:
+    """Counts the bytes of one phase of a plan as they are handled, reporting the sum to `progress`."""
+
+    def __init__(self, progress: Progress, phase: str):
+        self.progress, self.phase, self.done = progress, phase, 0
+        progress(phase, 0)  # the phase has started
+
+    def add(self, nbytes: int) -> None:
+        self.done += nbytes
+        self.progress(self.phase, self.done)
+
+
 def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[Any, RankResult], None],
-              execute: Callable[[Any, RunSettings, bool], RankResult]) -> None:
+              execute: Callable[[Any, RunSettings, bool, Progress], RankResult],
+              on_progress: Callable[[Any, str, int], None] | None = None) -> None:
     """Execute every task with `execute`, at most --process-limit at a time, each in its own forked
     worker so that a crash, a signal or --process_timeout stops that rank only and is reported with its folder.
-    Forking after the parent imported torch makes a worker's start-up cost nothing. However this
-    ends (RunStopped included), no worker is left running and no temporary file is left behind."""
+    Forking after the parent imported torch makes a worker's start-up cost nothing. Workers send their
+    progress (throttled) to `on_progress` as they go. However this ends (RunStopped included), no
+    worker is left running and no temporary file is left behind."""
+    on_progress = on_progress or (lambda plan, phase, done: None)
     if settings.multiprocess_off:
         for task in tasks:
-            on_done(task.plan, _execute_reporting_errors(task, settings, execute))
+            report = functools.partial(on_progress, task.plan)
+            on_done(task.plan, _execute_reporting_errors(task, settings, execute, report))
         return
     context = multiprocessing.get_context("fork")
     pending = deque(tasks)
-    running: dict[Any, tuple[Any, Any, Any, float]] = {}
+    running: dict[Any, _Worker] = {}  # by the process's sentinel
     try:
         while pending or running:
             while pending and len(running) < settings.process_limit:
                 task = pending.popleft()
                 with _stop_signals_held_back():
-                    process, receiver = _start_worker(context, task, settings, execute)
-                    running[process.sentinel] = (task.plan, process, receiver, time.monotonic())
-            deadline = min(start for _, _, _, start in running.values()) + settings.process_timeout
-            ready = multiprocessing.connection.wait(list(running), timeout=max(0.0, deadline - time.monotonic()))
-            for sentinel in ready:
-                plan, process, receiver, _ = running.pop(sentinel)
-                on_done(plan, _collect(plan, process, receiver))
+                    worker = _start_worker(context, task, settings, execute)
+                    running[worker.process.sentinel] = worker
+            deadline = min(worker.started for worker in running.values()) + settings.process_timeout
+            listening = {worker.receiver: worker for worker in running.values() if not worker.ended}
+            ready = multiprocessing.connection.wait([*running, *listening],
+                                                    timeout=max(0.0, deadline - time.monotonic()))
+            for each in ready:
+                if each in listening:
+                    listening[each].receive(on_progress)
+            for each in ready:
+                if each in running:
+                    worker = running.pop(each)
+                    on_done(worker.plan, worker.collect(on_progress))
             now = time.monotonic()
-            for sentinel, (plan, process, receiver, start) in list(running.items()):
-                if now - start >= settings.process_timeout:
-                    _kill_workers([process])
+            for sentinel, worker in list(running.items()):
+                if now - worker.started >= settings.process_timeout:
+                    _kill_workers([worker.process])
+                    worker.receiver.close()
                     del running[sentinel]
-                    remove_partials(plan)
-                    on_done(plan, RankResult(plan.folder.name, "failed",
-                                             f"timed out after --process_timeout {settings.process_timeout} s; "
-                                             "the worker was killed"))
+                    remove_partials(worker.plan)
+                    on_done(worker.plan, RankResult(worker.plan.folder.name, "failed",
+                                                    f"timed out after --process_timeout {settings.process_timeout} s; "
+                                                    "the worker was killed"))
     finally:
-        _kill_workers([process for _, process, _, _ in running.values()])
-        for plan, _, _, _ in running.values():
-            remove_partials(plan)
+        _kill_workers([worker.process for worker in running.values()])
+        for worker in running.values():
+            remove_partials(worker.plan)
 
 
-def _start_worker(context, task: Task, settings: RunSettings, execute) -> tuple[Any, Any]:
+@dataclass
+class _Worker:
+    """A running worker: its plan, process, the pipe it reports on, and what it reported."""
+
+    plan: Any
+    process: Any
+    receiver: Any
+    started: float
+    result: RankResult | None = None
+    ended: bool = False  # the pipe is at its end (the worker closed it or died)
+
+    def receive(self, on_progress: Callable[[Any, str, int], None]) -> None:
+        """Every message waiting: progress is passed on, the result kept."""
+        try:
+            while self.receiver.poll():
+                message = self.receiver.recv()
+                if isinstance(message, RankResult):
+                    self.result = message
+                else:
+                    on_progress(self.plan, *message)
+        except EOFError:
+            self.ended = True
+
+    def collect(self, on_progress: Callable[[Any, str, int], None]) -> RankResult:
+        """The result of a worker that has exited (a failure if it died before sending one)."""
+        self.receive(on_progress)
+        self.process.join()
+        self.receiver.close()
+        if self.result is not None:
+            return self.result
+        remove_partials(self.plan)
+        code = self.process.exitcode
+        cause = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
+        return RankResult(self.plan.folder.name, "failed", f"worker {cause} before finishing "
+                                                           "(out of memory? see the system log)")
+
+
+def _start_worker(context, task: Task, settings: RunSettings, execute) -> _Worker:
     receiver, sender = context.Pipe(duplex=False)
     process = context.Process(target=_worker_main, args=(task, settings, execute, sender, os.getpid()),
                               name=f"convert-{task.plan.folder.name}", daemon=True)
     process.start()
     sender.close()
-    return process, receiver
+    return _Worker(task.plan, process, receiver, time.monotonic())
 
 
 def _worker_main(task: Task, settings: RunSettings, execute, sender, parent_pid: int) -> None:
@@ -220,15 +294,32 @@ def _worker_main(task: Task, settings: RunSettings, execute, sender, parent_pid:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     _die_with_parent(parent_pid)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-    result = _execute_reporting_errors(task, settings, execute)
+    result = _execute_reporting_errors(task, settings, execute, ThrottledProgress(sender.send))
     sender.send(result)
     sender.close()
 
 
-def _execute_reporting_errors(task: Task, settings: RunSettings, execute) -> RankResult:
+class ThrottledProgress:
+    """A worker's `progress(phase, done)`, passed on to `send((phase, done))` at most every
+    PROGRESS_EVERY_BYTES or PROGRESS_EVERY_S, whichever comes first, and at the start of a phase."""
+
+    def __init__(self, send: Callable[[tuple[str, int]], None], clock: Callable[[], float] = time.monotonic):
+        self._send, self._clock = send, clock
+        self._last: tuple[str, int, float] | None = None  # phase, done, when: the last report sent
+
+    def __call__(self, phase: str, done: int) -> None:
+        now = self._clock()
+        last = self._last
+        if (last is None or last[0] != phase or done - last[1] >= PROGRESS_EVERY_BYTES
+                or now - last[2] >= PROGRESS_EVERY_S):
+            self._send((phase, done))
+            self._last = (phase, done, now)
+
+
+def _execute_reporting_errors(task: Task, settings: RunSettings, execute, progress: Progress) -> RankResult:
     plan = task.plan
     try:
-        return execute(plan, settings, task.write)
+        return execute(plan, settings, task.write, progress)
     except ConvertInputError as err:
         remove_partials(plan)
         return RankResult(plan.folder.name, "failed", str(err))
@@ -242,21 +333,9 @@ def _execute_reporting_errors(task: Task, settings: RunSettings, execute) -> Ran
         raise
 
 
-def _collect(plan: Any, process, receiver) -> RankResult:
-    try:
-        result = receiver.recv() if receiver.poll() else None
-    except EOFError:  # the worker died before sending its result
-        result = None
-    process.join()
-    if result is not None:
-        return result
-    remove_partials(plan)
-    code = process.exitcode
-    cause = f"killed by signal {signal.Signals(-code).name}" if code and code < 0 else f"exited with code {code}"
-    return RankResult(plan.folder.name, "failed", f"worker {cause} before finishing "
-                                                  "(out of memory? see the system log)")
-
-
 def remove_partials(plan: Any) -> None:
+    """What a worker that did not finish leaves: its temporaries, and the files it had already put at
+    final paths, which no "complete" manifest vouches for."""
     for path in (*plan.output_files, plan.manifest_file):
         partial_path(path).unlink(missing_ok=True)
+    remove_unfinished_outputs(plan)
