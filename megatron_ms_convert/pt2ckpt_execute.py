@@ -93,18 +93,24 @@ def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True) -> R
         result.status, result.tensors = "converted", len(entries)
     sources.checks.wait()
     if settings.verify:
-        try:
-            result.verified_tensors, result.verified_files = verify_rank(plan, sources)
-        except VerificationError:
-            for path in plan.outputs:
-                path.unlink(missing_ok=True)
-            write_manifest(plan, "writing")  # our own unfinished work: a re-run redoes it
-            raise
+        result.verified_tensors, result.verified_files = verified_or_removed(plan, sources)
     if write:
         write_manifest(plan, "complete", {str(p): p.stat().st_size for p in (*plan.outputs, plan.meta_file)})
     log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
               result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
     return result
+
+
+def verified_or_removed(plan, sources) -> tuple[int, int]:
+    """verify_rank; an output that fails it is removed, so no final path holds a wrong file. `plan`
+    is a RankPlan or a re-shard's TargetRankPlan, `sources` what hands out its tensors' arrays."""
+    try:
+        return verify_rank(plan, sources)
+    except VerificationError:
+        for path in plan.outputs:
+            path.unlink(missing_ok=True)
+        write_manifest(plan, "writing")  # our own unfinished work: a re-run redoes it
+        raise
 
 
 def _measuring_memory(fetch, result: RankResult):

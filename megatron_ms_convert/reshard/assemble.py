@@ -31,13 +31,12 @@ from typing import Callable, Sequence
 import torch
 
 from ..errors import ConvertInputError
+from ..flags import REPLICA_POLICIES
 from .planner import Segment, TargetTensor
 
 ReadFlat = Callable[[Segment], torch.Tensor]
 # (segment, its block from segment.source, the blocks of segment.replicas) -> the block to place
 ReplicaCheck = Callable[[Segment, torch.Tensor, Sequence[torch.Tensor]], torch.Tensor]
-
-REPLICA_POLICIES = ("first", "mean")
 
 
 def box_slices(box) -> tuple[slice, ...]:
