@@ -296,3 +296,22 @@ def test_refusals_are_one_line_exit_2_nothing_written(flags, message, sources, t
     errors = error_lines(proc)
     assert len(errors) == 1 and message in errors[0], errors
     assert not out.exists() or not [p for p in out.rglob("*") if p.is_file() and "lock" not in p.name]
+
+
+def test_shards_check_and_resume_work_per_target_rank(sources, tmp_path):
+    fx = sources["legacy-tp2pp2"]
+    out = tmp_path / "ms"
+    flags = ("--ms-tp-size", "1", "--ms-pp-size", "4", "--replica-policy", "first")
+    assert convert(fx, out, *flags, "--check").returncode != 0  # nothing converted yet
+    first = convert(fx, out, *flags, "--shard", "0/2")
+    second = convert(fx, out, *flags, "--shard", "1/2")
+    assert first.returncode == second.returncode == 0
+    assert first.stdout.count("successfully") + second.stdout.count("successfully") == 4
+    assert convert(fx, out, *flags, "--check").returncode == 0
+    again = convert(fx, out, *flags)
+    assert again.returncode == 0 and "0 converted, 4 skipped" in again.stdout
+    whole = tmp_path / "whole"
+    assert convert(fx, whole, *flags).returncode == 0
+    assert _files(out).keys() == _files(whole).keys()
+    for name in (f"rank_{r}/network.ckpt" for r in range(4)):
+        assert (out / name).read_bytes() == (whole / name).read_bytes()
