@@ -233,9 +233,11 @@ class TargetRankPlan:
     def output_files(self) -> tuple[Path, ...]:
         return self.outputs
 
-    def ends(self) -> tuple[Path, Path]:
-        """(what it reads, what it writes), as the log names them: the source iteration folder."""
-        return self.sources[0].parent, self.outputs[0]
+    def ends(self) -> tuple[str, Path]:
+        """(what it reads, what it writes), as the log names them: the source iteration folder and
+        which target rank (several target ranks read the same folders)."""
+        return (f"{self.sources[0].parent} (target tp{self.folder.tp} pp{self.folder.pp} ep{self.folder.ep})",
+                self.outputs[0])
 
     def source_files(self) -> list[Path]:
         return sorted({path for path, _ in self.distrib_parts})

@@ -99,7 +99,7 @@ class Options:
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
     """The flags as Options; `environ` is the launcher's environment, read by --shard auto."""
     check_minimum(ns, ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
-                       "ep_size"), 1)
+                       "ep_size", "ms_tp_size", "ms_pp_size", "ms_vpp_size", "ms_ep_size"), 1)
     if ns.parallel_init_order != "tp-cp-ep-dp-pp":
         raise ConvertInputError(f"--parallel-init-order {ns.parallel_init_order}", expected="tp-cp-ep-dp-pp",
                                 fix="drop --parallel-init-order; only tp-cp-ep-dp-pp is supported")

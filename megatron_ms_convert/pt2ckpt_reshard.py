@@ -103,11 +103,6 @@ def check_target_options(options: Any, target: ParallelLayout, model: ModelFacts
         raise ConvertInputError(f"--name-style {options.name_style} with a re-shard (--ms-* flags)",
                                 expected="--name-style mindspeed (the names MindSpeed's model loads)",
                                 found=options.name_style, fix="drop --name-style")
-    for flag, value in (("--ms-tp-size", options.ms_tp_size), ("--ms-pp-size", options.ms_pp_size),
-                        ("--ms-vpp-size", options.ms_vpp_size), ("--ms-ep-size", options.ms_ep_size)):
-        if value is not None and value < 1:
-            raise ConvertInputError(f"{flag} {value}", expected="a positive size", found=str(value),
-                                    fix=f"pass {flag} 1 or more")
     if model.num_experts and options.dp_size % target.ep:
         raise ConvertInputError(f"--dp-size {options.dp_size} with --ms-ep-size {target.ep}",
                                 expected=f"a multiple of {target.ep} (MindSpore's ep rank is dp rank mod ep size)",

@@ -283,6 +283,8 @@ REFUSALS = [
     (["--ms-pp-size", "2", "--ms-stage-list", "1", "2"], "--ms-stage-list 1 2"),
     (["--ms-pp-size", "2", "--ms-stage-list", "4", "0"], "--ms-stage-list 4 0"),
     (["--ms-ep-size", "2"], "--ms-ep-size 2 for a model without experts"),
+    (["--ms-pp-size", "0"], "--ms-pp-size 0"),
+    (["--ms-stage-list", "1", "1"], "--ms-stage-list 1 1"),
     (["--ms-tp-size", "1", "--convert-param-only"], "--convert-param-only with a re-shard"),
     (["--ms-tp-size", "1", "--name-style", "documented"], "--name-style documented with a re-shard"),
 ]
