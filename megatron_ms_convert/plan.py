@@ -228,6 +228,9 @@ class TargetRankPlan:
     replica_policy: str | None = None
     fingerprint: str = field(default="", compare=False)
     manifest_file: Path | None = None
+    # the tied head copies a target pp of 1 drops: (what, the copy's slice, the embedding's slice), for
+    # a warning when they differ (the embedding is what is kept)
+    tied_checks: tuple[tuple[str, BucketSlice, BucketSlice], ...] = ()
 
     @property
     def output_files(self) -> tuple[Path, ...]:

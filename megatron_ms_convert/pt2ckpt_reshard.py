@@ -203,6 +203,7 @@ def plan_target_ranks(reshard: ReshardPlan, spans: SourceSpans, topo_out: Topolo
                         sources.add(folders[src])
                 name = t.key if state == "param" else f"{state}.{t.key}"
                 tensors.append(PlannedTensor(name, t.shape, "float32", Gathered(t, tuple(dict(mapped).items()))))
+        checks = tied_checks(reshard, spans, used) if rank == RankCoord() else ()
         tensors += optimizer_scalars(first.iteration, target_groups(target, groups, first), first.scheduler,
                                      first.folder.model_file)
         outputs = output_paths(options, topo_out, rank)
@@ -211,10 +212,27 @@ def plan_target_ranks(reshard: ReshardPlan, spans: SourceSpans, topo_out: Topolo
         out.append(TargetRankPlan(
             folder=TargetFolder(rank.tp, rank.pp, rank.ep, outputs[0].parent), fmt=options.fmt, outputs=outputs,
             tensors=tuple(tensors), distrib_parts=parts, sources=tuple(sorted(sources)),
-            replica_policy=options.replica_policy,
+            replica_policy=options.replica_policy, tied_checks=checks,
             manifest_file=options.ms_path / "pt_meta" / f"manifest_target_tp{rank.tp:02d}_pp{rank.pp:03d}"
                                                         f"_ep{rank.ep:03d}.json"))
     return out
+
+
+def tied_checks(reshard: ReshardPlan, spans: SourceSpans, used: dict[int, int]) -> tuple:
+    """The dropped tied head copies (target pp 1), each with the source embedding of its tp rank: the
+    master weights of the two should be equal in a healthy run (pitfall: a drifted copy)."""
+    out = []
+    for dropped in reshard.dropped:
+        embedding = next(((key, value) for key, value in spans.spans.items()
+                          if key[0] == RankCoord(0, 0, dropped.rank.tp) and key[1] == 0
+                          and key[2].endswith("embedding.word_embeddings.weight")), None)
+        copy = spans.spans.get((dropped.rank, dropped.chunk, dropped.key))
+        if embedding is None or copy is None or "param" not in copy[1]:
+            continue
+        pair = [dataclasses.replace(s, optimizer=used.setdefault(s.optimizer, len(used)))
+                for s in (copy[1]["param"], embedding[1][1]["param"])]
+        out.append((f"source {dropped.rank} chunk{dropped.chunk} {dropped.key}", *pair))
+    return tuple(out)
 
 
 def output_paths(options: Any, topo: Topology, rank: RankCoord) -> tuple[Path, ...]:

@@ -21,7 +21,7 @@ from .manifest import write_manifest
 from .megatron import checkpoint as reader
 from .megatron.zip_records import BackgroundChecks
 from .mindspore.writer import TensorEntry, write_mindspore_file
-from .plan import Gathered, PlannedTensor, Scalar, TargetRankPlan
+from .plan import BucketSlice, Gathered, PlannedTensor, Scalar, TargetRankPlan
 from .reshard.assemble import assemble_tensor, replica_policy_check
 from .pt2ckpt_execute import verified_or_removed
 from .runner import RankResult, RunSettings, anon_memory_bytes
@@ -49,14 +49,26 @@ class GatheredSources:
         spans = dict(source.spans)
 
         def read_flat(seg) -> torch.Tensor:
-            piece = spans[(seg.source, seg.chunk, seg.key)]
-            bucket = self.buffers[piece.optimizer][piece.gbuf_idx].states[piece.state][piece.bucket]
-            return bucket[piece.start:piece.end]
+            return self.flat(spans[(seg.source, seg.chunk, seg.key)])
         out = torch.empty(planned.shape, dtype=getattr(torch, planned.dtype))
         return assemble_tensor(source.tensor, read_flat, out=out, replica_check=self.check).numpy()
 
+    def flat(self, piece: BucketSlice) -> torch.Tensor:
+        """A source tensor's elements, 1-D, as a view of its mmap'd bucket."""
+        bucket = self.buffers[piece.optimizer][piece.gbuf_idx].states[piece.state][piece.bucket]
+        return bucket[piece.start:piece.end]
+
     def fetch(self, entry: TensorEntry) -> np.ndarray:
         return self.array(self._by_name[entry.name])
+
+
+def warn_if_differ(what: str, copy: torch.Tensor, embedding: torch.Tensor) -> None:
+    """The dropped tied head copy should equal the embedding it was tied to; the embedding is kept."""
+    if copy.shape == embedding.shape and torch.equal(copy, embedding):
+        return
+    differ = int((copy != embedding).sum()) if copy.shape == embedding.shape else copy.numel()
+    log.warning("%s (the tied head copy, not needed at pp 1) differs from the first stage's embedding in %d of %d "
+                "elements; the embedding's values are kept", what, differ, copy.numel())
 
 
 def execute_target_rank(plan: TargetRankPlan, settings: RunSettings, write: bool = True) -> RankResult:
@@ -82,6 +94,8 @@ def execute_target_rank(plan: TargetRankPlan, settings: RunSettings, write: bool
             result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
         result.status, result.tensors = "converted", len(entries)
     sources.checks.wait()
+    for what, copy, embedding in plan.tied_checks:
+        warn_if_differ(what, sources.flat(copy), sources.flat(embedding))
     if settings.verify:
         result.verified_tensors, result.verified_files = verified_or_removed(plan, sources)
     if write:
