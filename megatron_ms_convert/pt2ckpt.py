@@ -489,7 +489,8 @@ def plan_resharding(job: Job, facts: SourceFacts, options: Options) -> Job:
     if reshard.same_layout(source, target, topo.num_layers):
         log.info("the --ms-* flags give the training run's own layout: converting without re-sharding")
         return job
-    model = reshard.model_facts(facts.args, facts.iteration_dir)
+    model = reshard.model_facts(facts.args, facts.iteration_dir,
+                                [key for tensors in facts.infos[0].chunk_tensors for key, _, _ in tensors])
     if model.num_layers != topo.num_layers:
         raise ConvertInputError(f"{facts.iteration_dir}: num_layers {model.num_layers} in the saved args",
                                 expected=f"--num-layers {topo.num_layers}", found=str(model.num_layers),

@@ -21,6 +21,7 @@ from .naming import model_relative
 from .plan import BucketSlice, Gathered, PlannedTensor, RankInfo, RankPlan, TargetFolder, TargetRankPlan
 from .pt2ckpt_plan import check_unique_names, optimizer_scalars
 from .reshard import MEGATRON, MINDSPORE, ModelFacts, ParallelLayout, RankCoord, ReshardPlan
+from .reshard.megatron_target import model_facts_of
 from .reshard.placement import TARGET, layer_placement
 from .topology import Topology
 
@@ -36,34 +37,13 @@ SpanKey = tuple[RankCoord, int, str]  # (source rank, chunk, model-relative key)
 # Facts -> model and layouts
 
 
-def model_facts(args: Any, where: Path) -> ModelFacts:
-    """The model's dimensions and kinds from the training run's saved args."""
+def model_facts(args: Any, where: Path, keys: Sequence[str] = ()) -> ModelFacts:
+    """The model's dimensions and kinds from the training run's saved args (`megatron_target`'s reading,
+    shared with the way back); `keys`: the first folder's tensor keys (they tell the norms' spec)."""
     if args is None:
         raise ConvertInputError(f"{where}: no saved args", expected="the training run's args in model_optim_rng.pt",
                                 fix="re-sharding needs them; convert at the training layout (drop the --ms-* flags)")
-
-    def get(name, default=None):
-        value = getattr(args, name, default)
-        return default if value is None else value
-
-    heads = int(get("num_attention_heads"))
-    hidden = int(get("hidden_size"))
-    mcore = bool(get("use_mcore_models", False))
-    learned = get("position_embedding_type", "learned_absolute") == "learned_absolute" and bool(
-        get("add_position_embedding", True))
-    return ModelFacts(
-        num_layers=int(get("num_layers")), hidden=hidden, heads=heads,
-        query_groups=int(get("num_query_groups", heads)) if get("group_query_attention", False) else heads,
-        ffn=int(get("ffn_hidden_size", 4 * hidden)), padded_vocab=int(get("padded_vocab_size")),
-        kv_channels=int(get("kv_channels", 0) or 0),
-        family="mcore" if mcore else "legacy", normalization=str(get("normalization", "LayerNorm")),
-        te_norms=mcore and get("transformer_impl", "local") == "transformer_engine",
-        tied=not get("untie_embeddings_and_output_weights", False),
-        max_position=int(get("max_position_embeddings", 0)) if learned else 0,
-        swiglu=bool(get("swiglu", False)), linear_bias=bool(get("add_bias_linear", True)),
-        qkv_bias=bool(get("add_bias_linear", True) or get("add_qkv_bias", False)),
-        num_experts=int(get("num_experts", 0) or 0), moe_grouped_gemm=bool(get("moe_grouped_gemm", False)),
-        fp8=get("fp8") is not None, standalone_embedding_stage=bool(get("standalone_embedding_stage", False)))
+    return model_facts_of(args, keys)
 
 
 def source_layout(topo: Topology, stage_list_given: bool) -> ParallelLayout:
