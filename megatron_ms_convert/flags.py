@@ -129,9 +129,36 @@ def pt2ckpt_parser() -> argparse.ArgumentParser:
     group.add_argument("--name-style", choices=list(STYLES), default="mindspeed",
                        help="parameter names to write: 'mindspeed' = the names MindSpeed-Core-MS's GPTModel "
                             "loads; 'documented' = the documented tool's names (see docs/names.md)")
+    add_reshard_flags(parser)
     add_shard_flags(parser, "--ms-path")
     add_dry_run_flag(parser)
     return parser
+
+
+REPLICA_POLICIES = ("first", "mean")  # as megatron_ms_convert.reshard.assemble names them
+
+
+def add_reshard_flags(parser: argparse.ArgumentParser) -> None:
+    """The MindSpore run's own layout (docs/resharding.md): each defaults to the Megatron run's, so
+    without them the output is today's, byte for byte."""
+    group = parser.add_argument_group(title="Re-sharding: the MindSpore run's layout (not in the documented tool)")
+    group.add_argument("--ms-tp-size", type=int, default=None,
+                       help="tensor-parallel size of the MindSpore run (default: --tp-size)")
+    group.add_argument("--ms-pp-size", type=int, default=None,
+                       help="pipeline size of the MindSpore run (default: --pp-size)")
+    group.add_argument("--ms-vpp-size", type=int, default=None,
+                       help="virtual pipeline chunks per stage of the MindSpore run (default: --vpp-size when "
+                            "--ms-pp-size is not given, else 1)")
+    group.add_argument("--ms-stage-list", type=int, default=None, nargs="+",
+                       help="the MindSpore run's num_layer_list: layers per stage (with --ms-vpp-size V, V x pp "
+                            "counts, chunk-major) (default: the Megatron stages at the same pp, else "
+                            "MindSpeed's own split, logged)")
+    group.add_argument("--ms-ep-size", type=int, default=None,
+                       help="expert-parallel size of the MindSpore run (MoE; default: the Megatron run's)")
+    group.add_argument("--replica-policy", choices=REPLICA_POLICIES, default=None,
+                       help="when re-sharding, a replicated parameter (norm, row-parallel bias, position table, "
+                            "router) whose copies differ between source tp ranks: take tp rank 0's (first) or "
+                            "their average (mean) (default: stop and say by how much they differ)")
 
 
 def ckpt2pt_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,9 @@ from .megatron.pt_meta import is_moe_record
 from .naming import is_expert_key
 from .topology import DISTRIB_FILE, MODEL_FILE, RankFolder
 
+from .reshard.placement import RankCoord
+from .reshard.planner import TargetTensor
+
 if TYPE_CHECKING:  # the records name the type; reading the form is the facts step's business
     from .mindspore.bucket_form import BucketSource
 
@@ -60,7 +63,22 @@ class Stacked:
     parts: tuple[Union[BucketSlice, ModelTensor], ...]
 
 
-Source = Union[BucketSlice, ModelTensor, Scalar, Stacked]
+@dataclass(frozen=True)
+class Gathered:
+    """A re-sharded tensor: target tensor `tensor` of the re-sharding plan (its shape and the source
+    segments that fill it, boxes of source tensors named by (source rank, chunk, key)), and where each
+    of those source tensors is for this optimizer state: `spans` maps (source rank, chunk, key) to its
+    bucket slice, whose `optimizer` indexes the plan's `distrib_parts` (several source folders' files).
+    Replicas of a replicated parameter are mapped too, for the equality check."""
+
+    tensor: TargetTensor
+    spans: tuple[tuple[tuple[RankCoord, int, str], BucketSlice], ...]
+
+    def span(self, rank: RankCoord, chunk: int, key: str) -> BucketSlice:
+        return dict(self.spans)[(rank, chunk, key)]
+
+
+Source = Union[BucketSlice, ModelTensor, Scalar, Stacked, Gathered]
 
 
 @dataclass(frozen=True)
@@ -163,6 +181,13 @@ def _itemsize(dtype: str) -> int:
 
 
 def _source_text(source: Source) -> str:
+    if isinstance(source, Gathered):
+        lines = [f"gather {source.tensor.rule} from {len(source.tensor.segments)} segments:"]
+        for seg in source.tensor.segments:
+            s = source.span(seg.source, seg.chunk, seg.key)
+            lines.append(f"      {seg.describe()} @ optimizer file {s.optimizer}[{s.gbuf_idx}][{s.state}]"
+                         f"[{s.bucket}][{s.start}:{s.end}]")
+        return "\n".join(lines)
     if isinstance(source, Stacked):
         return "stack(" + ", ".join(_source_text(p) for p in source.parts) + ")"
     if isinstance(source, BucketSlice):
@@ -171,6 +196,69 @@ def _source_text(source: Source) -> str:
     if isinstance(source, ModelTensor):
         return f"model_optim_rng[{source.chunk_key}][{source.key}]"
     return repr(source.value)
+
+
+@dataclass(frozen=True)
+class TargetFolder:
+    """One target rank of a re-shard, as the runner and the manifests name it: (tp, pp, ep) of the
+    MindSpore layout and the folder of its first output."""
+
+    tp: int
+    pp: int
+    ep: int
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return f"target_tp{self.tp:02d}_pp{self.pp:03d}_ep{self.ep:03d}"
+
+
+@dataclass(frozen=True)
+class TargetRankPlan:
+    """Everything one worker does for one target rank of a re-shard: gather its tensors from several
+    source folders' distrib_optim.pt (`distrib_parts`: (file, list element or None)), write one
+    MindSpore file and its copies."""
+
+    folder: TargetFolder
+    fmt: str
+    outputs: tuple[Path, ...]  # outputs[0] is written, the others are copies of it
+    tensors: tuple[PlannedTensor, ...]
+    distrib_parts: tuple[tuple[Path, int | None], ...]
+    sources: tuple[Path, ...]  # the source folders read
+    replica_policy: str | None = None
+    fingerprint: str = field(default="", compare=False)
+    manifest_file: Path | None = None
+    # the tied head copies a target pp of 1 drops: (what, the copy's slice, the embedding's slice), for
+    # a warning when they differ (the embedding is what is kept)
+    tied_checks: tuple[tuple[str, BucketSlice, BucketSlice], ...] = ()
+
+    @property
+    def output_files(self) -> tuple[Path, ...]:
+        return self.outputs
+
+    def ends(self) -> tuple[str, Path]:
+        """(what it reads, what it writes), as the log names them: the source iteration folder and
+        which target rank (several target ranks read the same folders)."""
+        return (f"{self.sources[0].parent} (target tp{self.folder.tp} pp{self.folder.pp} ep{self.folder.ep})",
+                self.outputs[0])
+
+    def source_files(self) -> list[Path]:
+        return sorted({path for path, _ in self.distrib_parts})
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(math.prod(t.shape) * _itemsize(t.dtype) for t in self.tensors)
+
+    def describe(self) -> str:
+        """Every output tensor with its source segments (what --dry-run prints)."""
+        lines = [f"plan for target tp{self.folder.tp} pp{self.folder.pp} ep{self.folder.ep} -> "
+                 f"{', '.join(map(str, self.outputs))}",
+                 f"  reads {', '.join(str(p) for p in self.sources)}"]
+        lines += [f"  optimizer file {i}: {path}" + ("" if element is None else f"[{element}]")
+                  for i, (path, element) in enumerate(self.distrib_parts)]
+        for t in self.tensors:
+            lines.append(f"  {t.name} {list(t.shape)} {t.dtype} <- {_source_text(t.source)}")
+        return "\n".join(lines)
 
 
 @dataclass(frozen=True)

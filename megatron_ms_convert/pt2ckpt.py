@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import sys
@@ -37,11 +38,14 @@ from .naming import NamingFacts, is_expert_key, local_expert_index, naming_facts
 from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_param_map_file_name, infer_layouts,
                               layout_differences, list_expert_param_map_files, list_param_map_files,
                               param_map_file_name, param_map_json, read_rank_layouts, state_key_for)
-from .plan import RankInfo, RankPlan
+from .plan import RankInfo, RankPlan, TargetRankPlan
 from .pt2ckpt_facts import read_rank_info
-from .pt2ckpt_execute import execute_rank, work_bytes
+from .pt2ckpt_execute import execute_rank, work_bytes, write_meta_file
+from .pt2ckpt_reshard_execute import execute_target_rank, target_work_bytes
 from .pt2ckpt_plan import (check_layer_counts, check_unique_names, optimizer_scalars, plan_model_tensors,
                            plan_optimizer_tensors, stack_local_experts)
+from . import pt2ckpt_reshard as reshard
+from .reshard import RankCoord, plan_reshard as reshard_planner
 from .shard import Shard, own_share
 from .topology import RankFolder, Topology
 
@@ -83,12 +87,19 @@ class Options:
     check: bool = False
     ep_size: int | None = None
     dry_run: bool = False
+    # the MindSpore run's layout when it differs from the training run's (re-sharding); None = the same
+    ms_tp_size: int | None = None
+    ms_pp_size: int | None = None
+    ms_vpp_size: int | None = None
+    ms_stage_list: tuple[int, ...] | None = None
+    ms_ep_size: int | None = None
+    replica_policy: str | None = None
 
 
 def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None = None) -> Options:
     """The flags as Options; `environ` is the launcher's environment, read by --shard auto."""
     check_minimum(ns, ("tp_size", "pp_size", "dp_size", "cp_size", "vpp_size", "process_limit", "process_timeout",
-                       "ep_size"), 1)
+                       "ep_size", "ms_tp_size", "ms_pp_size", "ms_vpp_size", "ms_ep_size"), 1)
     if ns.parallel_init_order != "tp-cp-ep-dp-pp":
         raise ConvertInputError(f"--parallel-init-order {ns.parallel_init_order}", expected="tp-cp-ep-dp-pp",
                                 fix="drop --parallel-init-order; only tp-cp-ep-dp-pp is supported")
@@ -120,6 +131,10 @@ def options_from_args(ns: argparse.Namespace, environ: Mapping[str, str] | None 
         check=ns.check,
         ep_size=getattr(ns, "ep_size", None),
         dry_run=ns.dry_run,
+        ms_tp_size=getattr(ns, "ms_tp_size", None), ms_pp_size=getattr(ns, "ms_pp_size", None),
+        ms_vpp_size=getattr(ns, "ms_vpp_size", None),
+        ms_stage_list=tuple(ns.ms_stage_list) if getattr(ns, "ms_stage_list", None) else None,
+        ms_ep_size=getattr(ns, "ms_ep_size", None), replica_policy=getattr(ns, "replica_policy", None),
     )
 
 
@@ -164,6 +179,9 @@ def resolve_expert_parallel(options: Options, args: Any, where: Path) -> ExpertP
                                 found=f"{num_experts} % {ep_size} = {num_experts % ep_size}",
                                 fix=f"pass --ep-size {saved_ep}" if saved_ep else
                                     "pass --ep-size with the training run's expert_model_parallel_size")
+    target_ep = options.ep_size if options.ms_ep_size is None else options.ms_ep_size
+    if target_ep not in (None, ep_size):
+        return ExpertParallel(ep_size, num_experts or None)  # dp and cp are the target's: checked with its ep
     if num_experts and options.dp_size % ep_size:
         raise ConvertInputError(f"--dp-size {options.dp_size} with expert parallel size {ep_size}",
                                 expected=f"a multiple of {ep_size} (MindSpore's ep rank is dp rank mod ep size)",
@@ -377,10 +395,19 @@ def plan_rank(info: RankInfo, topo: Topology, options: Options, layouts: Sequenc
 
 @dataclass
 class Job:
-    plans: list[RankPlan]
+    plans: list  # RankPlan per source folder; TargetRankPlan per target rank when re-sharding
     param_map_files: dict | None
     first_args: Any
     topology: Topology | None = None
+    # re-sharding: the plan, the per-folder plans (for pt_meta's records) and the target's rank numbers
+    reshard: Any = None
+    folder_plans: list = dataclasses.field(default_factory=list)
+    target_topology: Topology | None = None
+
+    @property
+    def source_plans(self) -> list[RankPlan]:
+        """One plan per source folder (pt_meta's records and param_map copies are per folder)."""
+        return self.folder_plans if self.reshard is not None else self.plans
 
 
 def prepare(options: Options) -> Job:
@@ -444,7 +471,39 @@ def plan_conversion(facts: SourceFacts, options: Options) -> Job:
         check_expert_keys(info, experts)
         layouts, expert_layouts = rank_layouts(info, options, mapped) if mapped else ([], [])
         plans.append(plan_rank(info, topo, options, layouts, facts_of_names, expert_layouts, experts))
-    return Job(plans, facts.param_map_files, infos[0].args, topo)
+    job = Job(plans, facts.param_map_files, infos[0].args, topo)
+    return plan_resharding(job, facts, options) if resharding_requested(options) else job
+
+
+def resharding_requested(options: Options) -> bool:
+    return any(value is not None for value in (options.ms_tp_size, options.ms_pp_size, options.ms_vpp_size,
+                                               options.ms_stage_list, options.ms_ep_size))
+
+
+def plan_resharding(job: Job, facts: SourceFacts, options: Options) -> Job:
+    """The --ms-* flags: the per-folder plans (already checked) become per-target-rank plans, unless
+    the target layout is the source's after all (then the job is today's, byte for byte)."""
+    topo = job.topology
+    source = reshard.source_layout(topo, options.stage_list is not None)
+    target = reshard.target_layout(options, topo)
+    if reshard.same_layout(source, target, topo.num_layers):
+        log.info("the --ms-* flags give the training run's own layout: converting without re-sharding")
+        return job
+    model = reshard.model_facts(facts.args, facts.iteration_dir,
+                                [key for tensors in facts.infos[0].chunk_tensors for key, _, _ in tensors])
+    if model.num_layers != topo.num_layers:
+        raise ConvertInputError(f"{facts.iteration_dir}: num_layers {model.num_layers} in the saved args",
+                                expected=f"--num-layers {topo.num_layers}", found=str(model.num_layers),
+                                fix="check --num-layers")
+    reshard.check_target_options(options, target, model)
+    reshard.check_padded_vocab(model, facts.infos, topo.tp_size)
+    plan = reshard_planner(model, source, target)
+    folders = {RankCoord(p.folder.pp, p.folder.ep, p.folder.tp): p.folder.path for p in job.plans}
+    spans = reshard.source_spans(job.plans, facts.infos, options.dist_opt_content)
+    reshard.check_sources_cover(plan, spans, folders)
+    target_topo = reshard.target_topology(options, target, plan, bool(model.num_experts))
+    plans = reshard.plan_target_ranks(plan, spans, target_topo, options, facts.infos, folders)
+    return dataclasses.replace(job, plans=plans, reshard=plan, folder_plans=job.plans, target_topology=target_topo)
 
 
 def with_dense_state_of_ep_rank_0(infos: Sequence[RankInfo]) -> list[RankInfo]:
@@ -508,7 +567,7 @@ def write_layout_files(job: Job, target: Path, dp_ranks: Sequence[int], skip: se
     target.mkdir(parents=True, exist_ok=True)
     expert_dp_ranks = dp_ranks if expert_dp_ranks is None else expert_dp_ranks
     files: dict[str, str] = {}
-    for plan in job.plans:
+    for plan in job.source_plans:
         tp, pp, ep = plan.folder.tp, plan.folder.pp, plan.folder.ep
         for layout in () if skip else plan.layouts:
             text = param_map_json(layout)
@@ -575,14 +634,29 @@ def write_common_outputs(job: Job, options: Options) -> None:
         write_param_map_copies(job, options)
         if options.save_param_map:
             save_param_maps(job, options)
+    if job.reshard is not None:
+        write_reshard_records(job, options)
+
+
+def write_reshard_records(job: Job, options: Options) -> None:
+    """Re-sharding: pt_meta/ keeps today's record per source folder (args_tpTT_ppPPP.pt, for the way
+    back's skeletons and args) and adds layout.json, the source and target layouts."""
+    reshard.log_target(job.reshard)
+    for plan in job.folder_plans:
+        write_meta_file(plan, reader.load_pt(plan.folder.model_file))
+    record = reshard.layout_record(job.reshard, job.target_topology, options.replica_policy)
+    write_common_file(options.ms_path / PT_META_DIR / reshard.LAYOUT_FILE,
+                      (json.dumps(record, indent=1) + "\n").encode(), mode=0o644)
 
 
 def own_share_table(plans: Sequence[RankPlan], count: int) -> list[tuple[RankPlan, ...]]:
     return [own_share(plans, Shard(index, count, ""), source_bytes) for index in range(count)]
 
 
-def source_bytes(plan: RankPlan) -> int:
-    """What a rank costs to convert: the bytes of its source files."""
+def source_bytes(plan: RankPlan | TargetRankPlan) -> int:
+    """What a rank costs to convert: the bytes of its source files (re-sharding: of its tensors)."""
+    if isinstance(plan, TargetRankPlan):
+        return plan.total_bytes
     files = {plan.folder.model_file} | ({path for path, _ in plan.distrib_sources()} if plan.reads_distrib else set())
     return sum(path.stat().st_size for path in files)
 
@@ -605,7 +679,8 @@ def run(ns: argparse.Namespace) -> int:
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the ranks not done yet (verify the done ones with --verify), log one line per folder
     and the summary; returns the exit code."""
-    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute_rank, work=work_bytes,
+    execute, work = (execute_target_rank, target_work_bytes) if job.reshard is not None else (execute_rank, work_bytes)
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute, work=work,
                                  where=lambda plan: plan.folder.path)
     if options.verify and stopped is None:
         log_verified(results)

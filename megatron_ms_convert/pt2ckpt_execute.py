@@ -109,15 +109,22 @@ def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True,
         result.status, result.tensors = "converted", len(entries)
     sources.checks.wait()
     if settings.verify:
-        try:
-            result.verified_tensors, result.verified_files = verify_rank(plan, sources,
-                                                                         ByteCounter(progress, "verify"))
-        except VerificationError:
-            withdraw_outputs(plan)
-            raise
+        result.verified_tensors, result.verified_files = verified_or_removed(plan, sources,
+                                                                             ByteCounter(progress, "verify"))
     log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
               result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
     return result
+
+
+def verified_or_removed(plan, sources, counter: ByteCounter) -> tuple[int, int]:
+    """verify_rank; an output that fails it is withdrawn (manifest first, then the files), so no final
+    path holds a wrong file. `plan` is a RankPlan or a re-shard's TargetRankPlan, `sources` what hands
+    out its tensors' arrays."""
+    try:
+        return verify_rank(plan, sources, counter)
+    except VerificationError:
+        withdraw_outputs(plan)
+        raise
 
 
 def _measuring_memory(fetch, result: RankResult):

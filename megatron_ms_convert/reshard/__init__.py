@@ -5,10 +5,12 @@ layout, optimizer state included. One owner per concern:
 - `placement`: layouts, layer counts per (chunk, stage) on either side, expert ownership;
 - `model`: a model's parameters as global tensors, and the models / layouts that are refused;
 - `planner`: for every target rank and tensor, the source segments its elements come from;
+- `assemble`: a target tensor filled from its segments (both directions' executors use it);
 - `megatron_target`: what Megatron r0.6.0 builds at a target layout (parameter order, grad buffers and
   buckets, each rank's param_groups, state-dict skeleton, args): the way back's structure.
 
-Planning only, so far: the CLI wiring and the executor are not written yet (docs/resharding.md).
+The way there's wiring is `pt2ckpt_reshard` (plans) and `pt2ckpt_reshard_execute` (the worker); the
+way back at a new layout is not written yet (docs/resharding.md).
 """
 
 from .model import ModelFacts, megatron_vocab_divisor

@@ -1,0 +1,117 @@
+"""The forward direction's worker when re-sharding: executing one `TargetRankPlan` (one target rank
+of the MindSpore layout, gathered from several Megatron folders' distrib_optim.pt -> one MindSpore file
+and its copies), then, with --verify, reading the output back with MindSpore (`pt2ckpt_execute.verify_rank`: each
+tensor compared with the one assembled again).
+
+Each output tensor is assembled by `reshard.assemble.assemble_tensor` from views of the mmap'd
+buckets: a segment reads only its box (row-parallel blocks as strided runs), so a worker holds one
+target tensor at a time, whatever the model's size. Replicated parameters are checked equal across
+the source tp ranks (or taken per --replica-policy) as they are read.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+
+from .atomic import copy_file_atomically
+from .manifest import write_manifest
+from .megatron import checkpoint as reader
+from .megatron.zip_records import BackgroundChecks
+from .mindspore.writer import TensorEntry, write_mindspore_file
+from .plan import BucketSlice, Gathered, PlannedTensor, Scalar, TargetRankPlan
+from .reshard.assemble import assemble_tensor, replica_policy_check
+from .pt2ckpt_execute import tensor_bytes, verified_or_removed
+from .runner import ByteCounter, Progress, RankResult, RunSettings, anon_memory_bytes, no_progress
+
+log = logging.getLogger(__name__)
+
+
+class GatheredSources:
+    """The target rank's source buckets (mmap'd, CRC-checked in the background) and the tensors
+    assembled from them."""
+
+    def __init__(self, plan: TargetRankPlan):
+        self.checks = BackgroundChecks()
+        self.buffers = [reader.decode_optimizer_part(reader.load_pt(path, background=self.checks), path, element)
+                        for path, element in plan.distrib_parts]
+        self.check = replica_policy_check(plan.replica_policy, lambda seg: f"source {seg.source} chunk {seg.chunk}")
+        self._by_name = {t.name: t for t in plan.tensors}
+
+    def array(self, planned: PlannedTensor) -> np.ndarray:
+        source = planned.source
+        if isinstance(source, Scalar):
+            return np.array(source.value, dtype=planned.dtype).reshape(planned.shape)
+        if not isinstance(source, Gathered):
+            raise TypeError(f"{planned.name}: a re-sharded rank has no {type(source).__name__} source")
+        spans = dict(source.spans)
+
+        def read_flat(seg) -> torch.Tensor:
+            return self.flat(spans[(seg.source, seg.chunk, seg.key)])
+        out = torch.empty(planned.shape, dtype=getattr(torch, planned.dtype))
+        return assemble_tensor(source.tensor, read_flat, out=out, replica_check=self.check).numpy()
+
+    def flat(self, piece: BucketSlice) -> torch.Tensor:
+        """A source tensor's elements, 1-D, as a view of its mmap'd bucket."""
+        bucket = self.buffers[piece.optimizer][piece.gbuf_idx].states[piece.state][piece.bucket]
+        return bucket[piece.start:piece.end]
+
+    def fetch(self, entry: TensorEntry) -> np.ndarray:
+        return self.array(self._by_name[entry.name])
+
+
+def warn_if_differ(what: str, copy: torch.Tensor, embedding: torch.Tensor) -> None:
+    """The dropped tied head copy should equal the embedding it was tied to; the embedding is kept."""
+    if copy.shape == embedding.shape and torch.equal(copy, embedding):
+        return
+    differ = int((copy != embedding).sum()) if copy.shape == embedding.shape else copy.numel()
+    log.warning("%s (the tied head copy, not needed at pp 1) differs from the first stage's embedding in %d of %d "
+                "elements; the embedding's values are kept", what, differ, copy.numel())
+
+
+def target_work_bytes(plan: TargetRankPlan) -> int:
+    """The bytes one phase of a target rank's plan handles, for progress: its tensors' data, once per
+    output file."""
+    return tensor_bytes(plan) * len(plan.outputs)
+
+
+def execute_target_rank(plan: TargetRankPlan, settings: RunSettings, write: bool = True,
+                        progress: Progress = no_progress) -> RankResult:
+    """Write one target rank's output and its copies (or, with write=False, only verify a complete
+    output an earlier run left), reporting the bytes done to `progress`. An output that fails --verify
+    is removed."""
+    sources = GatheredSources(plan)
+    result = RankResult(plan.folder.name, "skipped")
+    if write:
+        write_manifest(plan, "writing")
+        entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
+        last = entries[-1].name if entries else None
+
+        def fetch(entry: TensorEntry) -> np.ndarray:
+            if entry.name == last:
+                sources.checks.wait()  # every CRC checked before the file is put in place
+            array = sources.fetch(entry)
+            result.peak_anon_bytes = max(result.peak_anon_bytes, anon_memory_bytes())
+            written.add(array.nbytes)
+            return array
+        written = ByteCounter(progress, "write")
+        plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
+        result.bytes_written = write_mindspore_file(plan.outputs[0], entries, fetch, plan.fmt)
+        sources.checks.wait()
+        for copy in plan.outputs[1:]:
+            result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
+            written.add(tensor_bytes(plan))
+        # "complete" as soon as every file is in place, before --verify (docs/output-format.md, "Manifests")
+        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
+        result.status, result.tensors = "converted", len(entries)
+    sources.checks.wait()
+    for what, copy, embedding in plan.tied_checks:
+        warn_if_differ(what, sources.flat(copy), sources.flat(embedding))
+    if settings.verify:
+        result.verified_tensors, result.verified_files = verified_or_removed(plan, sources,
+                                                                             ByteCounter(progress, "verify"))
+    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
+              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
+    return result
