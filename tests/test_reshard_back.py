@@ -76,18 +76,46 @@ def source_run(tmp_path_factory):
     return root, run
 
 
-def test_tp2_pp2_back_at_tp1_pp1_loads_into_megatron_with_the_global_state(source_run):
-    root, run = source_run
-    back = in_process(ckpt2pt_main, "--ms-path", root / "ms", "--param-map-path", root / "ms" / "pt_meta",
-                      "--megatron-path", root / "back", "--tp-size", 1, "--pp-size", 1, "--vpp-size", 1,
-                      "--dp-size", 1, "--cp-size", 1, "--ms-dp-size", SOURCE.dp, "--verify")
+def back_at(ms, out, spec: MegatronSpec, ms_dp: int):
+    back = in_process(ckpt2pt_main, "--ms-path", ms, "--param-map-path", ms / "pt_meta", "--megatron-path", out,
+                      "--tp-size", spec.tp, "--pp-size", spec.pp, "--vpp-size", 1, "--dp-size", spec.dp,
+                      "--cp-size", 1, "--ms-dp-size", ms_dp, "--verify")
     assert back.returncode == 0, back.stdout
     assert "rng states cannot be re-sharded" in back.stdout
-    want = global_state(run.state, SOURCE)
-    got = global_state(dump_loaded_state(root / "back", TARGET), TARGET)
+    return out
+
+
+def assert_global_equal(got: dict, want: dict) -> None:
     assert sorted(got) == sorted(want)
     for name, states in want.items():
         for state, tensor in states.items():
             mine = got[name][state]
             assert mine.dtype == tensor.dtype and mine.shape == tensor.shape, (name, state)
             assert mine.contiguous().view(torch.uint8).equal(tensor.contiguous().view(torch.uint8)), (name, state)
+
+
+@pytest.fixture(scope="module")
+def at_tp1_pp1(source_run):
+    root, _ = source_run
+    return back_at(root / "ms", root / "back", TARGET, SOURCE.dp)
+
+
+def test_tp2_pp2_back_at_tp1_pp1_loads_into_megatron_with_the_global_state(source_run, at_tp1_pp1):
+    _, run = source_run
+    assert_global_equal(global_state(dump_loaded_state(at_tp1_pp1, TARGET), TARGET), global_state(run.state, SOURCE))
+
+
+def test_tp1_pp1_back_at_tp2_pp2_splits_and_creates_the_head_copy(source_run, at_tp1_pp1):
+    """The other way (tp 1 -> 2, pp 1 -> 2, the tied head copy created with its moments): A's tp 1 · pp 1
+    form, to MindSpore at its layout and back at A's tp 2 · pp 2, loads into Megatron as A's state."""
+    root, run = source_run
+    forward = in_process(pt2ckpt_main, "--megatron-path", at_tp1_pp1 / "iter_0000002", "--ms-path", root / "ms1",
+                         "--tp-size", 1, "--pp-size", 1, "--vpp-size", 1, "--dp-size", 1)
+    assert forward.returncode == 0, forward.stdout
+    loaded = dump_loaded_state(back_at(root / "ms1", root / "back2", SOURCE, 1), SOURCE)
+    assert_global_equal(global_state(loaded, SOURCE), global_state(run.state, SOURCE))
+    for state in STATES:  # the created copy is the embedding, moments included, on every tp rank
+        for tp in range(SOURCE.tp):
+            copy = loaded["params"][f"tp{tp}/pp1/chunk0/output_layer.weight"][state]
+            embedding = loaded["params"][f"tp{tp}/pp0/chunk0/embedding.word_embeddings.weight"][state]
+            assert copy.view(torch.uint8).equal(embedding.view(torch.uint8)), (tp, state)
