@@ -440,9 +440,11 @@ def folder_plan(rank: RankMeta, ms: MsFileFacts, tp_pp_ep: tuple[int, int, int],
 def back_targets(rank: RankMeta, plan: BackPlan) -> tuple[BackTarget, ...]:
     """Every tensor the plan writes (what --dry-run prints): each model parameter with its MindSpore
     source, and each optimizer-state bucket with the parameters laid into it (offset: name[row])."""
-    sources = dict(plan.sources)
+    sources, reshard = dict(plan.sources), dict(plan.reshard)
 
     def source_text(chunk: int, key: str, state: str) -> str:
+        if reshard:
+            return " + ".join(s.describe() for s in reshard[(chunk, key, state)].segments)
         name, row = sources[(chunk, key, state)]
         return name + ("" if row is None else f"[{row}]")
 
@@ -552,7 +554,8 @@ def plan_reshard_conversion(facts: BackFacts, options: Options) -> Job:
 
     def plan_folder(rank: RankMeta, coord, ep_size: int, groups_changed) -> BackPlan:
         return folder_plan(rank, ms, (coord.tp, coord.pp, coord.ep), ep_size, options, iteration, groups_changed)
-    return Job(plan_resharded(facts, options, plan_folder), iteration)
+    plans = plan_resharded(facts, options, plan_folder)
+    return Job([dataclasses.replace(plan, targets=back_targets(plan.rank_meta, plan)) for plan in plans], iteration)
 
 
 # ---------------------------------------------------------------------------------------------

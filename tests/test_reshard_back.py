@@ -119,3 +119,34 @@ def test_tp1_pp1_back_at_tp2_pp2_splits_and_creates_the_head_copy(source_run, at
             copy = loaded["params"][f"tp{tp}/pp1/chunk0/output_layer.weight"][state]
             embedding = loaded["params"][f"tp{tp}/pp0/chunk0/embedding.word_embeddings.weight"][state]
             assert copy.view(torch.uint8).equal(embedding.view(torch.uint8)), (tp, state)
+
+
+def test_dry_run_prints_each_tensors_segments_and_writes_nothing(source_run, tmp_path):
+    root, _ = source_run
+    dry = in_process(ckpt2pt_main, "--ms-path", root / "ms", "--param-map-path", root / "ms" / "pt_meta",
+                     "--megatron-path", tmp_path / "out", "--tp-size", 1, "--pp-size", 1, "--vpp-size", 1,
+                     "--dp-size", 1, "--cp-size", 1, "--dry-run")
+    assert dry.returncode == 0, dry.stdout
+    line = next(x for x in dry.stdout.splitlines()
+                if "model.decoder.layers.1.self_attention.linear_proj.weight [32, 32]" in x)
+    # global layer 1 is stage 1's layer 0; its columns come half from each source tp rank
+    assert "<- tp0 pp1 ep0 chunk0 " in line and "-> [0:32, 0:16] + tp1 pp1 ep0 chunk0 " in line
+    assert line.endswith("-> [0:32, 16:32]")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("sizes, needles", [
+    (("--tp-size", 3), ("heads", "--tp-size")),  # 4 heads
+    (("--pp-size", 3), ("--pp-size", "layers")),  # 2 layers
+])
+def test_a_target_that_cannot_be_built_is_refused_in_one_line(source_run, tmp_path, sizes, needles):
+    root, _ = source_run
+    flags = {"--tp-size": 1, "--pp-size": 1, **dict([sizes])}
+    refused = in_process(ckpt2pt_main, "--ms-path", root / "ms", "--param-map-path", root / "ms" / "pt_meta",
+                         "--megatron-path", tmp_path / "out", *[x for kv in flags.items() for x in kv],
+                         "--vpp-size", 1, "--dp-size", 1, "--cp-size", 1)
+    assert refused.returncode == 2, refused.stdout
+    [line] = [x for x in refused.stdout.splitlines() if " ERROR " in x]
+    for needle in needles:
+        assert needle in line, (needle, line)
+    assert not (tmp_path / "out").exists()
