@@ -554,7 +554,9 @@ def plan_reshard_conversion(facts: BackFacts, options: Options) -> Job:
 
     def plan_folder(rank: RankMeta, coord, ep_size: int, groups_changed) -> BackPlan:
         return folder_plan(rank, ms, (coord.tp, coord.pp, coord.ep), ep_size, options, iteration, groups_changed)
-    plans = plan_resharded(facts, options, plan_folder)
+    # a target folder reads several rank_N folders: the log names it by its output folder
+    plans = [dataclasses.replace(plan, folder=dataclasses.replace(plan.folder, path=plan.out_dir))
+             for plan in plan_resharded(facts, options, plan_folder)]
     return Job([dataclasses.replace(plan, targets=back_targets(plan.rank_meta, plan)) for plan in plans], iteration)
 
 
