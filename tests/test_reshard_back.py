@@ -150,3 +150,27 @@ def test_a_target_that_cannot_be_built_is_refused_in_one_line(source_run, tmp_pa
     for needle in needles:
         assert needle in line, (needle, line)
     assert not (tmp_path / "out").exists()
+
+
+MOE = MegatronSpec(tp=1, pp=1, dp=2, ep=2, num_experts=4, micro_batch=1, overlap_grad_reduce=False)
+
+
+def test_moe_ep2_back_at_ep1_loads_into_megatron_with_the_global_state(tmp_path):
+    """ep 2 -> 1: the experts of both ep ranks regrouped into one folder, by global expert index."""
+    run = save_real_checkpoint(tmp_path / "save", MOE, steps=2)
+    forward = in_process(pt2ckpt_main, "--megatron-path", run.path, "--ms-path", tmp_path / "ms", "--tp-size", 1,
+                         "--pp-size", 1, "--vpp-size", 1, "--dp-size", MOE.dp)
+    assert forward.returncode == 0, forward.stdout
+    target = MegatronSpec(tp=1, pp=1, dp=2, ep=1, num_experts=4, micro_batch=1, overlap_grad_reduce=False)
+    back = in_process(ckpt2pt_main, "--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta",
+                      "--megatron-path", tmp_path / "back", "--tp-size", 1, "--pp-size", 1, "--vpp-size", 1,
+                      "--ep-size", 1, "--dp-size", 2, "--cp-size", 1, "--ms-dp-size", MOE.dp, "--verify")
+    assert back.returncode == 0, back.stdout
+    want = {re.sub(r"^(tp\d+/pp\d+)/ep(\d+)/(chunk\d+/.*local_experts\.)(\d+)",
+                   lambda m: f"{m.group(1)}/{m.group(3)}{int(m.group(2)) * 2 + int(m.group(4))}", k): v
+            for k, v in run.state["params"].items()}
+    got = dump_loaded_state(tmp_path / "back", target)["params"]
+    assert sorted(got) == sorted(want)
+    for key, states in want.items():
+        for state in STATES:
+            assert got[key][state].view(torch.uint8).equal(states[state].view(torch.uint8)), (key, state)
