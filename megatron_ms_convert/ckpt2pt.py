@@ -36,6 +36,7 @@ from typing import Any, Mapping, Sequence
 from .atomic import write_common_file
 from .ckpt2pt_execute import execute_rank, work_bytes
 from .ckpt2pt_facts import MsFileFacts, read_ms_facts, read_rank_meta
+from .ckpt2pt_reshard import plan_resharded, recorded_layout, source_options, target_layout_differs
 from .command import (check_against_saved, check_minimum, exit_code,
                       log_verified, reading_inputs, run_command, run_plans, run_settings, summary)
 from .errors import ConvertInputError
@@ -401,9 +402,20 @@ def found_in(ms: MsFileFacts, index: dict) -> str:
 
 def plan_rank(rank: RankMeta, ms: MsFileFacts, topo: Topology, tp: int, pp: int, options: Options,
               iteration: int, ep: int = 0) -> BackPlan:
-    meta = rank.meta
-    facts = naming_facts(meta["args"], keys=[k for s in rank.skeletons for k, _ in skeleton_specs(s)])
+    facts = naming_facts(rank.meta["args"], keys=[k for s in rank.skeletons for k, _ in skeleton_specs(s)])
     sources = map_sources(rank, ms, topo, (tp, pp), options, facts)
+    groups = optimizer_param_groups(rank.meta.get("optimizer"))
+    plan = folder_plan(rank, ms, (tp, pp, ep), topo.ep_size, options, iteration, group_updates(ms, groups))
+    plan = dataclasses.replace(plan, sources=sources)
+    return dataclasses.replace(plan, targets=back_targets(rank, plan))
+
+
+def folder_plan(rank: RankMeta, ms: MsFileFacts, tp_pp_ep: tuple[int, int, int], ep_size: int, options: Options,
+                iteration: int, groups_changed: tuple[tuple[int, str, Any], ...]) -> BackPlan:
+    """The plan of output folder (tp, pp, ep) from its rank meta, without its sources: `ms` gives the
+    values training changed (iteration, scheduler) and names the folder's MindSpore input."""
+    tp, pp, ep = tp_pp_ep
+    meta = rank.meta
     args = meta["args"]
     args_updates = []
     consumed = consumed_samples(meta, iteration, options, ms.path)
@@ -414,25 +426,25 @@ def plan_rank(rank: RankMeta, ms: MsFileFacts, topo: Topology, tp: int, pp: int,
                        ("world_size", options.tp_size * options.pp_size * options.dp_size * options.cp_size)):
         if getattr(args, key, value) != value:
             args_updates.append((key, value))
-    groups = optimizer_param_groups(meta.get("optimizer"))
     iteration_dir = options.megatron_path / f"iter_{iteration:07d}"
-    plan = BackPlan(
+    return BackPlan(
         folder=RankFolder(pp=pp, tp=tp, path=ms.path.parent, ep=ep), source_file=ms.path, fmt=options.fmt,
-        pt_meta_file=rank.path, out_dir=iteration_dir / folder_name(tp, pp, options.pp_size, ep, topo.ep_size),
-        write_distrib=not options.convert_param_only, dp_cp=dp_cp, sources=sources, iteration=iteration,
-        args_updates=tuple(args_updates), group_updates=group_updates(ms, groups),
+        pt_meta_file=rank.path, out_dir=iteration_dir / folder_name(tp, pp, options.pp_size, ep, ep_size),
+        write_distrib=not options.convert_param_only, dp_cp=dp_cp, sources=(), iteration=iteration,
+        args_updates=tuple(args_updates), group_updates=groups_changed,
         scheduler_updates=scheduler_updates(ms, dict(meta.get("opt_param_scheduler") or {})),
-        manifest_file=iteration_dir / MANIFEST_DIR / manifest_file_name(tp, pp, ep, topo.ep_size),
-        num_chunks=len(rank.skeletons), ep_size=topo.ep_size, bucket=ms.bucket)
-    return dataclasses.replace(plan, targets=back_targets(rank, plan))
+        manifest_file=iteration_dir / MANIFEST_DIR / manifest_file_name(tp, pp, ep, ep_size),
+        num_chunks=len(rank.skeletons), ep_size=ep_size, bucket=ms.bucket)
 
 
 def back_targets(rank: RankMeta, plan: BackPlan) -> tuple[BackTarget, ...]:
     """Every tensor the plan writes (what --dry-run prints): each model parameter with its MindSpore
     source, and each optimizer-state bucket with the parameters laid into it (offset: name[row])."""
-    sources = dict(plan.sources)
+    sources, reshard = dict(plan.sources), dict(plan.reshard)
 
     def source_text(chunk: int, key: str, state: str) -> str:
+        if reshard:
+            return " + ".join(s.describe() for s in reshard[(chunk, key, state)].segments)
         name, row = sources[(chunk, key, state)]
         return name + ("" if row is None else f"[{row}]")
 
@@ -470,8 +482,11 @@ def prepare(options: Options) -> Job:
 
 
 def _prepare(options: Options) -> Job:
-    facts = read_facts(options)
-    job = plan_conversion(facts, options)
+    recorded = recorded_layout(options.param_map_path) if options.param_map_path.is_dir() else None
+    if target_layout_differs(options, recorded):
+        job = plan_reshard_conversion(read_facts(source_options(options, recorded)), options)
+    else:
+        job = plan_conversion(read_facts(options), options)
     return dataclasses.replace(job, plans=[dataclasses.replace(plan, fingerprint=plan_fingerprint(plan))
                                            for plan in job.plans])
 
@@ -515,16 +530,34 @@ def read_facts(options: Options) -> BackFacts:
 
 def plan_conversion(facts: BackFacts, options: Options) -> Job:
     """The plans of every rank, from the facts and the flags alone (no file is read)."""
+    iteration = common_iteration(facts, options)
+    plans = [plan_rank(facts.metas[r], facts.files[r], facts.topology, r[0], r[1], options, iteration, ep=r[2])
+             for r in facts.ranks()]
+    return Job(plans, iteration)
+
+
+def common_iteration(facts: BackFacts, options: Options) -> int:
+    """The one iteration every MindSpore file holds (or --iteration)."""
     iterations = {facts.files[r].path: iteration_of(facts.files[r], options) for r in facts.ranks()}
     if len(set(iterations.values())) != 1:
         shown = ", ".join(f"{path}: {it}" for path, it in list(iterations.items())[:4])
         raise ConvertInputError(f"the MindSpore files hold different step_num values ({shown})",
                                 expected="one iteration", fix="copy every rank's file of the same save, or pass "
                                                               "--iteration N")
-    iteration = next(iter(iterations.values()))
-    plans = [plan_rank(facts.metas[r], facts.files[r], facts.topology, r[0], r[1], options, iteration, ep=r[2])
-             for r in facts.ranks()]
-    return Job(plans, iteration)
+    return next(iter(iterations.values()))
+
+
+def plan_reshard_conversion(facts: BackFacts, options: Options) -> Job:
+    """The plans of every target folder at the flags' layout, from MindSpore files at pt_meta's."""
+    iteration = common_iteration(facts, options)
+    ms = facts.files[(0, 0, 0)]
+
+    def plan_folder(rank: RankMeta, coord, ep_size: int, groups_changed) -> BackPlan:
+        return folder_plan(rank, ms, (coord.tp, coord.pp, coord.ep), ep_size, options, iteration, groups_changed)
+    # a target folder reads several rank_N folders: the log names it by its output folder
+    plans = [dataclasses.replace(plan, folder=dataclasses.replace(plan.folder, path=plan.out_dir))
+             for plan in plan_resharded(facts, options, plan_folder)]
+    return Job([dataclasses.replace(plan, targets=back_targets(plan.rank_meta, plan)) for plan in plans], iteration)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ torch.load. The mirror of `pt2ckpt_execute`; `runner.run_tasks` runs either in w
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -24,6 +25,7 @@ from .megatron.writer import (OPTIMIZER_STATES, TrainingUpdates, apply_training_
 from .mindspore.bucket_form import open_rank_source
 from .mindspore.reader import MindSporeFile
 from .plan import BackPlan, RankMeta, StatePart
+from .reshard.assemble import assemble_tensor, replica_policy_check
 from .runner import ByteCounter, Progress, RankResult, RunSettings, anon_memory_bytes, no_progress
 from .topology import DISTRIB_FILE, MODEL_FILE
 
@@ -81,16 +83,56 @@ def work_bytes(plan: BackPlan) -> int:
     return sum(math.prod(t.shape) * getattr(torch, t.dtype.removeprefix("torch.")).itemsize for t in plan.targets)
 
 
+class ReshardSources:
+    """The tensors of a re-sharding plan, each assembled from its segments in several MindSpore files
+    (mmap'd: a segment reads the bytes of its box); the interface of `RankSources`."""
+
+    def __init__(self, plan: BackPlan, files: dict):
+        self.files = files  # source RankCoord -> open MindSporeFile
+        self.tensors = dict(plan.reshard)
+        self.check = replica_policy_check(None, lambda s: f"{files[s.source].path}")
+        self.peak_anon_bytes = 0
+
+    def read_flat(self, segment) -> torch.Tensor:
+        return self.files[segment.source].read(segment.key).reshape(-1)
+
+    def value(self, chunk: int, key: str, state: str) -> torch.Tensor:
+        target = self.tensors.get((chunk, key, state))
+        if target is None:
+            raise ValueError(f"no source planned for chunk {chunk} {key} {state}")
+        out = assemble_tensor(target, self.read_flat, replica_check=self.check)
+        self.peak_anon_bytes = max(self.peak_anon_bytes, anon_memory_bytes())
+        return out.reshape(-1)
+
+    state_value = RankSources.state_value
+    model_value = RankSources.model_value
+
+
+@contextlib.contextmanager
+def opened_sources(plan: BackPlan):
+    """The plan's sources, their files open (and CRC-checked) for as long as the block runs."""
+    with contextlib.ExitStack() as stack:
+        if not plan.reshard:
+            ms = stack.enter_context(open_rank_source(plan.source_file, plan.fmt, plan.bucket))
+            ms.check_crc()  # a crc_check=True save's CRC, before anything is written
+            yield RankSources(plan, ms)
+            return
+        files = {}
+        for rank, path in plan.source_paths:
+            files[rank] = stack.enter_context(open_rank_source(path, plan.fmt))
+            files[rank].check_crc()
+        yield ReshardSources(plan, files)
+
+
 def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True,
                  progress: Progress = no_progress) -> RankResult:
     """Write one rank's distrib_optim.pt and model_optim_rng.pt (or, with write=False, only verify a
     complete output of an earlier run), reporting the bytes done to `progress`. Files appear under
     their final names only when complete; an output that fails --verify is removed."""
-    rank = read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp, plan.num_chunks)
+    rank = plan.rank_meta or read_rank_meta(plan.pt_meta_file, plan.write_distrib, plan.folder.tp, plan.folder.pp,
+                                            plan.num_chunks)
     result = RankResult(plan.folder.name, "skipped")
-    with open_rank_source(plan.source_file, plan.fmt, plan.bucket) as ms:
-        ms.check_crc()  # a crc_check=True save's CRC, before anything is written
-        sources = RankSources(plan, ms)
+    with opened_sources(plan) as sources:
         if write:
             write_manifest(plan, "writing")
             plan.out_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +146,7 @@ def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True,
                 write_torch_file(plan.out_dir / MODEL_FILE, tree, on_record=lambda key, nbytes: written.add(nbytes))
             # "complete" before --verify reads them back: see docs/output-format.md, "Manifests"
             write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
-            result.status, result.tensors = "converted", len(plan.sources)
+            result.status, result.tensors = "converted", len(plan.sources or plan.reshard)
             result.bytes_written = sum(p.stat().st_size for p in plan.outputs)
         if settings.verify:
             try:

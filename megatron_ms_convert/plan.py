@@ -299,6 +299,13 @@ class BackPlan:
     # every output tensor, for describe(): what the worker derives from pt_meta again (not part of the
     # fingerprint, which predates it)
     targets: tuple[BackTarget, ...] = field(default=(), compare=False, repr=False)
+    # re-sharding (another layout than the MindSpore files'): the folder's structure as Megatron builds it
+    # at the target layout (instead of pt_meta_file's record), and (chunk, state-dict key, state) ->
+    # the reshard.TargetTensor assembling it from the tensors named in its segments, read from the
+    # files of `source_paths` ((source RankCoord, file) pairs)
+    rank_meta: Any = field(default=None, compare=False, repr=False)
+    reshard: tuple = ()
+    source_paths: tuple = ()
 
     def padded_for(self, part: StatePart) -> int:
         """The data-parallel size a part's buckets are padded for: DP x CP for the dense optimizer, the
@@ -319,7 +326,8 @@ class BackPlan:
 
     def source_files(self) -> list[Path]:
         """The files the plan reads, whose identity its fingerprint records."""
-        return [self.source_file, self.pt_meta_file, *(self.bucket.inputs if self.bucket else ())]
+        return [self.source_file, self.pt_meta_file, *(self.bucket.inputs if self.bucket else ()),
+                *(path for _, path in self.source_paths if path != self.source_file)]
 
     def describe(self) -> str:
         lines = [f"plan for {self.source_file} -> {self.out_dir} (iteration {self.iteration}, dp x cp {self.dp_cp})"]
