@@ -256,8 +256,11 @@ def progress_shown(progress: ByteProgress):
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
     with contextlib.ExitStack() as stack:
+        # every report is drawn (mininterval 0): the workers already send at most one per 64 MiB or 0.5 s,
+        # and tqdm's own 0.1 s throttle would drop the reports that a busy parent reads in one go
         bars = {phase: stack.enter_context(tqdm(total=progress.total(phase), desc=PHASE_LABELS[phase], position=index,
-                                                unit="B", unit_scale=True, dynamic_ncols=True, smoothing=0.1))
+                                                unit="B", unit_scale=True, dynamic_ncols=True, smoothing=0.1,
+                                                mininterval=0, miniters=1))
                 for index, phase in enumerate(progress.phases())}
         stack.enter_context(logging_redirect_tqdm(loggers=[package_log]))
 
