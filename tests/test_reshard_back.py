@@ -70,14 +70,16 @@ def source_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("reshard_back")
     run = save_real_checkpoint(root / "save", SOURCE, steps=2)
     sizes = ["--tp-size", SOURCE.tp, "--pp-size", SOURCE.pp, "--vpp-size", 1]
-    forward = in_process(pt2ckpt_main, "--megatron-path", run.path, "--ms-path", root / "ms", *sizes,
+    forward = in_process(pt2ckpt_main, "--multiprocess-off", "--megatron-path", run.path, "--ms-path", root / "ms",
+                         *sizes,
                          "--dp-size", SOURCE.dp)
     assert forward.returncode == 0, forward.stdout
     return root, run
 
 
 def back_at(ms, out, spec: MegatronSpec, ms_dp: int):
-    back = in_process(ckpt2pt_main, "--ms-path", ms, "--param-map-path", ms / "pt_meta", "--megatron-path", out,
+    back = in_process(ckpt2pt_main, "--multiprocess-off", "--ms-path", ms, "--param-map-path", ms / "pt_meta",
+                      "--megatron-path", out,
                       "--tp-size", spec.tp, "--pp-size", spec.pp, "--vpp-size", 1, "--dp-size", spec.dp,
                       "--cp-size", 1, "--ms-dp-size", ms_dp, "--verify")
     assert back.returncode == 0, back.stdout
@@ -109,7 +111,8 @@ def test_tp1_pp1_back_at_tp2_pp2_splits_and_creates_the_head_copy(source_run, at
     """The other way (tp 1 -> 2, pp 1 -> 2, the tied head copy created with its moments): A's tp 1 · pp 1
     form, to MindSpore at its layout and back at A's tp 2 · pp 2, loads into Megatron as A's state."""
     root, run = source_run
-    forward = in_process(pt2ckpt_main, "--megatron-path", at_tp1_pp1 / "iter_0000002", "--ms-path", root / "ms1",
+    forward = in_process(pt2ckpt_main, "--multiprocess-off", "--megatron-path", at_tp1_pp1 / "iter_0000002",
+                         "--ms-path", root / "ms1",
                          "--tp-size", 1, "--pp-size", 1, "--vpp-size", 1, "--dp-size", 1)
     assert forward.returncode == 0, forward.stdout
     loaded = dump_loaded_state(back_at(root / "ms1", root / "back2", SOURCE, 1), SOURCE)
@@ -158,11 +161,13 @@ MOE = MegatronSpec(tp=1, pp=1, dp=2, ep=2, num_experts=4, micro_batch=1, overlap
 def test_moe_ep2_back_at_ep1_loads_into_megatron_with_the_global_state(tmp_path):
     """ep 2 -> 1: the experts of both ep ranks regrouped into one folder, by global expert index."""
     run = save_real_checkpoint(tmp_path / "save", MOE, steps=2)
-    forward = in_process(pt2ckpt_main, "--megatron-path", run.path, "--ms-path", tmp_path / "ms", "--tp-size", 1,
+    forward = in_process(pt2ckpt_main, "--multiprocess-off", "--megatron-path", run.path, "--ms-path",
+                         tmp_path / "ms", "--tp-size", 1,
                          "--pp-size", 1, "--vpp-size", 1, "--dp-size", MOE.dp)
     assert forward.returncode == 0, forward.stdout
     target = MegatronSpec(tp=1, pp=1, dp=2, ep=1, num_experts=4, micro_batch=1, overlap_grad_reduce=False)
-    back = in_process(ckpt2pt_main, "--ms-path", tmp_path / "ms", "--param-map-path", tmp_path / "ms" / "pt_meta",
+    back = in_process(ckpt2pt_main, "--multiprocess-off", "--ms-path", tmp_path / "ms", "--param-map-path",
+                      tmp_path / "ms" / "pt_meta",
                       "--megatron-path", tmp_path / "back", "--tp-size", 1, "--pp-size", 1, "--vpp-size", 1,
                       "--ep-size", 1, "--dp-size", 2, "--cp-size", 1, "--ms-dp-size", MOE.dp, "--verify")
     assert back.returncode == 0, back.stdout
