@@ -1,4 +1,4 @@
-"""Running plans of either direction: one forked worker process per plan (at most `process_limit` at
+"""Running plans of either direction: one worker process per plan (at most `process_limit` at
 a time), the timeout, the signals that stop a run, and the workers' progress reports. It knows
 nothing of what a plan writes: the caller passes `execute(plan, settings, write, progress)`
 (pt2ckpt_execute.execute_rank or ckpt2pt_execute.execute_rank), and every plan has `folder` (with
@@ -26,6 +26,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 from .atomic import partial_path
@@ -132,15 +133,68 @@ def _stop_signals_held_back() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _die_with_parent(parent_pid: int) -> None:
+def _die_with_parent(run_pid: int) -> None:
     """Have the kernel SIGKILL this worker when its parent dies, however the parent dies: a worker
     that was stalled (say on a hung disk) while its run was stopped must never resume later and write
     a rank file and a 'complete' manifest nobody is waiting for. SIGKILL also ends a stopped process.
-    The parent may have died before the request was made; then this worker ends now."""
+    The parent is the run's process, or the fork server, which exits when the run's process does.
+    The run's process may have died before the request was made; then this worker ends now."""
     if sys.platform.startswith("linux"):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
-    if os.getppid() != parent_pid:
+    if not _process_alive(run_pid) or os.getppid() == 1:
         os._exit(1)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's (the pid was reused)
+        return False
+    return True
+
+
+def worker_context(execute: Callable) -> multiprocessing.context.BaseContext:
+    """How workers start. A fork starts them at no cost with what the parent imported (torch), but it
+    copies only the forking thread: a lock that another thread of the parent held at that moment stays
+    locked forever in the worker. Threads a library started and named are such threads: MindSpore's
+    runtime (ActorThread_0, frontend_queue, ...), once a program in the same process has loaded a
+    MindSpore checkpoint, made a forked worker hang in a futex. Then workers start from a fork server
+    instead: a fresh process that has imported only the module of `execute` (and MindSpore, when this
+    process has), forked once per worker.
+    (torch's own worker threads keep the process's name and are safe to fork: torch resets them.)"""
+    if not threads_named_by_libraries():
+        return multiprocessing.get_context("fork")
+    context = multiprocessing.get_context("forkserver")
+    # MindSpore loaded here is MindSpore the workers use (--verify): imported once, not once per worker.
+    loaded_here = ["mindspore"] if "mindspore" in sys.modules else []
+    context.set_forkserver_preload([execute.__module__, *loaded_here])
+    log.debug("this process runs threads that a fork would copy mid-work (%s); workers start from a fork server",
+              ", ".join(threads_named_by_libraries()))
+    return context
+
+
+def threads_named_by_libraries() -> list[str]:
+    """The names of this process's threads that differ from the process's own name (Linux; elsewhere
+    none are seen and workers are forked)."""
+    tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return []
+    own = _thread_name(tasks / str(os.getpid()))
+    names = []
+    for each in tasks.iterdir():
+        name = _thread_name(each)
+        if name is not None and name != own:
+            names.append(name)
+    return sorted(names)
+
+
+def _thread_name(task: Path) -> str | None:
+    try:
+        return (task / "comm").read_text().strip()
+    except OSError:  # the thread ended meanwhile
+        return None
 
 
 def _kill_workers(processes: Sequence[Any]) -> None:
@@ -195,9 +249,9 @@ class ByteCounter:
 def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[Any, RankResult], None],
               execute: Callable[[Any, RunSettings, bool, Progress], RankResult],
               on_progress: Callable[[Any, str, int], None] | None = None) -> None:
-    """Execute every task with `execute`, at most --process-limit at a time, each in its own forked
-    worker so that a crash, a signal or --process_timeout stops that rank only and is reported with its folder.
-    Forking after the parent imported torch makes a worker's start-up cost nothing. Workers send their
+    """Execute every task with `execute`, at most --process-limit at a time, each in its own worker
+    process (see `worker_context`) so that a crash, a signal or --process_timeout stops that rank only
+    and is reported with its folder. Workers send their
     progress (throttled) to `on_progress` as they go. However this ends (RunStopped included), no
     worker is left running and no temporary file is left behind."""
     on_progress = on_progress or (lambda plan, phase, done: None)
@@ -206,7 +260,7 @@ def run_tasks(tasks: Sequence[Task], settings: RunSettings, on_done: Callable[[A
             report = functools.partial(on_progress, task.plan)
             on_done(task.plan, _execute_reporting_errors(task, settings, execute, report))
         return
-    context = multiprocessing.get_context("fork")
+    context = worker_context(execute)
     pending = deque(tasks)
     running: dict[Any, _Worker] = {}  # by the process's sentinel
     try:

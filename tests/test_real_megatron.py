@@ -150,6 +150,8 @@ def test_resumed_run_trains_exactly_like_the_uninterrupted_run(tp_dp_run, tp_dp_
 
 
 def test_workers_are_killed_when_the_job_fails():
+    # processes this test did not start (a converter's fork server, say) may live on
+    before = set(psutil.Process().children(recursive=True))
     with pytest.raises(TimeoutError, match="timed out"):
         run_megatron(MegatronSpec(dp=2), [("train", 1)], timeout=2)
-    assert psutil.Process().children(recursive=True) == []
+    assert set(psutil.Process().children(recursive=True)) <= before

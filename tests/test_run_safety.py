@@ -18,9 +18,9 @@ import psutil
 import pytest
 
 from megatron_ms_convert.folder_lock import FolderLocked, folder_lock
-from tests.expected_outputs import REPO, run_cli
+from tests.expected_outputs import REPO, SAMPLE, run_cli
 from tests.helpers import (RANKS, SIZES, assert_outputs_complete_and_correct, convert, error_lines, leftovers,
-                           start_cli, stop_first_worker, success_count)
+                           run_back, start_cli, stop_first_worker, success_count)
 
 
 @pytest.fixture
@@ -244,3 +244,47 @@ def test_outputs_of_another_converter_version_are_converted_again(ckpt, tmp_path
     assert sum("written by another version of the converter" in line for line in current.stdout.splitlines()) == 4
     for rank in RANKS:
         assert (out / f"rank_{rank}/network.ckpt").read_bytes() == clean_outputs[rank]
+
+
+IN_A_PROCESS_RUNNING_MINDSPORE = """
+import sys
+from pathlib import Path
+import numpy as np
+import mindspore as ms
+from megatron_ms_convert import ckpt2pt, pt2ckpt
+from megatron_ms_convert.runner import threads_named_by_libraries
+scratch, source, there, back = map(Path, sys.argv[1:5])
+sizes = sys.argv[5:]
+ms.save_checkpoint([{"name": "w", "data": ms.Tensor(np.ones(3, np.float32))}], str(scratch))
+w = ms.load_checkpoint(str(scratch))["w"]
+(w + w).asnumpy()  # an operation: MindSpore's runtime threads run from here on
+print("named threads:", threads_named_by_libraries(), flush=True)
+assert pt2ckpt.main(["--megatron-path", str(source), "--ms-path", str(there), "--verify", "--debug", *sizes]) == 0
+assert ckpt2pt.main(["--ms-path", str(there), "--param-map-path", str(there / "pt_meta"),
+                     "--megatron-path", str(back), "--verify", *sizes, "--cp-size", "1", "--vpp-size", "1"]) == 0
+print("both directions done", flush=True)
+"""
+
+
+def test_a_process_running_mindspore_converts_both_ways_without_hanging(tmp_path, clean_outputs):
+    """A program that has loaded a MindSpore checkpoint (so MindSpore's runtime threads run) calls
+    the conversion in-process: forked workers could inherit a lock one of those threads held and hang,
+    so the workers start from a fork server; the outputs are those of a run from the shell."""
+    there, back = tmp_path / "ms", tmp_path / "back"
+    proc = subprocess.run([sys.executable, "-c", IN_A_PROCESS_RUNNING_MINDSPORE, tmp_path / "scratch.ckpt",
+                           SAMPLE / "iter_0000010", there, back, *map(str, SIZES)],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    [threads] = [line for line in proc.stdout.splitlines() if line.startswith("named threads:")]
+    assert "[]" not in threads, threads  # the case this test is about: MindSpore's threads are running
+    assert "both directions done" in proc.stdout
+    assert "workers start from a fork server" in proc.stdout + proc.stderr  # not forked from this process
+    assert assert_outputs_complete_and_correct(there, clean_outputs) == len(RANKS)
+    from_the_shell = tmp_path / "back_from_the_shell"
+    shell = run_back("--ms-path", there, "--param-map-path", there / "pt_meta", "--megatron-path", from_the_shell,
+                     *SIZES, "--cp-size", 1, "--vpp-size", 1)
+    assert shell.returncode == 0, shell.stdout + shell.stderr
+    written = sorted(p.relative_to(from_the_shell) for p in from_the_shell.rglob("*.pt"))
+    assert len([p for p in written if p.name == "distrib_optim.pt"]) == len(RANKS), written
+    for each in written:
+        assert (back / each).read_bytes() == (from_the_shell / each).read_bytes(), each
