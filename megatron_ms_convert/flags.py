@@ -155,6 +155,12 @@ def add_reshard_flags(parser: argparse.ArgumentParser) -> None:
                             "MindSpeed's own split, logged)")
     group.add_argument("--ms-ep-size", type=int, default=None,
                        help="expert-parallel size of the MindSpore run (MoE; default: the Megatron run's)")
+    add_replica_policy_flag(group)
+
+
+def add_replica_policy_flag(group) -> None:
+    """--replica-policy, the same in both directions (the source tp ranks: Megatron's on the way there,
+    the MindSpore files' on the way back)."""
     group.add_argument("--replica-policy", choices=REPLICA_POLICIES, default=None,
                        help="when re-sharding, a replicated parameter (norm, row-parallel bias, position table, "
                             "router) whose copies differ between source tp ranks: take tp rank 0's (first) or "
@@ -215,6 +221,9 @@ def ckpt2pt_parser() -> argparse.ArgumentParser:
                        help="redo every rank even if a complete output of this conversion exists, and replace "
                             "outputs written from another source")
     group.add_argument("--debug", action="store_true", default=False, help="print debug info (the plans)")
+    add_replica_policy_flag(parser.add_argument_group(
+        title="Re-sharding: writing Megatron at another layout than the MindSpore files' (not in the documented "
+              "tool)"))
     add_shard_flags(parser, "--megatron-path")
     add_bucket_form_flags(parser)
     add_dry_run_flag(parser)
