@@ -37,9 +37,9 @@ from typing import Mapping, Sequence
 
 from .atomic import write_common_file
 from .ckpt2pt_execute import execute_rank, work_bytes
-from .ckpt2pt_facts import read_facts, read_written_layout
+from .ckpt2pt_facts import WrittenLayout, read_facts, read_written_layout
 from .ckpt2pt_plan import Job, plan_conversion, plan_reshard_conversion
-from .ckpt2pt_reshard import recorded_layout, source_options, target_layout_differs
+from .ckpt2pt_reshard import RecordedLayout, recorded_layout, source_options, target_layout_differs
 from .command import (check_minimum, exit_code, log_verified, reading_inputs, run_command, run_plans, run_settings,
                       summary)
 from .errors import ConvertInputError
@@ -62,13 +62,15 @@ class Options:
     ms_path: Path
     param_map_path: Path
     megatron_path: Path
-    tp_size: int
-    pp_size: int
-    dp_size: int
-    cp_size: int
-    vpp_size: int
-    ms_dp_size: int
-    ms_cp_size: int
+    # the sizes not given are None here, and the Megatron run's (pt_meta's) once `with_recorded_sizes`
+    # has read them; --ms-dp-size / --ms-cp-size default to --dp-size / --cp-size
+    tp_size: int | None
+    pp_size: int | None
+    dp_size: int | None
+    cp_size: int | None
+    vpp_size: int | None
+    ms_dp_size: int | None
+    ms_cp_size: int | None
     num_layers: int | None
     fmt: str
     noop: tuple[int, ...]
@@ -129,6 +131,7 @@ def _prepare(options: Options) -> Job:
     on_disk = options.param_map_path.is_dir()
     recorded = recorded_layout(options.param_map_path) if on_disk else None
     written = read_written_layout(options.param_map_path) if on_disk else None
+    options = with_recorded_sizes(options, recorded, written)
     if written is not None:
         job = plan_reshard_conversion(read_facts(source_options(options, recorded), written), options)
     elif target_layout_differs(options, recorded):
@@ -137,6 +140,19 @@ def _prepare(options: Options) -> Job:
         job = plan_conversion(read_facts(options), options)
     return dataclasses.replace(job, plans=[dataclasses.replace(plan, fingerprint=plan_fingerprint(plan))
                                            for plan in job.plans])
+
+
+def with_recorded_sizes(options: Options, recorded: RecordedLayout | None, written: WrittenLayout | None) -> Options:
+    """The sizes not given: the Megatron run's, as pt_meta's records hold them (the layout to write back
+    at, by default); the numbering of the rank_N folders, when neither --ms-dp-size nor --dp-size is
+    given: layout.json's, else the Megatron run's. Without records, 1 (the missing record is reported
+    when the facts are read)."""
+    mine = recorded or RecordedLayout(tp=1, pp=1, vpp=1, ep=1)
+    sizes = {"tp_size": mine.tp, "pp_size": mine.pp, "vpp_size": mine.vpp, "dp_size": mine.dp, "cp_size": mine.cp}
+    resolved = dataclasses.replace(options, **{k: v for k, v in sizes.items() if getattr(options, k) is None})
+    numbering = (written.dp_size, written.cp_size) if written is not None else (resolved.dp_size, resolved.cp_size)
+    return dataclasses.replace(resolved, ms_dp_size=options.ms_dp_size or numbering[0],
+                               ms_cp_size=options.ms_cp_size or numbering[1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,6 +53,8 @@ class RecordedLayout:
     pp: int
     vpp: int
     ep: int
+    dp: int = 1
+    cp: int = 1
 
 
 def recorded_layout(param_map_path: Path) -> RecordedLayout | None:
@@ -67,7 +69,9 @@ def recorded_layout(param_map_path: Path) -> RecordedLayout | None:
             return RecordedLayout(tp=int(getattr(args, "tensor_model_parallel_size", 1) or 1),
                                   pp=int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
                                   vpp=int(getattr(args, "virtual_pipeline_model_parallel_size", None) or 1),
-                                  ep=int(meta.get("ep_size") or 1) if ep_size > 1 else 1)
+                                  ep=int(meta.get("ep_size") or 1) if ep_size > 1 else 1,
+                                  dp=int(getattr(args, "data_parallel_size", 1) or 1),
+                                  cp=int(getattr(args, "context_parallel_size", 1) or 1))
     return None
 
 
