@@ -90,7 +90,7 @@ class ReshardSources:
     def __init__(self, plan: BackPlan, files: dict):
         self.files = files  # source RankCoord -> open MindSporeFile
         self.tensors = dict(plan.reshard)
-        self.check = replica_policy_check(None, lambda s: f"{files[s.source].path}")
+        self.check = replica_policy_check(plan.replica_policy, lambda s: f"{files[s.source].path}")
         self.peak_anon_bytes = 0
 
     def read_flat(self, segment) -> torch.Tensor:

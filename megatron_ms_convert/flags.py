@@ -155,6 +155,12 @@ def add_reshard_flags(parser: argparse.ArgumentParser) -> None:
                             "MindSpeed's own split, logged)")
     group.add_argument("--ms-ep-size", type=int, default=None,
                        help="expert-parallel size of the MindSpore run (MoE; default: the Megatron run's)")
+    add_replica_policy_flag(group)
+
+
+def add_replica_policy_flag(group) -> None:
+    """--replica-policy, the same in both directions (the source tp ranks: Megatron's on the way there,
+    the MindSpore files' on the way back)."""
     group.add_argument("--replica-policy", choices=REPLICA_POLICIES, default=None,
                        help="when re-sharding, a replicated parameter (norm, row-parallel bias, position table, "
                             "router) whose copies differ between source tp ranks: take tp rank 0's (first) or "
@@ -167,14 +173,19 @@ def ckpt2pt_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group(title="distributed")
     group.add_argument("--num-layers", type=int, default=None,
                        help="Number of layers in Megatron models (default: from pt_meta's args)")
-    group.add_argument("--dp-size", type=int, required=True,
+    group.add_argument("--dp-size", type=int, default=None,
                        help="Degree of data model parallelism of the Megatron run to resume (buckets are padded "
-                            "for it)")
-    group.add_argument("--cp-size", type=int, required=True, help="Degree of context model parallelism.")
-    group.add_argument("--tp-size", type=int, required=True, help="Degree of tensor model parallelism.")
-    group.add_argument("--pp-size", type=int, required=True, help="Degree of pipeline model parallelism.")
-    group.add_argument("--vpp-size", type=int, required=True,
-                       help="virtual_pipeline_model_parallel_size (1 without virtual pipelines)")
+                            "for it) (default: the Megatron run's, from pt_meta)")
+    group.add_argument("--cp-size", type=int, default=None,
+                       help="Degree of context model parallelism (default: the Megatron run's, from pt_meta)")
+    group.add_argument("--tp-size", type=int, default=None,
+                       help="Degree of tensor model parallelism to write (default: the Megatron run's, from pt_meta)")
+    group.add_argument("--pp-size", type=int, default=None,
+                       help="Degree of pipeline model parallelism to write (default: the Megatron run's, from "
+                            "pt_meta)")
+    group.add_argument("--vpp-size", type=int, default=None,
+                       help="virtual_pipeline_model_parallel_size to write, 1 without virtual pipelines (default: the "
+                            "Megatron run's, from pt_meta)")
     group.add_argument("--src-model-format", type=str, default="ckpt", choices=["ckpt", "safetensors"],
                        help="MindSpore checkpoint file format")
     group.add_argument("--noop", type=int, nargs="+", default=None,
@@ -184,9 +195,11 @@ def ckpt2pt_parser() -> argparse.ArgumentParser:
                        help="expert parallel size of the run (MoE; default: from pt_meta, which records it; given, "
                             "it is checked against that)")
     group.add_argument("--ms-dp-size", type=int, default=None,
-                       help="data-parallel size the rank_N folders are numbered with (default: --dp-size)")
+                       help="data-parallel size the rank_N folders are numbered with (default: --dp-size; without "
+                            "either, the dp pt_meta/layout.json records, else the Megatron run's)")
     group.add_argument("--ms-cp-size", type=int, default=None,
-                       help="context-parallel size the rank_N folders are numbered with (default: --cp-size)")
+                       help="context-parallel size the rank_N folders are numbered with (default: --cp-size; without "
+                            "either, as for --ms-dp-size)")
 
     group = parser.add_argument_group(title="File Path/Location")
     group.add_argument("--ms-path", type=str, required=True, help="Path to the MindSpore rank_N folders.")
@@ -215,6 +228,9 @@ def ckpt2pt_parser() -> argparse.ArgumentParser:
                        help="redo every rank even if a complete output of this conversion exists, and replace "
                             "outputs written from another source")
     group.add_argument("--debug", action="store_true", default=False, help="print debug info (the plans)")
+    add_replica_policy_flag(parser.add_argument_group(
+        title="Re-sharding: writing Megatron at another layout than the MindSpore files' (not in the documented "
+              "tool)"))
     add_shard_flags(parser, "--megatron-path")
     add_bucket_form_flags(parser)
     add_dry_run_flag(parser)

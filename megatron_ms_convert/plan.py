@@ -306,6 +306,7 @@ class BackPlan:
     rank_meta: Any = field(default=None, compare=False, repr=False)
     reshard: tuple = ()
     source_paths: tuple = ()
+    replica_policy: str | None = None  # --replica-policy: replicated copies that differ across source tp ranks
 
     def padded_for(self, part: StatePart) -> int:
         """The data-parallel size a part's buckets are padded for: DP x CP for the dense optimizer, the

@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from .errors import ConvertInputError
 from .naming import model_relative
@@ -163,7 +163,7 @@ def plan_target_ranks(reshard: ReshardPlan, spans: SourceSpans, topo_out: Topolo
                       infos: Sequence[RankInfo], folders: dict) -> list[TargetRankPlan]:
     """One plan per target rank (pp, ep, tp): its tensors gathered from the source segments, for each
     state of --dist-opt-content, then its scalars."""
-    groups = param_group_templates(infos)
+    groups = param_group_templates(info.param_groups for info in infos)
     first = infos[0]
     out = []
     for target in reshard.ranks:
@@ -184,8 +184,9 @@ def plan_target_ranks(reshard: ReshardPlan, spans: SourceSpans, topo_out: Topolo
                 name = t.key if state == "param" else f"{state}.{t.key}"
                 tensors.append(PlannedTensor(name, t.shape, "float32", Gathered(t, tuple(dict(mapped).items()))))
         checks = tied_checks(reshard, spans, used) if rank == RankCoord() else ()
-        tensors += optimizer_scalars(first.iteration, target_groups(target, groups, first), first.scheduler,
-                                     first.folder.model_file)
+        tensors += optimizer_scalars(first.iteration,
+                                     target_groups(target.tensors, groups, first.param_groups, first.folder.model_file),
+                                     first.scheduler, first.folder.model_file)
         outputs = output_paths(options, topo_out, rank)
         check_unique_names(tensors, outputs[0].parent)
         parts = tuple(spans.parts[i] for i, _ in sorted(used.items(), key=lambda item: item[1]))
@@ -236,38 +237,40 @@ def target_topology(options: Any, target: ParallelLayout, reshard: ReshardPlan, 
 GROUP_KEY = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
 
 
-def param_group_templates(infos: Sequence[RankInfo]) -> dict[tuple, dict]:
+def param_group_templates(group_lists: Iterable[Sequence[dict]]) -> dict[tuple, dict]:
     """Every source param group by Megatron's key (wd_mult, lr_mult, is_expert_parallel,
-    is_decoupled_lr): the groups of one key carry the same hyper-parameters on every rank, only
-    their order differs per rank (RESHARDING.md §6.2)."""
+    is_decoupled_lr), from each source rank's list of groups: the groups of one key carry the same
+    hyper-parameters on every rank, only their order differs per rank (RESHARDING.md §6.2)."""
     out: dict[tuple, dict] = {}
-    for info in infos:
-        for group in info.param_groups:
+    for groups in group_lists:
+        for group in groups:
             if not all(k in group for k in GROUP_KEY[:2]):
                 return {}
             out.setdefault(tuple(group.get(k, False) for k in GROUP_KEY), group)
     return out
 
 
-def target_groups(target, templates: dict[tuple, dict], first: RankInfo) -> list[dict]:
-    """The target rank's param groups in Megatron's order for its own parameters: by first appearance
-    of each key over its tensors in model order (no weight decay for biases and 1-D tensors, expert
-    groups for experts), each with the template's hyper-parameters. MindSpore reads only each
-    group's learning rate and weight decay (`learning_rate_group_i`, `weight_decay_group_i`), so
-    copying a source stage's order to a stage whose first parameter is of the other kind would swap
-    weight decay between matrices and norms. Without keyed groups in the source (an older format),
-    the first folder's groups are used as they are."""
+def target_groups(tensors: Sequence[Any], templates: dict[tuple, dict], unkeyed: Sequence[dict],
+                  where: Path) -> list[dict]:
+    """The param groups of a rank holding `tensors` (MindSpore-named, in model order), in Megatron's
+    order for its own parameters: by first appearance of each key over its tensors (no weight decay for
+    biases and 1-D tensors, expert groups for experts), each with the template's hyper-parameters.
+    MindSpore reads only each group's learning rate and weight decay (`learning_rate_group_i`,
+    `weight_decay_group_i`), so copying a source stage's order to a stage whose first parameter is of
+    the other kind would swap weight decay between matrices and norms. Without keyed groups in the
+    source (an older format), `unkeyed` (the first folder's groups) are used as they are. The way back
+    uses it too, to tell which kind each group of a re-sharded MindSpore file is."""
     if not templates:
-        return list(first.param_groups)
+        return list(unkeyed)
     order: list[tuple] = []
     expert_groups = any(k[2] for k in templates)
-    for t in target.tensors:
+    for t in tensors:
         expert = "local_experts" in t.key
         no_wd = t.key.endswith(".bias") or len(t.shape) - expert == 1  # a stacked expert tensor has one more axis
         match = [k for k in templates if (k[0] == 0) == no_wd and bool(k[2]) == (expert and expert_groups)
                  and not k[3]]
         if len(match) != 1:
-            raise ConvertInputError(f"{first.folder.model_file}: param groups {list(templates)}",
+            raise ConvertInputError(f"{where}: param groups {list(templates)}",
                                     expected="one group per (weight decay or not, expert or not) with lr_mult 1",
                                     found=f"{len(match)} groups for {t.key}",
                                     fix="re-sharding derives each rank's groups from these keys; convert at the "

@@ -41,6 +41,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import enum
 import json
 import math
@@ -160,6 +161,10 @@ class FixtureSpec:
     position_embedding: str = "learned_absolute"  # args.position_embedding_type: "learned_absolute" | "rope"
     max_position_embeddings: int | None = None  # rows of the learned position table (default: seq_length)
     mcore_spec: str = "local"  # mcore layer spec: "local" | "te" (Transformer Engine: norms fused into linears)
+    # what a trained run holds: every tp-replicated parameter (norms, row-parallel biases, position table)
+    # with tp rank 0's values on every tp rank, and the tied head copy with its tp rank's embedding values
+    # (default: distinct values everywhere, so a converter reading the wrong copy is caught)
+    synced_copies: bool = False
 
     def __post_init__(self) -> None:
         if self.stage_list is not None and not isinstance(self.stage_list, tuple):
@@ -622,6 +627,8 @@ def _rank_chunks(spec: FixtureSpec, tp_rank: int, pp_rank: int, stride: int) -> 
     for chunk in range(spec.vpp):
         pre, post, b = _chunk_skeleton(spec, pp_rank, chunk)
         plans = _param_plans(spec, b, code=((tp_rank * spec.pp + pp_rank) * spec.vpp + chunk) * stride + 1)
+        if spec.synced_copies:
+            plans = _synced_codes(spec, plans, tp_rank, stride)
         buffers = _chunk_buffers(spec, plans, _chunk_bucket_size(spec, pp_rank, chunk), gbuf_idx)
         gbuf_idx += len(buffers)
         sd_entries = tuple((path, None if i is None else plans[i]) for path, i in b.sd)
@@ -642,6 +649,30 @@ def _param_plans(spec: FixtureSpec, b: _ParamListBuilder, code: int) -> tuple[Pa
                                param_dtype=pdtype, code=code))
         code += math.prod(d["shape"])
     return tuple(plans)
+
+
+# the parameters split over tp (Megatron's ColumnParallel / RowParallel weights, column-parallel biases and
+# the vocab-parallel tables); every other parameter is a copy on each tp rank
+_TP_SPLIT_SUFFIXES = ("word_embeddings.weight", "output_layer.weight", "query_key_value.weight",
+                      "query_key_value.bias", "self_attention.dense.weight", "dense_h_to_4h.weight",
+                      "dense_h_to_4h.bias", "dense_4h_to_h.weight", "linear_qkv.weight", "linear_qkv.bias",
+                      "linear_proj.weight", "linear_fc1.weight", "linear_fc1.bias", "linear_fc2.weight")
+
+
+def _synced_codes(spec: FixtureSpec, plans: tuple[ParamPlan, ...], tp_rank: int,
+                  stride: int) -> tuple[ParamPlan, ...]:
+    """synced_copies: a replicated parameter takes the code of the same parameter on tp rank 0 (local
+    shapes are equal on every tp rank, so it is at the same offset there), the tied head copy the code of
+    its tp rank's word embeddings (the first parameter of stage 0's chunk 0)."""
+    out = []
+    for p in plans:
+        code = p.code
+        if p.shared_embedding and not p.local_name.endswith("embedding.word_embeddings.weight"):
+            code = tp_rank * spec.pp * spec.vpp * stride + 1
+        elif not p.local_name.endswith(_TP_SPLIT_SUFFIXES):
+            code = p.code - tp_rank * spec.pp * spec.vpp * stride
+        out.append(dataclasses.replace(p, code=code))
+    return tuple(out)
 
 
 def _chunk_bucket_size(spec: FixtureSpec, pp_rank: int, chunk: int) -> int | None:

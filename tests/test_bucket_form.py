@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from megatron_ms_convert.ckpt2pt import (build_parser, main as ckpt2pt_main, options_from_args, pick_ms_file,
-                                         read_rank_meta, read_source)
+from megatron_ms_convert.ckpt2pt import build_parser, main as ckpt2pt_main, options_from_args
+from megatron_ms_convert.ckpt2pt_facts import pick_ms_file, read_rank_meta, read_source
 from megatron_ms_convert.errors import ConvertInputError
 from megatron_ms_convert.megatron.checkpoint import load_pt, megatron_enum_importable
 from megatron_ms_convert.mindspore.bucket_form import open_bucket_form, rank_source

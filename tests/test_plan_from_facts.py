@@ -11,7 +11,8 @@ from pathlib import Path
 import torch
 
 from megatron_ms_convert import ckpt2pt, pt2ckpt
-from megatron_ms_convert.ckpt2pt_facts import MsFileFacts
+from megatron_ms_convert.ckpt2pt_facts import BackFacts, MsFileFacts
+from megatron_ms_convert.ckpt2pt_plan import plan_conversion
 from megatron_ms_convert.megatron.layout import BucketCounts, BufferLayout, ParamSpan
 from megatron_ms_convert.megatron.writer import TensorSpec
 from megatron_ms_convert.mindspore.reader import StoredTensor
@@ -106,12 +107,12 @@ def test_back_plan_from_facts():
     ms = MsFileFacts(NOWHERE / "ms" / "rank_0" / "network.ckpt",
                      header + tuple(StoredTensor(name, (), "float32") for name, _ in scalars), scalars)
     topology = Topology(tp_size=1, pp_size=1, dp_size=1, cp_size=1, vpp_size=1, num_layers=1, stage_list=(1,))
-    facts = ckpt2pt.BackFacts(topology, {(0, 0, 0): rank}, {(0, 0, 0): ms})
+    facts = BackFacts(topology, {(0, 0, 0): rank}, {(0, 0, 0): ms})
     options = ckpt2pt.options_from_args(ckpt2pt.build_parser().parse_args(
         ["--ms-path", str(NOWHERE / "ms"), "--param-map-path", str(NOWHERE / "pt_meta"), "--megatron-path",
          str(NOWHERE / "back"), "--tp-size", "1", "--pp-size", "1", "--dp-size", "1", "--cp-size", "1",
          "--vpp-size", "1"]))
-    job = ckpt2pt.plan_conversion(facts, options)
+    job = plan_conversion(facts, options)
     [plan] = job.plans
 
     assert job.iteration == 12 and plan.out_dir == NOWHERE / "back" / "iter_0000012" / "mp_rank_00"

@@ -37,8 +37,7 @@ from megatron_ms_convert.reshard.megatron_target import (BufferSettings, buffer_
                                                          chunk_skeleton, group_order, group_templates,
                                                          model_facts_of, rank_buffers, rank_parameters, target_args,
                                                          target_param_groups, target_rank_meta)
-from megatron_ms_convert.ckpt2pt import pt_meta_file  # noqa: E402
-from megatron_ms_convert.ckpt2pt_facts import read_rank_meta  # noqa: E402
+from megatron_ms_convert.ckpt2pt_facts import pt_meta_file, read_rank_meta  # noqa: E402
 from megatron_ms_convert.megatron.checkpoint import optimizer_param_groups  # noqa: E402
 from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main  # noqa: E402
 from tests.helpers import in_process  # noqa: E402

@@ -10,7 +10,8 @@ layout, optimizer state included. One owner per concern:
   buckets, each rank's param_groups, state-dict skeleton, args): the way back's structure.
 
 The way there's wiring is `pt2ckpt_reshard` (plans) and `pt2ckpt_reshard_execute` (the worker); the
-way back at a new layout is not written yet (docs/resharding.md).
+way back's is `ckpt2pt_reshard` (plans, from MindSpore files at the records' layout or at the one
+`pt_meta/layout.json` records) and `ckpt2pt_execute.ReshardSources` (docs/resharding.md).
 """
 
 from .model import ModelFacts, megatron_vocab_divisor
