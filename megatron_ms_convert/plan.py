@@ -321,9 +321,13 @@ class BackPlan:
     def output_files(self) -> tuple[Path, ...]:
         return self.outputs
 
-    def ends(self) -> tuple[Path, Path]:
-        """(what it reads, what it writes), as the log names them."""
-        return self.source_file, self.out_dir
+    def ends(self) -> tuple[Path | str, Path]:
+        """(what it reads, what it writes), as the log names them: at another layout, every MindSpore
+        file the folder is assembled from."""
+        files = sorted({path for _, path in self.source_paths})
+        if len(files) < 2:
+            return (files[0] if files else self.source_file), self.out_dir
+        return f"{files[0].parent.parent} ({', '.join(f'{p.parent.name}/{p.name}' for p in files)})", self.out_dir
 
     def source_files(self) -> list[Path]:
         """The files the plan reads, whose identity its fingerprint records."""

@@ -77,13 +77,19 @@ def source_run(tmp_path_factory):
     return root, run
 
 
-def back_at(ms, out, spec: MegatronSpec, ms_dp: int):
+def back_at(ms, out, spec: MegatronSpec, ms_dp: int, ms_spec: MegatronSpec):
     back = in_process(ckpt2pt_main, "--multiprocess-off", "--ms-path", ms, "--param-map-path", ms / "pt_meta",
                       "--megatron-path", out,
                       "--tp-size", spec.tp, "--pp-size", spec.pp, "--vpp-size", 1, "--dp-size", spec.dp,
                       "--cp-size", 1, "--ms-dp-size", ms_dp, "--verify")
     assert back.returncode == 0, back.stdout
     assert "rng states cannot be re-sharded" in back.stdout
+    # one `successfully` line per written folder, naming every MindSpore file that folder was built from
+    lines = [line for line in back.stdout.splitlines() if "successfully" in line]
+    assert len(lines) == spec.tp * spec.pp, back.stdout
+    files_each = max(1, ms_spec.tp // spec.tp) * max(1, ms_spec.pp // spec.pp)
+    for line in lines:
+        assert len(set(re.findall(r"rank_\d+/network\.ckpt", line))) == files_each, line
     return out
 
 
@@ -99,7 +105,7 @@ def assert_global_equal(got: dict, want: dict) -> None:
 @pytest.fixture(scope="module")
 def at_tp1_pp1(source_run):
     root, _ = source_run
-    return back_at(root / "ms", root / "back", TARGET, SOURCE.dp)
+    return back_at(root / "ms", root / "back", TARGET, SOURCE.dp, SOURCE)
 
 
 def test_tp2_pp2_back_at_tp1_pp1_loads_into_megatron_with_the_global_state(source_run, at_tp1_pp1):
@@ -115,7 +121,7 @@ def test_tp1_pp1_back_at_tp2_pp2_splits_and_creates_the_head_copy(source_run, at
                          "--ms-path", root / "ms1",
                          "--tp-size", 1, "--pp-size", 1, "--vpp-size", 1, "--dp-size", 1)
     assert forward.returncode == 0, forward.stdout
-    loaded = dump_loaded_state(back_at(root / "ms1", root / "back2", SOURCE, 1), SOURCE)
+    loaded = dump_loaded_state(back_at(root / "ms1", root / "back2", SOURCE, 1, TARGET), SOURCE)
     assert_global_equal(global_state(loaded, SOURCE), global_state(run.state, SOURCE))
     for state in STATES:  # the created copy is the embedding, moments included, on every tp rank
         for tp in range(SOURCE.tp):
