@@ -64,6 +64,11 @@ class MegatronSpec:
     bucket_size: int = 2000
     overlap_grad_reduce: bool = True
     untie_embeddings: bool = False
+    # mcore-style options of the local spec (RMSNorm needs Transformer Engine's spec, not stood in for)
+    position_embedding: str = "learned_absolute"  # or "rope"
+    query_groups: int | None = None  # GQA when set (divides heads and is divisible by tp)
+    swiglu: bool = False
+    linear_bias: bool = True
     num_experts: int | None = None  # MoE (local spec, SequentialMLP experts) when set
     ep: int = 1                     # expert parallel size; divides dp, as in Megatron
     moe_topk: int = 2
@@ -87,6 +92,8 @@ class MegatronSpec:
             raise ValueError("ep > 1 needs num_experts divisible by ep and dp divisible by ep")
         if self.data not in ("random", "repeated"):
             raise ValueError(f"data {self.data!r} is neither 'random' nor 'repeated'")
+        if self.query_groups is not None and (self.heads % self.query_groups or self.query_groups % self.tp):
+            raise ValueError("query_groups must divide heads and be divisible by tp")
         if self.heads % self.tp or self.ffn % self.tp:
             raise ValueError("heads and ffn must be divisible by tp")
 
@@ -305,6 +312,9 @@ def global_state(dump: dict, spec: MegatronSpec,
             if dim is None:
                 assert all(p.view(torch.uint8).equal(parts[0].view(torch.uint8)) for p in parts), (name, state)
                 out[name][state] = parts[0]
+            elif spec.swiglu and ".linear_fc1." in name:  # each rank is [gate_r; up_r]: global [gates; ups]
+                halves = [p.chunk(2, dim) for p in parts]
+                out[name][state] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim)
             else:
                 out[name][state] = torch.cat(parts, dim)
     return out

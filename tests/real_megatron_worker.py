@@ -34,6 +34,7 @@ cuda_on_cpu.install_device_shims()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from megatron.core import parallel_state as mpu  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel as DDP  # noqa: E402
@@ -72,7 +73,8 @@ def transformer_config(spec: Spec) -> TransformerConfig:
         hidden_dropout=spec.dropout, attention_dropout=spec.dropout, init_method_std=0.02,
         masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        normalization="LayerNorm", add_bias_linear=True,
+        normalization="LayerNorm", add_bias_linear=spec.linear_bias, num_query_groups=spec.query_groups,
+        gated_linear_unit=spec.swiglu, activation_func=F.silu if spec.swiglu else F.gelu,
         num_moe_experts=spec.num_experts, moe_router_topk=spec.moe_topk, expert_model_parallel_size=spec.ep)
 
 
@@ -88,7 +90,7 @@ def build_model(spec: Spec, config: TransformerConfig, param_map_dir: str | None
                          vocab_size=spec.padded_vocab, max_sequence_length=spec.seq,
                          pre_process=mpu.is_pipeline_first_stage(), post_process=mpu.is_pipeline_last_stage(),
                          share_embeddings_and_output_weights=not spec.untie_embeddings,
-                         position_embedding_type="learned_absolute", parallel_output=True)
+                         position_embedding_type=spec.position_embedding, parallel_output=True)
         model.model_type = ModelType.encoder_or_decoder
         chunks.append(model)
     if spec.vpp > 1:
@@ -277,13 +279,15 @@ def saved_args(t: Trainer, root: Path) -> argparse.Namespace:
     a.update(
         num_layers=spec.num_layers, encoder_num_layers=spec.num_layers, hidden_size=spec.hidden,
         ffn_hidden_size=spec.ffn, num_attention_heads=spec.heads, kv_channels=spec.hidden // spec.heads,
-        num_query_groups=spec.heads, group_query_attention=False,
+        num_query_groups=spec.query_groups or spec.heads, group_query_attention=spec.query_groups is not None,
+        add_bias_linear=spec.linear_bias, position_embedding_type=spec.position_embedding,
+        use_rotary_position_embeddings=spec.position_embedding == "rope", swiglu=spec.swiglu,
         max_position_embeddings=spec.seq, seq_length=spec.seq, encoder_seq_length=spec.seq,
         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by, vocab_size=spec.vocab,
         padded_vocab_size=spec.padded_vocab, untie_embeddings_and_output_weights=spec.untie_embeddings,
         micro_batch_size=spec.micro_batch, global_batch_size=spec.global_batch,
-        use_mcore_models=True, normalization="LayerNorm", position_embedding_type="learned_absolute",
-        hidden_dropout=spec.dropout, attention_dropout=spec.dropout, swiglu=False,
+        use_mcore_models=True, normalization="LayerNorm",
+        hidden_dropout=spec.dropout, attention_dropout=spec.dropout,
         save=str(root), bf16=True, fp16=False, params_dtype=torch.bfloat16,
         tensor_model_parallel_size=spec.tp, pipeline_model_parallel_size=spec.pp,
         transformer_pipeline_model_parallel_size=spec.pp,
