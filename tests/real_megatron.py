@@ -28,6 +28,7 @@ workers put on sys.path.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -35,7 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -63,10 +64,16 @@ class MegatronSpec:
     bucket_size: int = 2000
     overlap_grad_reduce: bool = True
     untie_embeddings: bool = False
+    # mcore-style options of the local spec (RMSNorm needs Transformer Engine's spec, not stood in for)
+    position_embedding: str = "learned_absolute"  # or "rope"
+    query_groups: int | None = None  # GQA when set (divides heads and is divisible by tp)
+    swiglu: bool = False
+    linear_bias: bool = True
     num_experts: int | None = None  # MoE (local spec, SequentialMLP experts) when set
     ep: int = 1                     # expert parallel size; divides dp, as in Megatron
     moe_topk: int = 2
     dropout: float = 0.1
+    data: str = "random"            # the synthetic tokens: "random", or "repeated" (second half = first)
     seed: int = 1234
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -83,6 +90,10 @@ class MegatronSpec:
             raise ValueError("the interleaved schedule needs num_microbatches divisible by pp")
         if self.ep > 1 and (self.num_experts is None or self.num_experts % self.ep or self.dp % self.ep):
             raise ValueError("ep > 1 needs num_experts divisible by ep and dp divisible by ep")
+        if self.data not in ("random", "repeated"):
+            raise ValueError(f"data {self.data!r} is neither 'random' nor 'repeated'")
+        if self.query_groups is not None and (self.heads % self.query_groups or self.query_groups % self.tp):
+            raise ValueError("query_groups must divide heads and be divisible by tp")
         if self.heads % self.tp or self.ffn % self.tp:
             raise ValueError("heads and ffn must be divisible by tp")
 
@@ -115,6 +126,7 @@ class MegatronSpec:
 @dataclass
 class RunResult:
     losses: list[float]              # per step, from the last pipeline stage's dp rank 0
+    grad_norms: list[float]          # per step, the norm the optimizer clipped with (rank 0's)
     dumps: dict[str, dict]           # tag -> merged state (see the module docstring)
 
 
@@ -124,6 +136,7 @@ class SavedCheckpoint:
     state: dict                      # the saving processes' dump right after saving
     losses: list[float]              # losses of every step run (before and after the save)
     final_state: dict | None         # dump at the end when steps continued after the save
+    grad_norms: list[float] = field(default_factory=list)  # every step's, as losses
 
 
 def free_port() -> int:
@@ -204,7 +217,7 @@ def _run_once(spec: MegatronSpec, actions: list[tuple[str, object]], timeout: fl
         finally:
             _terminate(procs)
         results = [torch.load(tmp / f"rank{r}.pt", weights_only=False) for r in range(spec.world_size)]
-    return RunResult(losses=_losses(results), dumps=_merge_dumps(results))
+    return RunResult(losses=_losses(results), grad_norms=results[0]["grad_norms"], dumps=_merge_dumps(results))
 
 
 def _wait_all(procs: list[subprocess.Popen], tmp: Path, deadline: float) -> None:
@@ -251,7 +264,7 @@ def save_real_checkpoint(root: Path, spec: MegatronSpec, steps: int, *, steps_af
         actions += [("train", steps_after), ("dump", "final")]
     run = run_megatron(spec, actions, timeout=timeout, param_map_dir=Path(root) / "param_map" if param_map else None)
     return SavedCheckpoint(path=Path(root) / f"iter_{steps:07d}", state=run.dumps["saved"], losses=run.losses,
-                           final_state=run.dumps.get("final"))
+                           final_state=run.dumps.get("final"), grad_norms=run.grad_norms)
 
 
 def dump_loaded_state(root: Path, spec: MegatronSpec, *, timeout: float = 240) -> dict:
@@ -263,6 +276,48 @@ def resume_and_train(root: Path, spec: MegatronSpec, steps: int, *, timeout: flo
     """Load the checkpoint in `root`, train `steps` more iterations; (per-step losses, final state)."""
     run = run_megatron(spec, [("load", Path(root)), ("train", steps), ("dump", "final")], timeout=timeout)
     return run.losses, run.dumps["final"]
+
+
+STATES = ("param", "exp_avg", "exp_avg_sq", "model")
+# the tensor-parallel axis of each mcore (local spec) parameter; the others are replicated
+SPLIT_DIM = {"word_embeddings.weight": 0, "output_layer.weight": 0, "linear_qkv.weight": 0, "linear_qkv.bias": 0,
+             "linear_fc1.weight": 0, "linear_fc1.bias": 0, "linear_proj.weight": 1, "linear_fc2.weight": 1}
+
+
+def split_dim(name: str) -> int | None:
+    return next((dim for suffix, dim in SPLIT_DIM.items() if name.endswith(suffix)), None)
+
+
+def global_state(dump: dict, spec: MegatronSpec,
+                 states: tuple[str, ...] = STATES) -> dict[str, dict[str, torch.Tensor]]:
+    """name with global layer numbers -> state -> the whole tensor, from a dump's per-rank shards:
+    tp shards concatenated on their split axis (replicated ones checked equal), layers renumbered by
+    stage (Megatron's even split), the tied head copy of the last stage left out (it is the embedding).
+    A dump taken before the first step holds only the "model" state."""
+    per_stage = spec.num_layers // spec.pp
+    shards: dict[str, dict[int, dict]] = {}
+    for key, entry in dump["params"].items():
+        tp, pp, _chunk, name = re.fullmatch(r"tp(\d+)/pp(\d+)/chunk(\d+)/(.*)", key).groups()
+        if name == "output_layer.weight" and not spec.untie_embeddings:
+            continue
+        name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + int(pp) * per_stage}.", name)
+        shards.setdefault(name, {})[int(tp)] = entry
+    out = {}
+    for name, by_tp in shards.items():
+        assert sorted(by_tp) == list(range(spec.tp)), name
+        dim = split_dim(name)
+        out[name] = {}
+        for state in states:
+            parts = [by_tp[t][state] for t in range(spec.tp)]
+            if dim is None:
+                assert all(p.view(torch.uint8).equal(parts[0].view(torch.uint8)) for p in parts), (name, state)
+                out[name][state] = parts[0]
+            elif spec.swiglu and ".linear_fc1." in name:  # each rank is [gate_r; up_r]: global [gates; ups]
+                halves = [p.chunk(2, dim) for p in parts]
+                out[name][state] = torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim)
+            else:
+                out[name][state] = torch.cat(parts, dim)
+    return out
 
 
 TP_DP = MegatronSpec(tp=2, dp=2, num_layers=2, ffn=66, bucket_size=1500)
@@ -280,5 +335,5 @@ def assert_same_state(got: dict, want: dict) -> None:
             assert a.dtype == b.dtype and a.shape == b.shape, (key, state)
             assert a.contiguous().view(torch.uint8).equal(b.contiguous().view(torch.uint8)), (key, state)
     for rank, meta in want["ranks"].items():
-        for field in ("param_groups", "scheduler", "iteration", "per_bucket_numel_unpadded", "layer_offset"):
-            assert got["ranks"][rank][field] == meta[field], (rank, field)
+        for what in ("param_groups", "scheduler", "iteration", "per_bucket_numel_unpadded", "layer_offset"):
+            assert got["ranks"][rank][what] == meta[what], (rank, what)

@@ -3,7 +3,7 @@
 Run as `python tests/real_megatron_worker.py JOB.pt RANK` with MASTER_ADDR/MASTER_PORT/WORLD_SIZE set.
 The job is a spec (the fields of real_megatron.MegatronSpec) and a list of actions executed in order:
 ("train", n), ("save", root), ("load", root), ("dump", tag). The rank writes what it observed
-(per-step losses, dumps) to `<out_dir>/rank<RANK>.pt`.
+(per-step losses and grad norms, dumps) to `<out_dir>/rank<RANK>.pt`.
 
 What this file re-creates from megatron/training (not in the megatron-core package), following
 Megatron-LM core_r0.6.0: get_model's wrapping (Float16Module, DDP), the random seeding, train_step,
@@ -34,6 +34,7 @@ cuda_on_cpu.install_device_shims()
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from megatron.core import parallel_state as mpu  # noqa: E402
 from megatron.core import tensor_parallel  # noqa: E402
 from megatron.core.distributed import DistributedDataParallel as DDP  # noqa: E402
@@ -72,7 +73,8 @@ def transformer_config(spec: Spec) -> TransformerConfig:
         hidden_dropout=spec.dropout, attention_dropout=spec.dropout, init_method_std=0.02,
         masked_softmax_fusion=False, bias_activation_fusion=False, bias_dropout_fusion=False,
         apply_rope_fusion=False, persist_layer_norm=False, gradient_accumulation_fusion=False,
-        normalization="LayerNorm", add_bias_linear=True,
+        normalization="LayerNorm", add_bias_linear=spec.linear_bias, num_query_groups=spec.query_groups,
+        gated_linear_unit=spec.swiglu, activation_func=F.silu if spec.swiglu else F.gelu,
         num_moe_experts=spec.num_experts, moe_router_topk=spec.moe_topk, expert_model_parallel_size=spec.ep)
 
 
@@ -88,7 +90,7 @@ def build_model(spec: Spec, config: TransformerConfig, param_map_dir: str | None
                          vocab_size=spec.padded_vocab, max_sequence_length=spec.seq,
                          pre_process=mpu.is_pipeline_first_stage(), post_process=mpu.is_pipeline_last_stage(),
                          share_embeddings_and_output_weights=not spec.untie_embeddings,
-                         position_embedding_type="learned_absolute", parallel_output=True)
+                         position_embedding_type=spec.position_embedding, parallel_output=True)
         model.model_type = ModelType.encoder_or_decoder
         chunks.append(model)
     if spec.vpp > 1:
@@ -184,11 +186,15 @@ class Trainer:
 # -------------------------------------------------------------------------------------- training
 
 def microbatch(spec: Spec, iteration: int, index: int) -> tuple:
-    """Deterministic synthetic tokens of (iteration, micro-batch, dp rank); pretrain_gpt's get_batch
+    """Deterministic synthetic tokens of (iteration, micro-batch, dp rank), independent of tp and pp
+    (spec.data "random": uniform; "repeated": each sequence's second half repeats its first); pretrain_gpt's get_batch
     fields: tokens, labels, loss_mask, causal attention_mask (True = masked), position_ids."""
     dp_rank = mpu.get_data_parallel_rank()
     gen = torch.Generator().manual_seed(spec.seed * 1_000_003 + iteration * 10_007 + index * 101 + dp_rank)
     text = torch.randint(0, spec.vocab, (spec.micro_batch, spec.seq + 1), generator=gen)
+    if spec.data == "repeated":  # the second half repeats the first: attention has something to learn
+        half = (spec.seq + 1) // 2
+        text[:, half:] = text[:, :spec.seq + 1 - half]
     tokens, labels = text[:, :-1].contiguous(), text[:, 1:].contiguous()
     loss_mask = torch.ones(spec.micro_batch, spec.seq, dtype=torch.float)
     attention_mask = torch.tril(torch.ones(1, 1, spec.seq, spec.seq)) < 0.5
@@ -221,9 +227,10 @@ def flops_per_iteration(spec: Spec) -> float:
             * (1 + spec.ffn / h + 1 + s / h + spec.padded_vocab / (2 * L * h)))
 
 
-def train_step(t: Trainer) -> float:
-    """megatron/training/training.py train_step; returns the iteration's mean 'lm loss' (last stage),
-    or nan on other stages."""
+def train_step(t: Trainer) -> tuple[float, float]:
+    """megatron/training/training.py train_step; returns the iteration's mean 'lm loss' (last stage,
+    nan on other stages) and the gradient norm the optimizer clipped with (every rank: Megatron
+    reduces it over the model-parallel group)."""
     spec = t.spec
     for chunk in t.model:
         chunk.zero_grad_buffer()
@@ -235,15 +242,15 @@ def train_step(t: Trainer) -> float:
         model=t.model if spec.vpp > 1 else t.model[0], num_microbatches=spec.num_microbatches,
         seq_length=spec.seq, micro_batch_size=spec.micro_batch, decoder_seq_length=spec.seq,
         forward_only=False)
-    update_successful, _grad_norm, _zeros = t.optimizer.step()
+    update_successful, grad_norm, _zeros = t.optimizer.step()
     assert update_successful
     t.scheduler.step(increment=spec.num_microbatches * spec.micro_batch * spec.dp)
     t.iteration += 1
     t.consumed_train_samples += spec.global_batch
     t.flops_so_far += flops_per_iteration(spec)
     if not mpu.is_pipeline_last_stage(ignore_virtual=True):
-        return float("nan")
-    return float(torch.stack([x["lm loss"] for x in losses_reduced]).mean())
+        return float("nan"), float(grad_norm)
+    return float(torch.stack([x["lm loss"] for x in losses_reduced]).mean()), float(grad_norm)
 
 
 # ---------------------------------------------------------------------------------- checkpointing
@@ -272,13 +279,15 @@ def saved_args(t: Trainer, root: Path) -> argparse.Namespace:
     a.update(
         num_layers=spec.num_layers, encoder_num_layers=spec.num_layers, hidden_size=spec.hidden,
         ffn_hidden_size=spec.ffn, num_attention_heads=spec.heads, kv_channels=spec.hidden // spec.heads,
-        num_query_groups=spec.heads, group_query_attention=False,
+        num_query_groups=spec.query_groups or spec.heads, group_query_attention=spec.query_groups is not None,
+        add_bias_linear=spec.linear_bias, position_embedding_type=spec.position_embedding,
+        use_rotary_position_embeddings=spec.position_embedding == "rope", swiglu=spec.swiglu,
         max_position_embeddings=spec.seq, seq_length=spec.seq, encoder_seq_length=spec.seq,
         make_vocab_size_divisible_by=spec.make_vocab_size_divisible_by, vocab_size=spec.vocab,
         padded_vocab_size=spec.padded_vocab, untie_embeddings_and_output_weights=spec.untie_embeddings,
         micro_batch_size=spec.micro_batch, global_batch_size=spec.global_batch,
-        use_mcore_models=True, normalization="LayerNorm", position_embedding_type="learned_absolute",
-        hidden_dropout=spec.dropout, attention_dropout=spec.dropout, swiglu=False,
+        use_mcore_models=True, normalization="LayerNorm",
+        hidden_dropout=spec.dropout, attention_dropout=spec.dropout,
         save=str(root), bf16=True, fp16=False, params_dtype=torch.bfloat16,
         tensor_model_parallel_size=spec.tp, pipeline_model_parallel_size=spec.pp,
         transformer_pipeline_model_parallel_size=spec.pp,
@@ -370,7 +379,8 @@ def dump_state(t: Trainer) -> dict:
     Megatron's own get_parameter_state_dp_zero (cut out of the buckets with DDP's param_index_map),
     and the bf16 model copy. Collective over the dp groups; a rank returns the parameters of the
     optimizers whose dp group it leads: the dense ones on dp rank 0, the expert-parallel ones (MoE,
-    keys with an `ep{e}/` part) on each expert-data-parallel rank 0."""
+    keys with an `ep{e}/` part) on each expert-data-parallel rank 0. Before the first step (no moments
+    yet) only the bf16 model copies, under "model", and no "ranks" entry."""
     tp, pp, ep = (mpu.get_tensor_model_parallel_rank(), mpu.get_pipeline_model_parallel_rank(),
                   mpu.get_expert_model_parallel_rank())
     optimizers = getattr(t.optimizer, "chained_optimizers", [t.optimizer])
@@ -380,6 +390,10 @@ def dump_state(t: Trainer) -> dict:
     out = {"params": {}, "ranks": {}}
     param_groups = t.optimizer.state_dict()
     for optimizer, (attr, dp_rank, prefix, rank_key) in zip(optimizers, kinds):
+        if not optimizer.optimizer.state:  # before the first step Adam has no moments: the weights alone
+            if dp_rank == 0:
+                out["params"].update(_model_params_by_name(t, attr, prefix))
+            continue
         gathered = optimizer.get_parameter_state_dp_zero()
         if dp_rank != 0:
             continue
@@ -392,6 +406,17 @@ def dump_state(t: Trainer) -> dict:
             "scheduler": t.scheduler.state_dict(), "iteration": t.iteration,
             "layer_offset": {(tp, pp, v): (m.decoder.layers[0].layer_number - 1 if len(m.decoder.layers) else None)
                              for v, m in enumerate(unwrapped(t))}}
+    return out
+
+
+def _model_params_by_name(t: Trainer, attr: str, prefix: str) -> dict:
+    """{prefix/chunk{v}/name: {"model": the bf16 parameter}} for the buffers `attr` of every chunk."""
+    out = {}
+    for v, chunk in enumerate(t.model):
+        names = {p: strip_module(n) for n, p in chunk.named_parameters()}
+        for buffer in getattr(chunk, attr):
+            out.update({f"{prefix}/chunk{v}/{names[param]}": {"model": param.detach().clone()}
+                        for param in buffer.param_index_map})
     return out
 
 
@@ -425,10 +450,13 @@ def run(job: dict, rank: int) -> dict:
                                   expert_model_parallel_size=spec.ep)
     set_random_seed(spec.seed)
     t = Trainer(spec, job.get("param_map_dir"))
-    result = {"losses": [], "dumps": {}}
+    result = {"losses": [], "grad_norms": [], "dumps": {}}
     for action, arg in job["actions"]:
         if action == "train":
-            result["losses"] += [train_step(t) for _ in range(arg)]
+            for _ in range(arg):
+                loss, grad_norm = train_step(t)
+                result["losses"].append(loss)
+                result["grad_norms"].append(grad_norm)
         elif action == "save":
             save_checkpoint(t, Path(arg))
         elif action == "load":

@@ -21,48 +21,14 @@ import torch  # noqa: E402
 from megatron_ms_convert.ckpt2pt import main as ckpt2pt_main  # noqa: E402
 from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main  # noqa: E402
 from tests.helpers import in_process  # noqa: E402
-from tests.real_megatron import MegatronSpec, dump_loaded_state, save_real_checkpoint  # noqa: E402
+from tests.real_megatron import (STATES, MegatronSpec, dump_loaded_state, global_state,  # noqa: E402
+                                 save_real_checkpoint)
 
 # one bucket per buffer (no overlap): Megatron r0.6.0's bucket size is not in its args, so the
 # converter rebuilds buckets only for runs whose bucketing the args decide
 SOURCE = MegatronSpec(tp=2, pp=2, dp=1, num_layers=2, ffn=64, overlap_grad_reduce=False)
 TARGET = MegatronSpec(tp=1, pp=1, dp=1, num_layers=2, ffn=64, overlap_grad_reduce=False,
                       make_vocab_size_divisible_by=32)  # keeps the source's padded vocab (64) at tp 1
-STATES = ("param", "exp_avg", "exp_avg_sq", "model")
-# the tensor-parallel axis of each mcore (local spec) parameter; the others are replicated
-SPLIT_DIM = {"word_embeddings.weight": 0, "output_layer.weight": 0, "linear_qkv.weight": 0, "linear_qkv.bias": 0,
-             "linear_fc1.weight": 0, "linear_fc1.bias": 0, "linear_proj.weight": 1, "linear_fc2.weight": 1}
-
-
-def split_dim(name: str) -> int | None:
-    return next((dim for suffix, dim in SPLIT_DIM.items() if name.endswith(suffix)), None)
-
-
-def global_state(dump: dict, spec: MegatronSpec) -> dict[str, dict[str, torch.Tensor]]:
-    """name with global layer numbers -> state -> the whole tensor, from a dump's per-rank shards:
-    tp shards concatenated on their split axis (replicated ones checked equal), layers renumbered by
-    stage (Megatron's even split), the tied head copy of the last stage left out (it is the embedding)."""
-    per_stage = spec.num_layers // spec.pp
-    shards: dict[str, dict[int, dict]] = {}
-    for key, entry in dump["params"].items():
-        tp, pp, _chunk, name = re.fullmatch(r"tp(\d+)/pp(\d+)/chunk(\d+)/(.*)", key).groups()
-        if name == "output_layer.weight" and not spec.untie_embeddings:
-            continue
-        name = re.sub(r"layers\.(\d+)\.", lambda m: f"layers.{int(m.group(1)) + int(pp) * per_stage}.", name)
-        shards.setdefault(name, {})[int(tp)] = entry
-    out = {}
-    for name, by_tp in shards.items():
-        assert sorted(by_tp) == list(range(spec.tp)), name
-        dim = split_dim(name)
-        out[name] = {}
-        for state in STATES:
-            parts = [by_tp[t][state] for t in range(spec.tp)]
-            if dim is None:
-                assert all(p.view(torch.uint8).equal(parts[0].view(torch.uint8)) for p in parts), (name, state)
-                out[name][state] = parts[0]
-            else:
-                out[name][state] = torch.cat(parts, dim)
-    return out
 
 
 @pytest.fixture(scope="module")
