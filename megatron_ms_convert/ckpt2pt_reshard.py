@@ -31,7 +31,8 @@ from .naming import local_layer_numbers, megatron_name, megatron_state_dict_key,
 from .plan import BackPlan
 from .reshard import MEGATRON, MINDSPORE, ParallelLayout, RankCoord, plan_reshard
 from .reshard.megatron_target import (buffer_settings_of, check_megatron_target, check_rules_reproduce,
-                                      model_facts_of, recorded_group_key, target_rank_meta)
+                                      model_facts_of, target_rank_meta)
+from .reshard.param_groups import recorded_group_key
 from .reshard.planner import STATES, TargetTensor
 
 if TYPE_CHECKING:
