@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import math
 from typing import Any
 
@@ -15,7 +14,7 @@ import torch
 
 from .ckpt2pt_facts import read_rank_meta
 from .errors import VerificationError
-from .manifest import withdraw_outputs, write_manifest
+from .manifest import write_manifest
 from .megatron.checkpoint import flatten_state_dict, load_pt, megatron_enum_importable, optimizer_param_groups
 from .megatron.layout import state_key_for
 from .megatron.pt_meta import DOCUMENTED_KEYS
@@ -25,11 +24,10 @@ from .megatron.writer import (OPTIMIZER_STATES, TrainingUpdates, apply_training_
 from .mindspore.bucket_form import open_rank_source
 from .mindspore.reader import MindSporeFile
 from .plan import BackPlan, RankMeta, StatePart
+from .rank_outputs import log_rank_end, mark_complete, verify_if_asked
 from .reshard.assemble import assemble_tensor, replica_policy_check
 from .runner import ByteCounter, Progress, RankResult, RunSettings, anon_memory_bytes, no_progress
 from .topology import DISTRIB_FILE, MODEL_FILE
-
-log = logging.getLogger(__name__)
 
 
 def restored_entries(meta: dict, plan: BackPlan) -> dict:
@@ -144,20 +142,12 @@ def execute_rank(plan: BackPlan, settings: RunSettings, write: bool = True,
                                         rank.meta.get("state_keys"))
             with megatron_enum_importable():
                 write_torch_file(plan.out_dir / MODEL_FILE, tree, on_record=lambda key, nbytes: written.add(nbytes))
-            # "complete" before --verify reads them back: see docs/output-format.md, "Manifests"
-            write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
-            result.status, result.tensors = "converted", len(plan.sources or plan.reshard)
+            mark_complete(plan, result, len(plan.sources or plan.reshard))
             result.bytes_written = sum(p.stat().st_size for p in plan.outputs)
-        if settings.verify:
-            try:
-                result.verified_tensors = verify_rank(plan, rank, sources, ByteCounter(progress, "verify"))
-                result.verified_files = len(plan.outputs)
-            except VerificationError:
-                withdraw_outputs(plan)
-                raise
-        result.peak_anon_bytes = sources.peak_anon_bytes
-    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
-              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
+        verify_if_asked(plan, result, settings, progress,
+                        lambda counter: (verify_rank(plan, rank, sources, counter), len(plan.outputs)))
+        result.peak_anon_bytes = sources.peak_anon_bytes  # sampled while verifying too
+    log_rank_end(plan, result)
     return result
 
 

@@ -31,10 +31,11 @@ from .megatron.pt_meta import args_file_name
 from .megatron.writer import skeleton_specs
 from .naming import local_layer_numbers, megatron_name, megatron_state_dict_key, naming_facts
 from .plan import BackPlan
-from .pt2ckpt_reshard import param_group_templates, target_groups
+from .pt2ckpt_reshard import keyed_group_templates, target_groups
 from .reshard import MEGATRON, MINDSPORE, ParallelLayout, RankCoord, plan_reshard
 from .reshard.megatron_target import (buffer_settings_of, check_megatron_target, check_rules_reproduce,
-                                      model_facts_of, recorded_group_key, target_rank_meta)
+                                      model_facts_of, target_rank_meta)
+from .reshard.param_groups import recorded_group_key
 from .reshard.placement import TARGET, layer_placement
 from .reshard.planner import STATES, TargetTensor
 
@@ -261,12 +262,13 @@ def groups_by_kind(facts: "BackFacts", reshard) -> dict[tuple, dict]:
 def mindspore_file_groups(facts: "BackFacts", reshard) -> dict[tuple[int, int, int], list[dict]]:
     """The param groups each MindSpore file numbers (`learning_rate_group_i`, ...): the record's at the
     records' layout; in a file the way there re-sharded, the groups it built for that rank's own
-    tensors (`pt2ckpt_reshard.target_groups`, the same rule)."""
+    tensors (`pt2ckpt_reshard.target_groups`: the way there's call of the one rule,
+    `reshard.param_groups`)."""
     if facts.written is None:
         return {key: optimizer_param_groups(meta.meta.get("optimizer")) for key, meta in facts.metas.items()}
     first = facts.metas[(0, 0, 0)]
-    templates = param_group_templates(optimizer_param_groups(meta.meta.get("optimizer"))
-                                      for meta in facts.metas.values())
+    templates = keyed_group_templates((optimizer_param_groups(meta.meta.get("optimizer"))
+                                       for meta in facts.metas.values()), first.path)
     unkeyed = optimizer_param_groups(first.meta.get("optimizer"))
     return {(rank.tp, rank.pp, rank.ep): target_groups(sorted(tensors, key=lambda t: t.chunk), templates, unkeyed,
                                                        facts.files[(rank.tp, rank.pp, rank.ep)].path)

@@ -41,7 +41,7 @@ from .megatron.layout import (BucketCounts, BufferLayout, check_layouts, expert_
 from .plan import RankInfo, RankPlan, TargetRankPlan
 from .pt2ckpt_facts import read_rank_info
 from .pt2ckpt_execute import execute_rank, work_bytes, write_meta_file
-from .pt2ckpt_reshard_execute import execute_target_rank, target_work_bytes
+from .pt2ckpt_reshard_execute import execute_target_rank
 from .pt2ckpt_plan import (check_layer_counts, check_unique_names, optimizer_scalars, plan_model_tensors,
                            plan_optimizer_tensors, stack_local_experts)
 from . import pt2ckpt_reshard as reshard
@@ -679,8 +679,8 @@ def run(ns: argparse.Namespace) -> int:
 def run_and_report(job: Job, statuses: dict, options: Options, started: float) -> int:
     """Convert the ranks not done yet (verify the done ones with --verify), log one line per folder
     and the summary; returns the exit code."""
-    execute, work = (execute_target_rank, target_work_bytes) if job.reshard is not None else (execute_rank, work_bytes)
-    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute, work=work,
+    execute = execute_target_rank if job.reshard is not None else execute_rank
+    results, stopped = run_plans(job.plans, statuses, run_settings(options), execute=execute, work=work_bytes,
                                  where=lambda plan: plan.folder.path)
     if options.verify and stopped is None:
         log_verified(results)

@@ -6,7 +6,6 @@ with MindSpore. The mirror of `ckpt2pt_execute`; `runner.run_tasks` runs either 
 from __future__ import annotations
 
 import filecmp
-import logging
 import math
 import sys
 
@@ -15,22 +14,21 @@ import torch
 
 from .atomic import atomic_target, copy_file_atomically
 from .errors import VerificationError
-from .manifest import withdraw_outputs, write_manifest
+from .manifest import write_manifest
 from .megatron import checkpoint as reader
 from .megatron.pt_meta import pt_meta_record
 from .megatron.zip_records import BackgroundChecks
 from .mindspore.writer import TensorEntry, write_mindspore_file
-from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan, Stacked
+from .plan import BucketSlice, ModelTensor, PlannedTensor, RankPlan, Stacked, TargetRankPlan
+from .rank_outputs import log_rank_end, mark_complete, verify_if_asked
 from .runner import ByteCounter, Progress, RankResult, RunSettings, anon_memory_bytes, no_progress
-
-log = logging.getLogger(__name__)
 
 
 class SourceTensors:
     """Hands out the data of planned tensors as numpy views of the mmap'd source files."""
 
     def __init__(self, plan: RankPlan):
-        # every zip record is CRC-checked in a thread while the tensors are copied; see fetch_waiting_at
+        # every zip record is CRC-checked in a thread while the tensors are copied; see write_outputs
         self.checks = BackgroundChecks()
         self.model_sd = reader.load_pt(plan.folder.model_file, background=self.checks)
         # per optimizer (dense, then the experts' in a MoE run), its grad buffers
@@ -62,18 +60,10 @@ class SourceTensors:
     def fetch(self, entry: TensorEntry) -> np.ndarray:
         return self.array(self._by_name[entry.name])
 
-    def fetch_waiting_at(self, last: str):
-        """fetch, which also waits for the CRC checks when it hands out the tensor named `last`: the
-        writer then has every tensor but has not yet put its file at the final path."""
-        def fetch(entry: TensorEntry) -> np.ndarray:
-            if entry.name == last:
-                self.checks.wait()
-            return self.fetch(entry)
-        return fetch
 
-
-def work_bytes(plan: RankPlan) -> int:
-    """The bytes one phase of a plan handles, for progress: its tensors' data, once per output file."""
+def work_bytes(plan: RankPlan | TargetRankPlan) -> int:
+    """The bytes one phase of a plan (a folder's or a re-shard's target rank's) handles, for progress:
+    its tensors' data, once per output file."""
     return tensor_bytes(plan) * len(plan.outputs)
 
 
@@ -90,41 +80,42 @@ def execute_rank(plan: RankPlan, settings: RunSettings, write: bool = True,
     result = RankResult(plan.folder.name, "skipped")
     if write:
         write_manifest(plan, "writing")
-        entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
-        fetch = _measuring_memory(sources.fetch_waiting_at(entries[-1].name) if entries else sources.fetch, result)
-        written = ByteCounter(progress, "write")
-        fetch = _counting_bytes(fetch, written)
-        if settings.debug and sys.stderr.isatty():
-            fetch = _with_tensor_progress(fetch, len(entries), plan.folder.name)
-        plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
-        result.bytes_written = write_mindspore_file(plan.outputs[0], entries, fetch, plan.fmt)
-        sources.checks.wait()  # waited for already, unless the file had no tensor
-        for copy in plan.outputs[1:]:
-            result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
-            written.add(tensor_bytes(plan))
+        write_outputs(plan, sources, settings, result, progress)
         write_meta_file(plan, sources.model_sd)
-        # "complete" as soon as every file is in place, before --verify: the files are complete and
-        # the manifest says so while they are read back (see docs/output-format.md, "Manifests")
-        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.output_files})
-        result.status, result.tensors = "converted", len(entries)
+        mark_complete(plan, result, len(plan.tensors))
     sources.checks.wait()
-    if settings.verify:
-        result.verified_tensors, result.verified_files = verified_or_removed(plan, sources,
-                                                                             ByteCounter(progress, "verify"))
-    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
-              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
+    verify_if_asked(plan, result, settings, progress, lambda counter: verify_rank(plan, sources, counter))
+    log_rank_end(plan, result)
     return result
 
 
-def verified_or_removed(plan, sources, counter: ByteCounter) -> tuple[int, int]:
-    """verify_rank; an output that fails it is withdrawn (manifest first, then the files), so no final
-    path holds a wrong file. `plan` is a RankPlan or a re-shard's TargetRankPlan, `sources` what hands
-    out its tensors' arrays."""
-    try:
-        return verify_rank(plan, sources, counter)
-    except VerificationError:
-        withdraw_outputs(plan)
-        raise
+def write_outputs(plan, sources, settings: RunSettings, result: RankResult, progress: Progress) -> None:
+    """Write `plan.outputs[0]` (a RankPlan's or a re-shard's TargetRankPlan's), each tensor fetched
+    from `sources` as the writer needs it, then its copies; counts the bytes written and samples the
+    worker's memory into `result`. `sources` has `fetch(entry)` and `checks` (the CRC checks of what
+    it reads), which must all pass before the file is put at its final path."""
+    entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
+    fetch = _measuring_memory(_waiting_at(sources, entries[-1].name) if entries else sources.fetch, result)
+    written = ByteCounter(progress, "write")
+    fetch = _counting_bytes(fetch, written)
+    if settings.debug and sys.stderr.isatty():
+        fetch = _with_tensor_progress(fetch, len(entries), plan.folder.name)
+    plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
+    result.bytes_written = write_mindspore_file(plan.outputs[0], entries, fetch, plan.fmt)
+    sources.checks.wait()  # waited for already, unless the file had no tensor
+    for copy in plan.outputs[1:]:
+        result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
+        written.add(tensor_bytes(plan))
+
+
+def _waiting_at(sources, last: str):
+    """sources.fetch, which also waits for the CRC checks when it hands out the tensor named `last`:
+    the writer then has every tensor but has not yet put its file at the final path."""
+    def fetch(entry: TensorEntry) -> np.ndarray:
+        if entry.name == last:
+            sources.checks.wait()
+        return sources.fetch(entry)
+    return fetch
 
 
 def _measuring_memory(fetch, result: RankResult):

@@ -22,7 +22,10 @@ from .plan import BucketSlice, Gathered, PlannedTensor, RankInfo, RankPlan, Targ
 from .pt2ckpt_plan import check_unique_names, optimizer_scalars
 from .reshard import MEGATRON, MINDSPORE, ModelFacts, ParallelLayout, RankCoord, ReshardPlan
 from .reshard.megatron_target import model_facts_of
+from .reshard.param_groups import (GroupKey, group_key, group_templates, is_keyed, no_weight_decay,
+                                   rank_param_groups, split_by_optimizer)
 from .reshard.placement import TARGET, layer_placement
+from .reshard.planner import SourceTensor, TargetTensor
 from .topology import Topology
 
 log = logging.getLogger(__name__)
@@ -163,7 +166,7 @@ def plan_target_ranks(reshard: ReshardPlan, spans: SourceSpans, topo_out: Topolo
                       infos: Sequence[RankInfo], folders: dict) -> list[TargetRankPlan]:
     """One plan per target rank (pp, ep, tp): its tensors gathered from the source segments, for each
     state of --dist-opt-content, then its scalars."""
-    groups = param_group_templates(info.param_groups for info in infos)
+    groups = source_group_templates(infos)
     first = infos[0]
     out = []
     for target in reshard.ranks:
@@ -234,50 +237,54 @@ def target_topology(options: Any, target: ParallelLayout, reshard: ReshardPlan, 
 # Optimizer param groups of a target rank
 
 
-GROUP_KEY = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
+def keyed_group_templates(group_lists: Iterable[Sequence[dict]], where: Path | str) -> dict[GroupKey, dict]:
+    """Every rank's param groups (one list per Megatron rank) by kind (`param_groups.group_templates`):
+    the groups of one kind carry the same hyper-parameters on every rank, only their order differs per
+    rank (RESHARDING.md §6.2). Empty for groups that carry no key (an older format). The way back reads
+    the same templates off pt_meta's records (`ckpt2pt_reshard.mindspore_file_groups`)."""
+    recorded = [group for groups in group_lists for group in groups]
+    return group_templates(recorded, str(where)) if is_keyed(recorded) else {}
 
 
-def param_group_templates(group_lists: Iterable[Sequence[dict]]) -> dict[tuple, dict]:
-    """Every source param group by Megatron's key (wd_mult, lr_mult, is_expert_parallel,
-    is_decoupled_lr), from each source rank's list of groups: the groups of one key carry the same
-    hyper-parameters on every rank, only their order differs per rank (RESHARDING.md §6.2)."""
-    out: dict[tuple, dict] = {}
-    for groups in group_lists:
-        for group in groups:
-            if not all(k in group for k in GROUP_KEY[:2]):
-                return {}
-            out.setdefault(tuple(group.get(k, False) for k in GROUP_KEY), group)
-    return out
+def source_group_templates(infos: Sequence[RankInfo]) -> dict[GroupKey, dict]:
+    """The source folders' `keyed_group_templates`; a run with decoupled-lr groups is refused."""
+    templates = keyed_group_templates((info.param_groups for info in infos), infos[0].folder.model_file)
+    decoupled = [key for key in templates if key[3]]
+    if decoupled:
+        # MindSpeed numbers a decoupled group among the others: left out, group i would take another
+        # kind's learning rate and weight decay
+        raise ConvertInputError(f"{infos[0].folder.model_file}: param groups with is_decoupled_lr",
+                                expected="a run without --decoupled-lr", found=f"{len(decoupled)} decoupled groups",
+                                fix="re-sharding does not rebuild decoupled-lr groups; convert at the training "
+                                    "layout (drop the --ms-* flags)")
+    return templates
 
 
-def target_groups(tensors: Sequence[Any], templates: dict[tuple, dict], unkeyed: Sequence[dict],
-                  where: Path) -> list[dict]:
-    """The param groups of a rank holding `tensors` (MindSpore-named, in model order), in Megatron's
-    order for its own parameters: by first appearance of each key over its tensors (no weight decay for
-    biases and 1-D tensors, expert groups for experts), each with the template's hyper-parameters.
-    MindSpore reads only each group's learning rate and weight decay (`learning_rate_group_i`,
-    `weight_decay_group_i`), so copying a source stage's order to a stage whose first parameter is of
-    the other kind would swap weight decay between matrices and norms. Without keyed groups in the
-    source (an older format), `unkeyed` (the first folder's groups) are used as they are. The way back
-    uses it too, to tell which kind each group of a re-sharded MindSpore file is."""
+def target_groups(tensors: Sequence[TargetTensor | SourceTensor], templates: dict[GroupKey, dict],
+                  unkeyed: Sequence[dict], where: Path | str) -> list[dict]:
+    """The param groups of a MindSpore rank holding `tensors` (the planner's, in model order), in
+    Megatron's order for its own parameters (`param_groups.rank_param_groups`; a MoE run's expert groups
+    after the dense ones), each with the template's hyper-parameters. MindSpore reads only each group's
+    learning rate and weight decay (`learning_rate_group_i`, `weight_decay_group_i`), so copying a
+    source stage's order to a stage whose first parameter is of the other kind would swap weight
+    decay between matrices and norms. Without keyed groups in the source (an older format), `unkeyed`
+    (the first folder's groups) are used as they are. The way back calls it too, to tell which kind
+    each group of a file the way there re-sharded is (`ckpt2pt_reshard.mindspore_file_groups`)."""
     if not templates:
         return list(unkeyed)
-    order: list[tuple] = []
-    expert_groups = any(k[2] for k in templates)
-    for t in tensors:
-        expert = "local_experts" in t.key
-        no_wd = t.key.endswith(".bias") or len(t.shape) - expert == 1  # a stacked expert tensor has one more axis
-        match = [k for k in templates if (k[0] == 0) == no_wd and bool(k[2]) == (expert and expert_groups)
-                 and not k[3]]
-        if len(match) != 1:
-            raise ConvertInputError(f"{where}: param groups {list(templates)}",
-                                    expected="one group per (weight decay or not, expert or not) with lr_mult 1",
-                                    found=f"{len(match)} groups for {t.key}",
-                                    fix="re-sharding derives each rank's groups from these keys; convert at the "
-                                        "training layout")
-        if match[0] not in order:
-            order.append(match[0])
-    return [templates[k] for k in order]
+    expert_groups = any(key[2] for key in templates)
+    dense, expert = split_by_optimizer(rank_param_groups((tensor_group_key(t, expert_groups) for t in tensors),
+                                                         templates, str(where)))
+    return dense + expert  # numbered as the same-layout conversion numbers a MoE run's two optimizers
+
+
+def tensor_group_key(tensor: TargetTensor | SourceTensor, expert_groups: bool) -> GroupKey:
+    """A MindSpore rank's tensor's group key. Experts are in expert groups when the Megatron run's were
+    (it ran at ep > 1), whatever the MindSpore ep; none is decoupled (`source_group_templates` refuses
+    such sources, so no re-sharded file has one)."""
+    expert = "local_experts" in tensor.key
+    shape = tensor.shape[1:] if expert else tensor.shape  # a rank's experts stacked on a new axis 0
+    return group_key(no_weight_decay=no_weight_decay(tensor.key, shape), expert_parallel=expert and expert_groups)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The forward direction's worker when re-sharding: executing one `TargetRankPlan` (one target rank
 of the MindSpore layout, gathered from several Megatron folders' distrib_optim.pt -> one MindSpore file
 and its copies), then, with --verify, reading the output back with MindSpore (`pt2ckpt_execute.verify_rank`: each
-tensor compared with the one assembled again).
+tensor compared with the one assembled again). Writing, copies and the end are the per-folder worker's
+(`pt2ckpt_execute.write_outputs`, `rank_outputs`).
 
 Each output tensor is assembled by `reshard.assemble.assemble_tensor` from views of the mmap'd
 buckets: a segment reads only its box (row-parallel blocks as strided runs), so a worker holds one
@@ -16,15 +17,15 @@ import logging
 import numpy as np
 import torch
 
-from .atomic import copy_file_atomically
 from .manifest import write_manifest
 from .megatron import checkpoint as reader
 from .megatron.zip_records import BackgroundChecks
-from .mindspore.writer import TensorEntry, write_mindspore_file
+from .mindspore.writer import TensorEntry
 from .plan import BucketSlice, Gathered, PlannedTensor, Scalar, TargetRankPlan
 from .reshard.assemble import assemble_tensor, replica_policy_check
-from .pt2ckpt_execute import tensor_bytes, verified_or_removed
-from .runner import ByteCounter, Progress, RankResult, RunSettings, anon_memory_bytes, no_progress
+from .pt2ckpt_execute import verify_rank, write_outputs
+from .rank_outputs import log_rank_end, mark_complete, verify_if_asked
+from .runner import Progress, RankResult, RunSettings, no_progress
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,6 @@ def warn_if_differ(what: str, copy: torch.Tensor, embedding: torch.Tensor) -> No
                 "elements; the embedding's values are kept", what, differ, copy.numel())
 
 
-def target_work_bytes(plan: TargetRankPlan) -> int:
-    """The bytes one phase of a target rank's plan handles, for progress: its tensors' data, once per
-    output file."""
-    return tensor_bytes(plan) * len(plan.outputs)
-
-
 def execute_target_rank(plan: TargetRankPlan, settings: RunSettings, write: bool = True,
                         progress: Progress = no_progress) -> RankResult:
     """Write one target rank's output and its copies (or, with write=False, only verify a complete
@@ -86,32 +81,11 @@ def execute_target_rank(plan: TargetRankPlan, settings: RunSettings, write: bool
     result = RankResult(plan.folder.name, "skipped")
     if write:
         write_manifest(plan, "writing")
-        entries = [TensorEntry(t.name, t.shape, t.dtype) for t in plan.tensors]
-        last = entries[-1].name if entries else None
-
-        def fetch(entry: TensorEntry) -> np.ndarray:
-            if entry.name == last:
-                sources.checks.wait()  # every CRC checked before the file is put in place
-            array = sources.fetch(entry)
-            result.peak_anon_bytes = max(result.peak_anon_bytes, anon_memory_bytes())
-            written.add(array.nbytes)
-            return array
-        written = ByteCounter(progress, "write")
-        plan.outputs[0].parent.mkdir(parents=True, exist_ok=True)
-        result.bytes_written = write_mindspore_file(plan.outputs[0], entries, fetch, plan.fmt)
-        sources.checks.wait()
-        for copy in plan.outputs[1:]:
-            result.bytes_written += copy_file_atomically(plan.outputs[0], copy)
-            written.add(tensor_bytes(plan))
-        # "complete" as soon as every file is in place, before --verify (docs/output-format.md, "Manifests")
-        write_manifest(plan, "complete", {str(p): p.stat().st_size for p in plan.outputs})
-        result.status, result.tensors = "converted", len(entries)
+        write_outputs(plan, sources, settings, result, progress)
+        mark_complete(plan, result, len(plan.tensors))
     sources.checks.wait()
     for what, copy, embedding in plan.tied_checks:
         warn_if_differ(what, sources.flat(copy), sources.flat(embedding))
-    if settings.verify:
-        result.verified_tensors, result.verified_files = verified_or_removed(plan, sources,
-                                                                             ByteCounter(progress, "verify"))
-    log.debug("%s: %d tensors, %d bytes written, peak anonymous memory %.1f MiB", plan.folder.name,
-              result.tensors, result.bytes_written, result.peak_anon_bytes / 2**20)
+    verify_if_asked(plan, result, settings, progress, lambda counter: verify_rank(plan, sources, counter))
+    log_rank_end(plan, result)
     return result

@@ -34,9 +34,10 @@ from megatron_ms_convert.megatron.writer import TensorSpec, skeleton_specs  # no
 from megatron_ms_convert.reshard import MEGATRON, ModelFacts, ParallelLayout, RankCoord  # noqa: E402
 from megatron_ms_convert.reshard.megatron_target import (BufferSettings, buffer_settings_of,  # noqa: E402
                                                          check_megatron_target, check_rules_reproduce,
-                                                         chunk_skeleton, group_order, group_templates,
-                                                         model_facts_of, rank_buffers, rank_parameters, target_args,
+                                                         chunk_skeleton, model_facts_of, param_group_keys,
+                                                         rank_buffers, rank_parameters, target_args,
                                                          target_param_groups, target_rank_meta)
+from megatron_ms_convert.reshard.param_groups import group_order, group_templates  # noqa: E402
 from megatron_ms_convert.ckpt2pt_facts import pt_meta_file, read_rank_meta  # noqa: E402
 from megatron_ms_convert.megatron.checkpoint import optimizer_param_groups  # noqa: E402
 from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main  # noqa: E402
@@ -277,4 +278,4 @@ def test_decoupled_lr_groups_follow_the_embedding_marks(family, want):
     model = ModelFacts(num_layers=1, hidden=8, heads=2, query_groups=2, ffn=16, padded_vocab=32, family=family,
                        tied=False, max_position=4)
     chunks = rank_parameters(model, ParallelLayout(MEGATRON), RankCoord())
-    assert group_order(chunks, decoupled_lr=True) == want
+    assert group_order(param_group_keys(chunks, decoupled_lr=True)) == want

@@ -6,6 +6,8 @@ layout, optimizer state included. One owner per concern:
 - `model`: a model's parameters as global tensors, and the models / layouts that are refused;
 - `planner`: for every target rank and tensor, the source segments its elements come from;
 - `assemble`: a target tensor filled from its segments (both directions' executors use it);
+- `param_groups`: each rank's optimizer param_groups in its own order, from per-kind templates (both
+  directions);
 - `megatron_target`: what Megatron r0.6.0 builds at a target layout (parameter order, grad buffers and
   buckets, each rank's param_groups, state-dict skeleton, args): the way back's structure.
 

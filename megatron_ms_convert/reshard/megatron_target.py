@@ -18,7 +18,8 @@ exactly what a Megatron run launched at that layout builds, because its loader c
   is_expert_parallel, is_decoupled_lr) in order of first appearance over the rank's chunks, no weight
   decay for biases and 1-D parameters (optimizer/__init__.py:56-109). A stage starting with a norm
   has its groups the other way round from one starting with a matrix, so each target rank's groups
-  are rebuilt from per-kind templates, never copied from another stage (`target_param_groups`);
+  are rebuilt from per-kind templates, never copied from another stage (`target_param_groups`, by
+  `param_groups.rank_param_groups`, which the way there uses too);
 - the args a run at the target must carry (`target_args`), and the flags it must be launched with.
 
 Only megatron.core's local layer spec and the legacy model are described; Transformer Engine's fused
@@ -49,11 +50,12 @@ from ..megatron.writer import TensorSpec, skeleton_specs, torch_dtype
 from ..naming import NamingFacts, megatron_state_dict_key, naming_facts
 from ..plan import RankMeta
 from .model import ModelFacts, check_fits, check_model, megatron_vocab_divisor
+from .param_groups import (GroupKey, group_key, group_templates, no_weight_decay, rank_param_groups,
+                           split_by_optimizer)
 from .placement import MEGATRON, TARGET, ParallelLayout, RankCoord, layer_placement
 
 # Megatron r0.6.0's default bucket_size when overlap_grad_reduce is on (distributed_data_parallel.py:51)
 DEFAULT_BUCKET_SIZE = 40_000_000
-GROUP_KEY_FIELDS = ("wd_mult", "lr_mult", "is_expert_parallel", "is_decoupled_lr")
 
 _NORM_PARAMS = {"LayerNorm": ("weight", "bias"), "RMSNorm": ("weight",)}
 _LEGACY = {"layer": "language_model.encoder.layers.{i}.", "word": "language_model.embedding.word_embeddings.weight",
@@ -80,8 +82,7 @@ class TargetParam:
 
     @property
     def no_weight_decay(self) -> bool:
-        """Megatron's default rule: biases and 1-D parameters (norms) get no weight decay."""
-        return self.name.endswith(".bias") or len(self.shape) == 1
+        return no_weight_decay(self.name, self.shape)  # the module-level rule of param_groups
 
     @property
     def numel(self) -> int:
@@ -346,62 +347,18 @@ def chunk_skeleton(params: Sequence[TargetParam], family: str, param_dtype: str)
 # Optimizer param_groups
 
 
-def group_key(param: TargetParam, decoupled_lr: bool) -> tuple[float, float, bool, bool]:
-    """(wd_mult, lr_mult, is_expert_parallel, is_decoupled_lr) of a parameter (no lr scaling rule in
-    pretrain_gpt)."""
-    return (0.0 if param.no_weight_decay else 1.0, 1.0, param.expert_parallel,
-            bool(decoupled_lr and param.embedding_or_output))
+def param_group_keys(chunks: Sequence[Sequence[TargetParam]], decoupled_lr: bool = False) -> list[GroupKey]:
+    """The group key of each of the rank's parameters, chunk after chunk in named_parameters() order."""
+    return [group_key(no_weight_decay=param.no_weight_decay, expert_parallel=param.expert_parallel,
+                      decoupled_lr=decoupled_lr and param.embedding_or_output)
+            for params in chunks for param in params]
 
 
-def group_order(chunks: Sequence[Sequence[TargetParam]], decoupled_lr: bool = False) -> list[tuple]:
-    """The rank's group keys in order of first appearance over its chunks."""
-    keys: list[tuple] = []
-    for params in chunks:
-        for param in params:
-            key = group_key(param, decoupled_lr)
-            if key not in keys:
-                keys.append(key)
-    return keys
-
-
-def recorded_group_key(group: dict) -> tuple[float, float, bool, bool]:
-    return (float(group["wd_mult"]), float(group["lr_mult"]), bool(group["is_expert_parallel"]),
-            bool(group.get("is_decoupled_lr", False)))
-
-
-def group_templates(recorded: Sequence[dict], where: str) -> dict[tuple, dict]:
-    """Saved param_groups (any ranks', any order) keyed by kind; two of one kind must agree."""
-    out: dict[tuple, dict] = {}
-    for group in recorded:
-        key = recorded_group_key(group)
-        body = {k: v for k, v in group.items() if k != "params"}
-        if key in out and out[key] != body:
-            raise ConvertInputError(f"{where}: two recorded param_groups of kind {dict(zip(GROUP_KEY_FIELDS, key))} "
-                                    "differ", expected="equal hyper-parameters per kind on every rank",
-                                    found=f"{out[key]} and {body}", fix="check that pt_meta is of one run")
-        out.setdefault(key, body)
-    return out
-
-
-def target_param_groups(chunks: Sequence[Sequence[TargetParam]], templates: dict[tuple, dict], *,
+def target_param_groups(chunks: Sequence[Sequence[TargetParam]], templates: dict[GroupKey, dict], *,
                         decoupled_lr: bool = False, where: str = "") -> tuple[list[dict], list[dict]]:
-    """(dense groups, expert groups) of one target rank, in its own order, each a copy of the template
-    of its kind. A kind the source never had (expert-parallel groups when the source ran at ep 1)
-    takes the hyper-parameters of the same kind's other-parallelism group."""
-    dense, expert = [], []
-    for key in group_order(chunks, decoupled_lr):
-        template = templates.get(key)
-        if template is None:
-            template = templates.get((key[0], key[1], not key[2], key[3]))
-            if template is not None:
-                template = {**template, "is_expert_parallel": key[2]}
-        if template is None:
-            raise ConvertInputError(f"{where}: no recorded param_group of kind {dict(zip(GROUP_KEY_FIELDS, key))}",
-                                    expected="a recorded group of every kind the target rank has",
-                                    found=f"kinds {[dict(zip(GROUP_KEY_FIELDS, k)) for k in templates]}",
-                                    fix="pass the pt_meta folder of the whole run")
-        (expert if key[2] else dense).append(copy.deepcopy(template))
-    return dense, expert
+    """(dense groups, expert groups) of one target rank, in its own order (`param_groups.rank_param_groups`):
+    the dense optimizer's and, at ep > 1, the expert optimizer's."""
+    return split_by_optimizer(rank_param_groups(param_group_keys(chunks, decoupled_lr), templates, where))
 
 
 # ---------------------------------------------------------------------------------------------
