@@ -209,6 +209,7 @@ class Run:
     peak_anon: int
     samples: int
     peak_worker_anon: int = 0  # the largest peak RssAnon of one process below the started ones (a worker)
+    peak_parent_anon: int = 0  # the largest peak RssAnon of one started process
 
     @property
     def gb_per_s(self) -> float:
@@ -229,7 +230,8 @@ def measure(commands: Sequence[Sequence[str]], out_dir: Path, log_file: Path) ->
     written = sum(list_files(out_dir).values())
     roots = {p.pid for p in processes}
     worker = max((peak for pid, peak in sampler.peak_anon_by_pid.items() if pid not in roots), default=0)
-    return Run(wall, written, sampler.peak_rss, sampler.peak_anon, sampler.samples, worker)
+    parent = max(sampler.peak_anon_by_pid.get(pid, 0) for pid in roots)
+    return Run(wall, written, sampler.peak_rss, sampler.peak_anon, sampler.samples, worker, parent)
 
 
 def converter_commands(fixture: Fixture, out_dir: Path, processes: int, fmt: str,

@@ -228,16 +228,20 @@ def results_table(rows: Sequence[Row]) -> str:
 
 def flat_table(rows: Sequence[Row]) -> str:
     """Per target layout: the worker's peak RssAnon at each size, and its excess over the floor's
-    worker (the same interpreter, forked after `import torch`) in units of the largest target tensor."""
+    worker (the same interpreter, forked after `import torch`) in units of the largest target tensor.
+    A forked worker's RssAnon counts the pages it shares with its parent (the plans of every target
+    rank, in the converter), hence the parents' peaks beside it."""
     lines = ["| target | P | size | worker peak RssAnon MiB | floor worker MiB | excess MiB | largest target "
-             "tensor MiB | excess / largest |", "|---|---|---|---|---|---|---|---|"]
+             "tensor MiB | excess / largest | converter parent MiB | floor parent MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(rows, key=lambda r: (r.case.name, r.processes, r.case.fixture.size)):
         conv = median(r.peak_worker_anon for r in row.conv)
         base = median(r.peak_worker_anon for r in row.floor)
         largest = max(r.largest_tensor for r in row.case.ranks)
         lines.append(f"| {row.case.name} | {row.processes} | {row.case.fixture.size} | {conv / MIB:.0f} "
                      f"| {base / MIB:.0f} | {(conv - base) / MIB:.0f} | {largest / MIB:.0f} "
-                     f"| {(conv - base) / largest:.2f} |")
+                     f"| {(conv - base) / largest:.2f} | {median(r.peak_parent_anon for r in row.conv) / MIB:.0f} "
+                     f"| {median(r.peak_parent_anon for r in row.floor) / MIB:.0f} |")
     return "\n".join(lines)
 
 

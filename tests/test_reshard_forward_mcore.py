@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from tests.expected_outputs import load_record, ms_name
-from tests.megatron_fixture import FixtureSpec, write_fixture
+from tests.megatron_fixture import FixtureSpec, load_megatron_file, write_fixture
 from tests.mindspeed_model_facts import check_rank_names
 from tests.test_reshard_forward import (STATES, _case_id, convert_resharded, load_outputs, mindspeed_stages,
                                         output_globals, source_globals, target_stage_lists)
@@ -114,6 +114,8 @@ def test_fixture_is_gqa_swiglu_mcore(sources):
     assert shapes["language_model.encoder.layers.3.input_norm.weight"] == (32,)
     assert "language_model.output_layer.weight" in shapes
     assert not any("position_embeddings" in n or n.endswith(".bias") and "norm" in n for n in shapes)
+    args = load_megatron_file(sources["tp2pp2"].megatron_path / "mp_rank_00_000" / "model_optim_rng.pt")["args"]
+    assert (args.group_query_attention, args.num_query_groups, args.swiglu) == (True, 4, True)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[_case_id(c) for c in CASES])
