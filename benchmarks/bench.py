@@ -68,15 +68,39 @@ SIZES = MappingProxyType({
     "10gb": (("num-layers", 14), ("hidden", 2048), ("ffn", 8192), ("heads", 16), ("vocab", 32000)),
 })
 
+# `run_jobs(workers, jobs)` for a floor script that defines `job`: every job inline when `workers` is 0,
+# else in `workers` forked children that take the jobs round-robin (the converter's parent imports
+# torch once and forks its workers the same way); exits with 1 if any job failed.
+FORK_JOBS = r"""
+def run_jobs(workers, jobs):
+    if workers == 0:
+        for one in jobs:
+            job(*one)
+        sys.exit(0)
+    children = []
+    for worker in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            try:
+                for one in jobs[worker::workers]:
+                    job(*one)
+            except BaseException:
+                import traceback
+                traceback.print_exc()
+                os._exit(1)
+            os._exit(0)
+        children.append(pid)
+    sys.exit(int(any(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children)))
+"""
+
 # The floor's worker code. `python3 -c FLOOR_SCRIPT FORKS SRC DST [SRC DST ...]` imports torch once
 # (the converter pays that too), then copies its (distrib_optim.pt, raw file) pairs: inline when
-# FORKS is 0, else in FORKS forked children that take pairs round-robin, the way the converter's
-# parent imports torch once and forks its workers.
+# FORKS is 0, else in FORKS forked children that take pairs round-robin.
 FLOOR_SCRIPT = r"""
 import os, sys
 import torch
 
-def copy(src, dst):
+def job(src, dst):
     state = torch.load(src, map_location="cpu", mmap=True, weights_only=True)
     with open(dst, "wb") as f:
         for gbuf in sorted(k for k in state if isinstance(k, int)):
@@ -86,27 +110,9 @@ def copy(src, dst):
                         bucket.numpy().tofile(f)
         f.flush()
         os.fsync(f.fileno())
-
-workers, args = int(sys.argv[1]), sys.argv[2:]
-pairs = list(zip(args[0::2], args[1::2]))
-if workers == 0:
-    for pair in pairs:
-        copy(*pair)
-    sys.exit(0)
-children = []
-for worker in range(workers):
-    pid = os.fork()
-    if pid == 0:
-        try:
-            for pair in pairs[worker::workers]:
-                copy(*pair)
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            os._exit(1)
-        os._exit(0)
-    children.append(pid)
-sys.exit(int(any(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in children)))
+""" + FORK_JOBS + r"""
+args = sys.argv[2:]
+run_jobs(int(sys.argv[1]), list(zip(args[0::2], args[1::2])))
 """
 
 # ---------------------------------------------------------------------------------------------
@@ -202,6 +208,8 @@ class Run:
     peak_rss: int  # bytes, summed over the process tree
     peak_anon: int
     samples: int
+    peak_worker_anon: int = 0  # the largest peak RssAnon of one process below the started ones (a worker)
+    peak_parent_anon: int = 0  # the largest peak RssAnon of one started process
 
     @property
     def gb_per_s(self) -> float:
@@ -220,7 +228,10 @@ def measure(commands: Sequence[Sequence[str]], out_dir: Path, log_file: Path) ->
         tail = log_file.read_text()[-3000:]
         raise SystemExit(f"run failed (exit codes {codes}): {' '.join(commands[0])}\n--- {log_file} ---\n{tail}")
     written = sum(list_files(out_dir).values())
-    return Run(wall, written, sampler.peak_rss, sampler.peak_anon, sampler.samples)
+    roots = {p.pid for p in processes}
+    worker = max((peak for pid, peak in sampler.peak_anon_by_pid.items() if pid not in roots), default=0)
+    parent = max(sampler.peak_anon_by_pid.get(pid, 0) for pid in roots)
+    return Run(wall, written, sampler.peak_rss, sampler.peak_anon, sampler.samples, worker, parent)
 
 
 def converter_commands(fixture: Fixture, out_dir: Path, processes: int, fmt: str,

@@ -67,7 +67,8 @@ def warn_if_differ(what: str, copy: torch.Tensor, embedding: torch.Tensor) -> No
     """The dropped tied head copy should equal the embedding it was tied to; the embedding is kept."""
     if copy.shape == embedding.shape and torch.equal(copy, embedding):
         return
-    differ = int((copy != embedding).sum()) if copy.shape == embedding.shape else copy.numel()
+    # count_nonzero: a bool tensor's sum() would go through an int64 copy of it (8 bytes per element)
+    differ = int(torch.count_nonzero(copy != embedding)) if copy.shape == embedding.shape else copy.numel()
     log.warning("%s (the tied head copy, not needed at pp 1) differs from the first stage's embedding in %d of %d "
                 "elements; the embedding's values are kept", what, differ, copy.numel())
 

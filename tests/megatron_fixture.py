@@ -165,6 +165,8 @@ class FixtureSpec:
     # with tp rank 0's values on every tp rank, and the tied head copy with its tp rank's embedding values
     # (default: distinct values everywhere, so a converter reading the wrong copy is caught)
     synced_copies: bool = False
+    query_groups: int | None = None  # grouped-query attention: args.num_query_groups (None: a group per head)
+    swiglu: bool = False  # gated MLP: fc1 has 2 x ffn rows, each tp rank's block [gate_r; up_r]
 
     def __post_init__(self) -> None:
         if self.stage_list is not None and not isinstance(self.stage_list, tuple):
@@ -199,6 +201,10 @@ class FixtureSpec:
             errors.append("hidden must be divisible by heads")
         if self.heads % self.tp:
             errors.append("heads must be divisible by tp")
+        if self.query_groups is not None and (self.query_groups < 1 or self.heads % self.query_groups
+                                              or self.query_groups % self.tp):
+            # transformer_config / arguments.py: heads per group whole, groups split over tp
+            errors.append("query_groups must divide heads and be divisible by tp")
         if self.ffn % self.tp:
             errors.append("ffn must be divisible by tp")
         if self.hidden % self.tp:
@@ -244,6 +250,16 @@ class FixtureSpec:
     def norm_params(self) -> tuple[str, ...]:
         """LayerNorm has weight and bias, RMSNorm only weight (legacy rms_norm.py, TE RMSNorm)."""
         return ("weight", "bias") if self.normalization == "LayerNorm" else ("weight",)
+
+    @property
+    def qkv_rows(self) -> int:
+        """Rows of the fused qkv projection at tp 1: every head's query, and a key and a value per group."""
+        groups = self.query_groups or self.heads
+        return (self.heads + 2 * groups) * (self.hidden // self.heads)
+
+    @property
+    def fc1_rows(self) -> int:
+        return self.ffn * (2 if self.swiglu else 1)
 
     @property
     def dp_cp(self) -> int:
@@ -456,16 +472,16 @@ def _legacy_chunk(spec: FixtureSpec, pre: bool, post: bool, n_layers: int) -> _P
 
         for w in spec.norm_params:
             p(f"input_norm.{w}", (h,), True)
-        p("self_attention.query_key_value.weight", (3 * h // tp, h))
-        p("self_attention.query_key_value.bias", (3 * h // tp,))
+        p("self_attention.query_key_value.weight", (spec.qkv_rows // tp, h))
+        p("self_attention.query_key_value.bias", (spec.qkv_rows // tp,))
         x("self_attention.query_key_value")
         p("self_attention.dense.weight", (h, h // tp))
         p("self_attention.dense.bias", (h,))
         x("self_attention.dense")
         for w in spec.norm_params:
             p(f"post_attention_norm.{w}", (h,), True)
-        p("mlp.dense_h_to_4h.weight", (spec.ffn // tp, h))
-        p("mlp.dense_h_to_4h.bias", (spec.ffn // tp,))
+        p("mlp.dense_h_to_4h.weight", (spec.fc1_rows // tp, h))
+        p("mlp.dense_h_to_4h.bias", (spec.fc1_rows // tp,))
         x("mlp.dense_h_to_4h")
         p("mlp.dense_4h_to_h.weight", (h, spec.ffn // tp))
         p("mlp.dense_4h_to_h.bias", (h,))
@@ -525,15 +541,15 @@ def _mcore_chunk(spec: FixtureSpec, pre: bool, post: bool, n_layers: int) -> _Pa
         x("self_attention.linear_proj")
         if te:
             norm("self_attention.linear_qkv")
-        p("self_attention.linear_qkv.weight", (3 * h // tp, h))
-        p("self_attention.linear_qkv.bias", (3 * h // tp,))
+        p("self_attention.linear_qkv.weight", (spec.qkv_rows // tp, h))
+        p("self_attention.linear_qkv.bias", (spec.qkv_rows // tp,))
         x("self_attention.linear_qkv")
         if te:
             norm("mlp.linear_fc1")
         else:
             norm("pre_mlp_layernorm")
-        p("mlp.linear_fc1.weight", (spec.ffn // tp, h))
-        p("mlp.linear_fc1.bias", (spec.ffn // tp,))
+        p("mlp.linear_fc1.weight", (spec.fc1_rows // tp, h))
+        p("mlp.linear_fc1.bias", (spec.fc1_rows // tp,))
         x("mlp.linear_fc1")
         p("mlp.linear_fc2.weight", (h, spec.ffn // tp))
         p("mlp.linear_fc2.bias", (h,))
@@ -1015,6 +1031,9 @@ def _make_args(spec: FixtureSpec, root: Path, tp_rank: int, pp_rank: int) -> arg
         hidden_size=spec.hidden,
         ffn_hidden_size=spec.ffn,
         num_attention_heads=spec.heads,
+        group_query_attention=spec.query_groups is not None,
+        num_query_groups=spec.query_groups or 1,
+        swiglu=spec.swiglu,
         kv_channels=spec.hidden // spec.heads,
         max_position_embeddings=spec.position_rows,
         position_embedding_type=spec.position_embedding,
@@ -1273,6 +1292,7 @@ def _meta(spec: FixtureSpec, plan: FixturePlan) -> dict:
         "garbage_padding": spec.garbage_padding,
         "normalization": spec.normalization, "position_embedding": spec.position_embedding,
         "max_position_embeddings": spec.position_rows, "mcore_spec": spec.mcore_spec,
+        "query_groups": spec.query_groups, "swiglu": spec.swiglu,
         "padding_sentinel": "nan" if spec.garbage_padding else 0.0,
         "code_stride": plan.code_stride, "values_exact_fp32": plan.values_exact_fp32,
         "megatron_dir": "release" if spec.release else f"iter_{spec.iteration:07d}",
@@ -1419,6 +1439,8 @@ def _parse(argv: list[str] | None) -> tuple[Path, FixtureSpec, bool]:
     ap.add_argument("--position-embedding", choices=("learned_absolute", "rope"), default="learned_absolute")
     ap.add_argument("--max-position-embeddings", type=int, default=None)
     ap.add_argument("--mcore-spec", choices=("local", "te"), default="local")
+    ap.add_argument("--query-groups", type=int, default=None, help="grouped-query attention")
+    ap.add_argument("--swiglu", action="store_true")
     a = ap.parse_args(argv)
     spec = FixtureSpec(
         tp=a.tp, pp=a.pp, dp=a.dp, cp=a.cp, vpp=a.vpp, num_layers=a.num_layers, hidden=a.hidden, ffn=a.ffn,
@@ -1429,7 +1451,7 @@ def _parse(argv: list[str] | None) -> tuple[Path, FixtureSpec, bool]:
         frozen=tuple(a.frozen), release=a.release, iteration=a.iteration, param_map=a.param_map,
         garbage_padding=not a.no_garbage_padding, normalization=a.normalization,
         position_embedding=a.position_embedding, max_position_embeddings=a.max_position_embeddings,
-        mcore_spec=a.mcore_spec)
+        mcore_spec=a.mcore_spec, query_groups=a.query_groups, swiglu=a.swiglu)
     return a.out, spec, not a.no_record
 
 

@@ -84,6 +84,14 @@ def convert(fx, out: Path, *extra):
     return in_process(convert_main, *fx.convert_flags(), "--ms-path", out, *extra)
 
 
+def convert_resharded(fx, out: Path, target: dict):
+    """Convert at the target layout, taking tp rank 0's replicated copies (the fixture's differ), in one
+    process (so that the log has the workers' lines too)."""
+    proc = convert(fx, out, *ms_flags(target), "--replica-policy", "first", "--multiprocess-off")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    return proc
+
+
 # ---------------------------------------------------------------------------------------------
 # The test's own rules: how a MindSpore-named parameter is split over tp, and global tensors
 
@@ -109,8 +117,9 @@ def merge(shards: dict[int, np.ndarray], name: str, check_replicas: bool) -> np.
     return np.concatenate(ordered, axis=dim)
 
 
-def source_globals(record) -> tuple[dict, dict]:
-    """(MindSpore name -> {state: global array}) of the source, and the tied head copy's (if any)."""
+def source_globals(record, merge=merge) -> tuple[dict, dict]:
+    """(MindSpore name -> {state: global array}) of the source, and the tied head copy's (if any);
+    `merge(shards by tp rank, name, check_replicas)` joins a parameter's tp shards."""
     shards: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     copy: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for entry in record.params:
@@ -150,7 +159,7 @@ def load_outputs(out: Path, spec: FixtureSpec, target: dict) -> dict[tuple[int, 
     return files
 
 
-def output_globals(files: dict, tp: int) -> dict:
+def output_globals(files: dict, tp: int, merge=merge) -> dict:
     by_name: dict[tuple[str, str], dict[int, np.ndarray]] = {}
     for (t, _), tensors in files.items():
         for full, array in tensors.items():
@@ -186,8 +195,7 @@ def test_global_state_identity(case, sources, tmp_path):
     fx = sources[source_name]
     spec = fx.spec
     out = tmp_path / "ms"
-    proc = convert(fx, out, *ms_flags(target), "--replica-policy", "first", "--multiprocess-off")  # workers' log too
-    assert proc.returncode == 0, proc.stdout[-3000:]
+    proc = convert_resharded(fx, out, target)
     # the fixture's tied copy has its own values: dropping it is worth a warning per source tp rank
     dropped = not spec.untie_embeddings and spec.pp > 1 and target.get("pp", spec.pp) == 1
     assert proc.stdout.count("differs from the first stage's embedding") == (spec.tp if dropped else 0)

@@ -78,7 +78,7 @@ def assemble_tensor(target: TargetTensor, read_flat: ReadFlat, out: torch.Tensor
             block = replica_check(segment, block, copies)
         if out is None:
             out = torch.empty(target.shape, dtype=block.dtype)
-        out[box_slices(segment.target_box)].copy_(block)
+        place_block(out[box_slices(segment.target_box)], block)
         covered += block.numel()
     if out is None:
         out = torch.empty(target.shape, dtype=torch.float32)
@@ -86,6 +86,20 @@ def assemble_tensor(target: TargetTensor, read_flat: ReadFlat, out: torch.Tensor
         raise ValueError(f"{target.key}: segments cover {covered} of {math.prod(target.shape)} elements "
                          f"(out shape {tuple(out.shape)}, planned {target.shape})")
     return out
+
+
+def place_block(target: torch.Tensor, block: torch.Tensor) -> None:
+    """target[...] = block. With numpy where both have a numpy dtype: its copy runs in one thread front to
+    back, so the kernel's readahead serves the mmap'd source pages in order; torch splits a large copy
+    over threads that fault the pages in at several places at once (slower, and on a loaded machine
+    the threads wait for each other)."""
+    if target.dtype == block.dtype and target.dtype not in _NOT_IN_NUMPY:
+        target.numpy()[...] = block.numpy()
+    else:
+        target.copy_(block)
+
+
+_NOT_IN_NUMPY = (torch.bfloat16,)
 
 
 def replica_policy_check(policy: str | None, where: Callable[[Segment], str] = lambda s: s.key) -> ReplicaCheck:
