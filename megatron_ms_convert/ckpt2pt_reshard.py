@@ -35,7 +35,7 @@ from .pt2ckpt_reshard import keyed_group_templates, target_groups
 from .reshard import MEGATRON, MINDSPORE, ParallelLayout, RankCoord, plan_reshard
 from .reshard.megatron_target import (buffer_settings_of, check_megatron_target, check_rules_reproduce,
                                       model_facts_of, target_rank_meta)
-from .reshard.param_groups import recorded_group_key
+from .reshard.param_groups import kind_values, recorded_group_key
 from .reshard.placement import TARGET, layer_placement
 from .reshard.planner import STATES, TargetTensor
 
@@ -278,4 +278,4 @@ def mindspore_file_groups(facts: "BackFacts", reshard) -> dict[tuple[int, int, i
 def target_group_updates(meta, by_kind: dict[tuple, dict]) -> tuple[tuple[int, str, object], ...]:
     groups = optimizer_param_groups(meta.get("optimizer"))
     return tuple((i, name, value) for i, group in enumerate(groups)
-                 for name, value in by_kind.get(recorded_group_key(group), {}).items())
+                 for name, value in kind_values(by_kind, recorded_group_key(group)).items())

@@ -22,8 +22,8 @@ from .plan import BucketSlice, Gathered, PlannedTensor, RankInfo, RankPlan, Targ
 from .pt2ckpt_plan import check_unique_names, optimizer_scalars
 from .reshard import MEGATRON, MINDSPORE, ModelFacts, ParallelLayout, RankCoord, ReshardPlan
 from .reshard.megatron_target import model_facts_of
-from .reshard.param_groups import (GroupKey, group_key, group_templates, is_keyed, no_weight_decay,
-                                   rank_param_groups, split_by_optimizer)
+from .reshard.param_groups import (GroupKey, group_key, group_templates, is_keyed, mindspeed_param_groups,
+                                   no_weight_decay)
 from .reshard.placement import TARGET, layer_placement
 from .reshard.planner import SourceTensor, TargetTensor
 from .topology import Topology
@@ -262,29 +262,26 @@ def source_group_templates(infos: Sequence[RankInfo]) -> dict[GroupKey, dict]:
 
 def target_groups(tensors: Sequence[TargetTensor | SourceTensor], templates: dict[GroupKey, dict],
                   unkeyed: Sequence[dict], where: Path | str) -> list[dict]:
-    """The param groups of a MindSpore rank holding `tensors` (the planner's, in model order), in
-    Megatron's order for its own parameters (`param_groups.rank_param_groups`; a MoE run's expert groups
-    after the dense ones), each with the template's hyper-parameters. MindSpore reads only each group's
-    learning rate and weight decay (`learning_rate_group_i`, `weight_decay_group_i`), so copying a
-    source stage's order to a stage whose first parameter is of the other kind would swap weight
-    decay between matrices and norms. Without keyed groups in the source (an older format), `unkeyed`
-    (the first folder's groups) are used as they are. The way back calls it too, to tell which kind
-    each group of a file the way there re-sharded is (`ckpt2pt_reshard.mindspore_file_groups`)."""
+    """The param groups of a MindSpore rank holding `tensors` (the planner's, in model order), as
+    MindSpeed-Core-MS builds them at the target layout (`param_groups.mindspeed_param_groups`: one
+    group per weight-decay kind in order of first appearance, experts inside them at any ep), each with
+    the template's hyper-parameters. MindSpore reads only each group's learning rate and weight decay
+    (`learning_rate_group_i`, `weight_decay_group_i`), so copying a source stage's order to a stage
+    whose first parameter is of the other kind would swap weight decay between matrices and norms.
+    Without keyed groups in the source (an older format), `unkeyed` (the first folder's groups) are
+    used as they are. The way back calls it too, to tell which kind each group of a file the way there
+    re-sharded is (`ckpt2pt_reshard.mindspore_file_groups`)."""
     if not templates:
         return list(unkeyed)
-    expert_groups = any(key[2] for key in templates)
-    dense, expert = split_by_optimizer(rank_param_groups((tensor_group_key(t, expert_groups) for t in tensors),
-                                                         templates, str(where)))
-    return dense + expert  # numbered as the same-layout conversion numbers a MoE run's two optimizers
+    return mindspeed_param_groups((tensor_group_key(t) for t in tensors), templates, str(where))
 
 
-def tensor_group_key(tensor: TargetTensor | SourceTensor, expert_groups: bool) -> GroupKey:
-    """A MindSpore rank's tensor's group key. Experts are in expert groups when the Megatron run's were
-    (it ran at ep > 1), whatever the MindSpore ep; none is decoupled (`source_group_templates` refuses
-    such sources, so no re-sharded file has one)."""
+def tensor_group_key(tensor: TargetTensor | SourceTensor) -> GroupKey:
+    """A MindSpore rank's tensor's group key; none is decoupled (`source_group_templates` refuses such
+    sources, so no re-sharded file has one)."""
     expert = "local_experts" in tensor.key
     shape = tensor.shape[1:] if expert else tensor.shape  # a rank's experts stacked on a new axis 0
-    return group_key(no_weight_decay=no_weight_decay(tensor.key, shape), expert_parallel=expert and expert_groups)
+    return group_key(no_weight_decay=no_weight_decay(tensor.key, shape), expert_parallel=expert)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@ shape, `allreduce=False` for experts at ep > 1, the embedding/output mark for --
 - the templates: one rank's groups rebuild every other rank's, in that rank's own order (a later stage
   starts with a norm: its groups are the other way round; a copy would swap weight decay);
 - the way there: the MindSpore target ranks' groups (from the re-shard planner's tensors, MindSpore
-  names, experts stacked) are those Megatron builds for the same model at the same layout, and a
-  --decoupled-lr source is refused.
+  names, experts stacked) are those MindSpeed-Core-MS builds at that layout (Megatron's grouping with
+  the experts not expert-parallel, at every ep; see `megatron_groups`), from templates of the groups
+  the source layout's Megatron run recorded, and a --decoupled-lr source is refused.
 
 The hyper-parameters a group carries besides its key are the test's own (`hyper`), given to both sides."""
 
@@ -143,6 +144,8 @@ FORWARD = {
     "mcore pp4 vpp2 -> tp 2 pp 4 vpp 2": (_MCORE, dict(pp=4, vpp=2), dict(tp=2, pp=4, vpp=2)),
     "mcore pp4 vpp2 -> pp 1": (_MCORE, dict(pp=4, vpp=2), dict(pp=1)),
     "moe ep2 -> pp 2 ep 2": (_MOE, dict(ep=2), dict(pp=2, ep=2)),
+    "moe ep2 -> ep 1": (_MOE, dict(ep=2), dict(ep=1)),
+    "moe ep1 -> pp 2 ep 2": (_MOE, dict(ep=1), dict(pp=2, ep=2)),
 }
 
 
@@ -154,17 +157,35 @@ def forward_targets(name: str):
     return [(t, rank_parameters(model, megatron, t.rank)) for t in plan.ranks]
 
 
-def _plain(chunks) -> list:
-    return [[(p.name, p.shape, p.expert_parallel, p.embedding_or_output) for p in chunk] for chunk in chunks]
+def source_ranks(name: str):
+    """The source layout's ranks with their parameters, as the Megatron run that recorded the groups
+    had them (experts expert-parallel at ep > 1)."""
+    model, source, _ = FORWARD[name]
+    layout = ParallelLayout(MEGATRON, **source)
+    return [(rank, rank_parameters(model, layout, rank)) for rank in layout.ranks()]
+
+
+def _plain(chunks, expert_parallel: bool = True) -> list:
+    return [[(p.name, p.shape, p.expert_parallel and expert_parallel, p.embedding_or_output) for p in chunk]
+            for chunk in chunks]
 
 
 @pytest.fixture(scope="module")
 def megatron_groups() -> dict:
-    """Megatron's groups of every rank above: RANKS by name, the way there's by (case, target rank)."""
+    """Megatron's groups of every rank above: RANKS by name; the way there's by (case, target rank, "mindspeed")
+    the groups MindSpeed-Core-MS (697e48e) builds for that rank: its `set_weight_decay`
+    (mindspeed_ms/training/utils.py:29-67) keys parameters by (wd_mult, lr_mult) only, experts among
+    them at every ep, in order of first appearance, and `pretrain` hands those groups to its one
+    optimizer (mindspeed_ms/training/training.py:1046-1053; no expert optimizer,
+    mindspeed_ms/core/optimizer/__init__.py:49-77). That is Megatron's own grouping with no parameter
+    expert-parallel (allreduce=True: its expert layers' state at ep 1, megatron/core/tensor_parallel/
+    layers.py:639,684,706; optimizer/__init__.py:62), so the oracle runs with the expert flag cleared."""
     cases = dict(RANKS)
     for name in FORWARD:
         for target, params in forward_targets(name):
-            cases[(name, target.rank)] = (_plain(params), False)
+            cases[(name, target.rank, "mindspeed")] = (_plain(params, expert_parallel=False), False)
+        for rank, params in source_ranks(name):
+            cases[(name, rank, "source")] = (_plain(params), False)
     names = list(cases)
     stdin = json.dumps([{"chunks": cases[n][0], "decoupled": cases[n][1]} for n in names])
     proc = subprocess.run([sys.executable, "-c", ORACLE, str(STUBS)], input=stdin, capture_output=True, text=True,
@@ -236,18 +257,19 @@ def test_groups_of_one_kind_that_differ_or_a_missing_kind_are_refused(megatron_g
 
 
 @pytest.mark.parametrize("name", FORWARD)
-def test_the_way_theres_target_ranks_have_megatrons_groups_at_that_layout(name, megatron_groups):
+def test_the_way_theres_target_ranks_have_mindspeeds_groups_at_that_layout(name, megatron_groups):
     """The MindSpore target ranks' groups, from the planner's tensors (MindSpore names, experts
-    stacked), numbered as Megatron numbers a rank's groups (dense optimizer first) at the same layout."""
-    targets = forward_targets(name)
-    every = [g for target, _ in targets for g in recorded(megatron_groups[(name, target.rank)])]
-    templates = group_templates(every, name)
+    stacked), numbered as MindSpeed-Core-MS numbers its groups at the target layout: two kinds, the
+    experts inside them at every ep (a source at ep 2 recorded expert groups; they are not written)."""
+    source = [g for rank, _ in source_ranks(name) for g in recorded(megatron_groups[(name, rank, "source")])]
+    assert any(g["is_expert_parallel"] for g in source) == (FORWARD[name][1].get("ep", 1) > 1), name
+    templates = group_templates(source, name)
     first = SimpleNamespace(folder=SimpleNamespace(model_file=Path(name)), param_groups=())
     orders = set()
-    for target, _ in targets:
-        dense, expert = split_by_optimizer(recorded(megatron_groups[(name, target.rank)]))
+    for target, _ in forward_targets(name):
         got = target_groups(target.tensors, templates, first.param_groups, first.folder.model_file)
-        assert got == dense + expert, (name, target.rank)
+        assert got == recorded(megatron_groups[(name, target.rank, "mindspeed")]), (name, target.rank)
+        assert len(got) == 2 and not any(g["is_expert_parallel"] for g in got), (name, target.rank)
         orders.add(tuple(g["weight_decay"] for g in got))
     if FORWARD[name][2].get("pp", 1) > 1:
         assert len(orders) > 1  # stages whose groups a copy of stage 0's would get wrong

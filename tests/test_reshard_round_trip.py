@@ -34,12 +34,13 @@ if importlib.util.find_spec("megatron") is None or importlib.util.find_spec("meg
     raise ImportError("tests/test_reshard_round_trip.py needs the test dependency megatron-core==0.6.0: "
                       "python3 -m pip install -r requirements.txt")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_ms_convert.ckpt2pt import main as ckpt2pt_main  # noqa: E402
 from megatron_ms_convert.pt2ckpt import main as pt2ckpt_main  # noqa: E402
 from tests.expected_outputs import load_record  # noqa: E402
-from tests.helpers import assert_same, error_lines, in_process  # noqa: E402
+from tests.helpers import assert_same, error_lines, in_process, mindspore_train_step  # noqa: E402
 from tests.megatron_fixture import FixtureSpec, load_megatron_file, write_fixture  # noqa: E402
 from tests.real_megatron import MegatronSpec, dump_loaded_state, save_real_checkpoint  # noqa: E402
 
@@ -307,6 +308,35 @@ def test_moe_round_trip_through_another_expert_parallel_size(moe_runs, tmp_path,
     to_mindspore(ms, "--megatron-path", run.path, "--dp-size", spec.dp, "--ms-ep-size", ms_ep)
     back(ms, tmp_path / "back", *size_flags(1, 1, dp=spec.dp, ep=spec.ep))
     assert_round_trip(tmp_path / "back", run.path.parent, lambda _: megatron_ranges(run.state, spec))
+
+
+def test_mindspeeds_two_groups_at_ep_1_come_back_into_the_experts_groups_at_ep_2(moe_runs, tmp_path):
+    """At ep 1 MindSpeed-Core-MS holds the experts in its two weight-decay groups (its set_weight_decay
+    keys by wd_mult and lr_mult alone: mindspeed_ms/training/utils.py:29-67 at 697e48e), so the ep 2
+    source's four groups become two; learning rates MindSpore changes there come back into the dense
+    and the expert optimizer's group of the same weight-decay kind."""
+    import mindspore as ms_api
+    spec, run = moe_runs[2]
+    ms = tmp_path / "ms"
+    to_mindspore(ms, "--megatron-path", run.path, "--dp-size", spec.dp, "--ms-ep-size", 1)
+    lr = {0: 1.25e-4, 1: 5.0e-4}  # group 0's is mindspore_train_step's own
+    wd_mult = {}
+    for path in sorted(ms.glob("rank_*/*.ckpt")):
+        scalars = {k: v.asnumpy() for k, v in ms_api.load_checkpoint(str(path)).items() if "_group_" in k}
+        assert sorted(k for k in scalars if k.startswith("learning_rate_group_")) == \
+            ["learning_rate_group_0", "learning_rate_group_1"], path
+        wd_mult.update({float(scalars[f"wd_mult_group_{i}"]): i for i in lr})
+        mindspore_train_step(path, "ckpt", step=5, extra={"learning_rate_group_1": lr[1]})
+    assert sorted(wd_mult) == [0.0, 1.0]
+    back(ms, tmp_path / "back", *size_flags(1, 1, dp=spec.dp, ep=spec.ep))
+    folders = sorted((tmp_path / "back" / "iter_0000005").glob("mp_rank_*"))
+    assert len(folders) == 2
+    for folder in folders:
+        dense, experts = (part["optimizer"]["param_groups"]
+                          for part in torch.load(folder / "model_optim_rng.pt", weights_only=False)["optimizer"])
+        assert len(experts) == 2 and all(g["is_expert_parallel"] for g in experts), folder.name
+        for group in dense + experts:
+            assert group["lr"] == float(np.float32(lr[wd_mult[group["wd_mult"]]])), (folder.name, group["wd_mult"])
 
 
 # ---------------------------------------------------------------------------------------------

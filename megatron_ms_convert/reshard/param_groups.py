@@ -13,6 +13,10 @@ its own order from per-kind templates of the recorded groups, never copied from 
 ep > 1 `get_megatron_optimizer` gives the expert-parallel groups an optimizer of their own: a MoE run
 numbers the dense optimizer's groups first, then the experts' (`split_by_optimizer`).
 
+MindSpeed-Core-MS (read at 697e48e) keys its groups by (wd_mult, lr_mult) only, at every ep, in
+order of first appearance over the rank's parameters, experts among them, in one optimizer: so a
+re-sharded MindSpore rank numbers `mindspeed_param_groups`, whose kinds are `mindspeed_key`'s.
+
     >>> matrix, norm = group_key(no_weight_decay=False), group_key(no_weight_decay=True)
     >>> templates = group_templates([{"wd_mult": 1.0, "lr_mult": 1.0, "is_expert_parallel": False,
     ...                               "weight_decay": 0.1, "params": [0, 1]},
@@ -95,6 +99,29 @@ def rank_param_groups(keys: Iterable[GroupKey], templates: dict[GroupKey, dict],
                                         "convert at the recorded layout")
         out.append(copy.deepcopy(template))
     return out
+
+
+def mindspeed_key(key: GroupKey) -> GroupKey:
+    """The kind of MindSpeed-Core-MS group that holds a parameter of Megatron kind `key`: its
+    `set_weight_decay` (mindspeed_ms/training/utils.py:29-67) keys by (wd_mult, lr_mult) alone, so an
+    expert sits in the dense group of its weight-decay kind whatever the ep, as in Megatron at ep 1."""
+    return (key[0], key[1], False, key[3])
+
+
+def mindspeed_param_groups(keys: Iterable[GroupKey], templates: dict[GroupKey, dict], where: str = "") -> list[dict]:
+    """One MindSpore rank's param groups as MindSpeed-Core-MS builds them, from its parameters'
+    Megatron keys in model order: one group per `mindspeed_key` in order of first appearance (its
+    `set_weight_decay` fills a dict in parameter order; MindSpore names group i's scalars
+    `learning_rate_group_i` / `weight_decay_group_i`), each a copy of the recorded dense group of its
+    kind (a Megatron run's expert groups carry the same hyper-parameters)."""
+    return rank_param_groups((mindspeed_key(key) for key in keys), templates, where)
+
+
+def kind_values(by_kind: dict[GroupKey, dict], key: GroupKey) -> dict:
+    """The values read back for a Megatron group of kind `key`: its own kind's when a file numbered
+    it (a conversion at the training layout), else those of the MindSpeed group that held its
+    parameters (`mindspeed_key`)."""
+    return by_kind.get(key) or by_kind.get(mindspeed_key(key), {})
 
 
 def split_by_optimizer(groups: Sequence[dict]) -> tuple[list[dict], list[dict]]:
