@@ -148,9 +148,7 @@ def _die_with_parent(run_pid: int) -> None:
 def _process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's (the pid was reused)
+    except (ProcessLookupError, PermissionError):  # gone, or another user's process under the reused pid
         return False
     return True
 
@@ -164,14 +162,15 @@ def worker_context(execute: Callable) -> multiprocessing.context.BaseContext:
     instead: a fresh process that has imported only the module of `execute` (and MindSpore, when this
     process has), forked once per worker.
     (torch's own worker threads keep the process's name and are safe to fork: torch resets them.)"""
-    if not threads_named_by_libraries():
+    named = threads_named_by_libraries()
+    if not named:
         return multiprocessing.get_context("fork")
     context = multiprocessing.get_context("forkserver")
     # MindSpore loaded here is MindSpore the workers use (--verify): imported once, not once per worker.
     loaded_here = ["mindspore"] if "mindspore" in sys.modules else []
     context.set_forkserver_preload([execute.__module__, *loaded_here])
     log.debug("this process runs threads that a fork would copy mid-work (%s); workers start from a fork server",
-              ", ".join(threads_named_by_libraries()))
+              ", ".join(named))
     return context
 
 
